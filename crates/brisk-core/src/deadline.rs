@@ -1,0 +1,206 @@
+//! A request's remaining time budget, carried by the task that serves it.
+//!
+//! [`scope`] sets the deadline for everything a future awaits; [`remaining`] reads it anywhere
+//! below; [`bounded`] runs a future for at most `min(timeout, remaining())` and says which of the
+//! two bounds fired when it gives up.
+//!
+//! ```
+//! use std::time::Duration;
+//! use brisk_core::deadline::{self, Bound};
+//! use tokio::time::Instant;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! # tokio::time::pause();
+//! // The caller allows 10 ms; the operation's own timeout is one second: the budget wins.
+//! let err = deadline::scope(Instant::now() + Duration::from_millis(10), async {
+//!     deadline::bounded(Duration::from_secs(1), std::future::pending::<()>()).await
+//! })
+//! .await
+//! .unwrap_err();
+//! assert_eq!(err.bound(), Bound::Deadline);
+//! # }
+//! ```
+//!
+//! # Rules
+//!
+//! - No scope means no budget: [`remaining`] is `None` and [`bounded`] uses only its timeout.
+//! - Nested scopes keep the earlier deadline: an inner scope can shorten the budget, never
+//!   extend it.
+//! - An expired budget is zero, not negative, and [`bounded`] fails at once without polling the
+//!   future.
+//! - The budget is task-local: [`tokio::spawn`] does not inherit it. Wrap the spawned future in
+//!   `scope(deadline, …)` with [`current`] to carry it across.
+//!
+//! All times are [`tokio::time::Instant`], so tests can drive them with
+//! [`tokio::time::pause`].
+
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::task::futures::TaskLocalFuture;
+use tokio::time::{Instant, Sleep};
+
+tokio::task_local! {
+    static DEADLINE: Instant;
+}
+
+/// Runs `future` with `deadline` as its budget; if a budget is already set, the earlier one wins.
+pub fn scope<F: IntoFuture>(deadline: Instant, future: F) -> Scope<F::IntoFuture> {
+    let effective = current().map_or(deadline, |outer| outer.min(deadline));
+    Scope {
+        inner: DEADLINE.scope(effective, future.into_future()),
+    }
+}
+
+/// The deadline of the current task, if a [`scope`] set one.
+#[must_use]
+pub fn current() -> Option<Instant> {
+    DEADLINE.try_with(|deadline| *deadline).ok()
+}
+
+/// The time left before the current deadline: `None` without a scope, zero once it has passed.
+#[must_use]
+pub fn remaining() -> Option<Duration> {
+    current().map(|deadline| deadline.saturating_duration_since(Instant::now()))
+}
+
+/// Runs `future` for at most `min(timeout, remaining())`.
+///
+/// The bound is fixed when `bounded` is called. If it has already passed (an expired budget or a
+/// zero timeout), the returned future fails on its first poll without polling `future`.
+pub fn bounded<F: IntoFuture>(timeout: Duration, future: F) -> Bounded<F::IntoFuture> {
+    let now = Instant::now();
+    // A timeout too large to add is as good as none: about thirty years, as tokio does.
+    let own = now
+        .checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
+    let (until, bound) = match current() {
+        Some(deadline) if deadline < own => (deadline, Bound::Deadline),
+        _ => (own, Bound::Timeout),
+    };
+    Bounded {
+        future: future.into_future(),
+        sleep: tokio::time::sleep_until(until),
+        elapsed: Elapsed {
+            bound,
+            after: until.saturating_duration_since(now),
+        },
+        expired: until <= now,
+    }
+}
+
+pin_project! {
+    /// The future returned by [`scope`].
+    #[must_use = "futures do nothing unless polled"]
+    pub struct Scope<F> {
+        #[pin]
+        inner: TaskLocalFuture<Instant, F>,
+    }
+}
+
+impl<F: Future> Future for Scope<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx)
+    }
+}
+
+impl<F> fmt::Debug for Scope<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scope").finish_non_exhaustive()
+    }
+}
+
+pin_project! {
+    /// The future returned by [`bounded`].
+    #[must_use = "futures do nothing unless polled"]
+    pub struct Bounded<F> {
+        #[pin]
+        future: F,
+        #[pin]
+        sleep: Sleep,
+        elapsed: Elapsed,
+        expired: bool,
+    }
+}
+
+impl<F: Future> Future for Bounded<F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if *this.expired {
+            return Poll::Ready(Err(*this.elapsed));
+        }
+        if let Poll::Ready(output) = this.future.poll(cx) {
+            return Poll::Ready(Ok(output));
+        }
+        this.sleep.poll(cx).map(|()| Err(*this.elapsed))
+    }
+}
+
+impl<F> fmt::Debug for Bounded<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bounded")
+            .field("bound", &self.elapsed.bound)
+            .field("after", &self.elapsed.after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which bound stopped a [`bounded`] wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Bound {
+    /// The operation's own timeout was the shorter bound and it passed.
+    Timeout,
+    /// The caller's deadline (from [`scope`]) was the shorter bound and it passed.
+    Deadline,
+}
+
+/// A [`bounded`] wait gave up: its timeout or the request's deadline passed first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.describe())]
+pub struct Elapsed {
+    bound: Bound,
+    after: Duration,
+}
+
+impl Elapsed {
+    /// Which bound fired.
+    #[must_use]
+    pub fn bound(&self) -> Bound {
+        self.bound
+    }
+
+    /// How long the wait was allowed to take (zero when the budget was already spent).
+    #[must_use]
+    pub fn after(&self) -> Duration {
+        self.after
+    }
+
+    /// True when the caller's deadline, not the operation's timeout, fired.
+    #[must_use]
+    pub fn is_deadline(&self) -> bool {
+        self.bound == Bound::Deadline
+    }
+
+    fn describe(&self) -> String {
+        match self.bound {
+            Bound::Timeout => format!("timed out after {:?}", self.after),
+            Bound::Deadline if self.after.is_zero() => {
+                "request deadline exceeded: the budget was already spent".to_owned()
+            }
+            Bound::Deadline => format!(
+                "request deadline exceeded: {:?} of budget was left",
+                self.after
+            ),
+        }
+    }
+}
