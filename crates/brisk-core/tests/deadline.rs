@@ -41,7 +41,11 @@ async fn remaining_counts_down_and_stops_at_zero() {
         assert_eq!(deadline::remaining(), Some(Duration::ZERO));
     })
     .await;
-    assert_eq!(deadline::remaining(), None, "the budget ends with its scope");
+    assert_eq!(
+        deadline::remaining(),
+        None,
+        "the budget ends with its scope"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -49,14 +53,26 @@ async fn nested_scopes_keep_the_earlier_deadline() {
     let now = Instant::now();
     deadline::scope(now + 50 * MS, async {
         deadline::scope(now + 200 * MS, async {
-            assert_eq!(deadline::remaining(), Some(50 * MS), "a later inner deadline is ignored");
+            assert_eq!(
+                deadline::remaining(),
+                Some(50 * MS),
+                "a later inner deadline is ignored"
+            );
         })
         .await;
         deadline::scope(now + 10 * MS, async {
-            assert_eq!(deadline::remaining(), Some(10 * MS), "an earlier inner deadline wins");
+            assert_eq!(
+                deadline::remaining(),
+                Some(10 * MS),
+                "an earlier inner deadline wins"
+            );
         })
         .await;
-        assert_eq!(deadline::remaining(), Some(50 * MS), "the outer budget is back");
+        assert_eq!(
+            deadline::remaining(),
+            Some(50 * MS),
+            "the outer budget is back"
+        );
     })
     .await;
 }
@@ -98,7 +114,9 @@ async fn bounded_returns_the_output_in_time() {
 #[tokio::test(start_paused = true)]
 async fn bounded_says_the_timeout_fired() {
     let start = Instant::now();
-    let err = deadline::bounded(10 * MS, pending::<()>()).await.unwrap_err();
+    let err = deadline::bounded(10 * MS, pending::<()>())
+        .await
+        .unwrap_err();
     assert_eq!(err.bound(), Bound::Timeout);
     assert!(!err.is_deadline());
     assert_eq!(err.after(), 10 * MS);
@@ -142,15 +160,25 @@ async fn expired_budget_fails_at_once_without_polling() {
     .unwrap_err();
     assert_eq!(err.bound(), Bound::Deadline);
     assert_eq!(err.after(), Duration::ZERO);
-    assert_eq!(polls.load(Ordering::SeqCst), 0, "an expired budget never polls the future");
-    assert_eq!(start.elapsed(), 10 * MS, "no waiting beyond what the test advanced");
+    assert_eq!(
+        polls.load(Ordering::SeqCst),
+        0,
+        "an expired budget never polls the future"
+    );
+    assert_eq!(
+        start.elapsed(),
+        10 * MS,
+        "no waiting beyond what the test advanced"
+    );
     assert!(err.to_string().contains("already spent"), "{err}");
 }
 
 #[tokio::test(start_paused = true)]
 async fn zero_timeout_fails_at_once() {
     let polls = Arc::new(AtomicUsize::new(0));
-    let err = deadline::bounded(Duration::ZERO, CountPolls(polls.clone())).await.unwrap_err();
+    let err = deadline::bounded(Duration::ZERO, CountPolls(polls.clone()))
+        .await
+        .unwrap_err();
     assert_eq!(err.bound(), Bound::Timeout);
     assert_eq!(polls.load(Ordering::SeqCst), 0);
 }

@@ -1,0 +1,317 @@
+//! Every metric brisk emits: name, kind, unit, labels and meaning, in one place.
+//!
+//! Crates never spell a metric name themselves; they take a row of this catalog and ask it for a
+//! handle once (at build time), then use the handle on the hot path:
+//!
+//! ```
+//! use brisk_metrics::catalog::CACHE_REQUESTS;
+//!
+//! // Once, when the cache is built:
+//! let hits = CACHE_REQUESTS.counter(&[("cache", "users"), ("tier", "local"), ("outcome", "hit")]);
+//! // Per request: an atomic add, no registry lookup.
+//! hits.increment(1);
+//! ```
+//!
+//! Names follow Prometheus conventions (base units in the name, `_total` on counters) and use the
+//! OpenTelemetry semantic-convention name, mapped to Prometheus, wherever one exists
+//! (`http.server.request.duration` becomes `http_server_request_duration_seconds`).
+//! `docs/metrics.md` shows this catalog as a table; a test keeps the two identical.
+
+use std::fmt::Write as _;
+
+use metrics::{Counter, Gauge, Histogram, IntoLabels, Unit};
+
+/// What kind of series a metric is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Kind {
+    /// A monotonically increasing count (`_total`).
+    Counter,
+    /// A value that goes up and down.
+    Gauge,
+    /// A distribution with explicit buckets (never a summary).
+    Histogram,
+}
+
+impl Kind {
+    /// The Prometheus type name.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Counter => "counter",
+            Self::Gauge => "gauge",
+            Self::Histogram => "histogram",
+        }
+    }
+}
+
+/// One row of the catalog.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MetricDef {
+    /// The Prometheus name.
+    pub name: &'static str,
+    /// Counter, gauge or histogram.
+    pub kind: Kind,
+    /// The unit of the recorded values.
+    pub unit: Unit,
+    /// The label names every series of this metric carries, in order.
+    pub labels: &'static [&'static str],
+    /// What one observation means.
+    pub help: &'static str,
+    /// The crate that emits it.
+    pub emitted_by: &'static str,
+    /// The OpenTelemetry name this maps to, if a semantic convention exists.
+    pub otel: Option<&'static str>,
+    /// Histogram bucket upper bounds (empty for counters and gauges).
+    pub buckets: &'static [f64],
+}
+
+/// Histogram buckets for durations, in seconds: 100 µs to 10 s, roughly ×2.5 apart.
+pub const SECONDS_BUCKETS: &[f64] = &[
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Histogram buckets for sizes (items per batch): 1 to 10,000.
+pub const SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1_000.0, 2_000.0, 5_000.0, 10_000.0,
+];
+
+/// Duration of HTTP server requests, by method, route template and status.
+pub const HTTP_SERVER_REQUEST_DURATION: MetricDef = MetricDef {
+    name: "http_server_request_duration_seconds",
+    kind: Kind::Histogram,
+    unit: Unit::Seconds,
+    labels: &[
+        "http_request_method",
+        "http_route",
+        "http_response_status_code",
+    ],
+    help: "Duration of HTTP server requests; its _count is the request counter.",
+    emitted_by: "brisk-metrics (http)",
+    otel: Some("http.server.request.duration"),
+    buckets: SECONDS_BUCKETS,
+};
+
+/// HTTP server requests being served right now.
+pub const HTTP_SERVER_ACTIVE_REQUESTS: MetricDef = MetricDef {
+    name: "http_server_active_requests",
+    kind: Kind::Gauge,
+    unit: Unit::Count,
+    labels: &["http_request_method", "http_route"],
+    help: "HTTP server requests in flight.",
+    emitted_by: "brisk-metrics (http)",
+    otel: Some("http.server.active_requests"),
+    buckets: &[],
+};
+
+/// Cache lookups by cache, tier and outcome.
+pub const CACHE_REQUESTS: MetricDef = MetricDef {
+    name: "brisk_cache_requests_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["cache", "tier", "outcome"],
+    help: "Cache lookups; outcome is hit, miss, stale or error.",
+    emitted_by: "brisk-cache",
+    otel: None,
+    buckets: &[],
+};
+
+/// Keys per dispatched batch.
+pub const BATCH_SIZE: MetricDef = MetricDef {
+    name: "brisk_batch_size",
+    kind: Kind::Histogram,
+    unit: Unit::Count,
+    labels: &["loader"],
+    help: "Keys per dispatched batch.",
+    emitted_by: "brisk-batch",
+    otel: None,
+    buckets: SIZE_BUCKETS,
+};
+
+/// Time a caller waited to check out a pooled connection.
+pub const POOL_WAIT_TIME: MetricDef = MetricDef {
+    name: "db_client_connection_wait_time_seconds",
+    kind: Kind::Histogram,
+    unit: Unit::Seconds,
+    labels: &["db_client_connection_pool_name"],
+    help: "Time to obtain an open connection from the pool.",
+    emitted_by: "brisk-pool",
+    otel: Some("db.client.connection.wait_time"),
+    buckets: SECONDS_BUCKETS,
+};
+
+/// Rate limiter decisions by limiter and decision.
+pub const RATELIMIT_DECISIONS: MetricDef = MetricDef {
+    name: "brisk_ratelimit_decisions_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["limiter", "decision"],
+    help: "Rate limit checks; decision is allowed, rejected or shadow_rejected.",
+    emitted_by: "brisk-guard",
+    otel: None,
+    buckets: &[],
+};
+
+/// The whole catalog, in the order of `docs/metrics.md`.
+pub const CATALOG: &[MetricDef] = &[
+    HTTP_SERVER_REQUEST_DURATION,
+    HTTP_SERVER_ACTIVE_REQUESTS,
+    CACHE_REQUESTS,
+    BATCH_SIZE,
+    POOL_WAIT_TIME,
+    RATELIMIT_DECISIONS,
+];
+
+impl MetricDef {
+    /// Registers a counter series of this metric with the current recorder.
+    ///
+    /// Call once and keep the handle: that is what keeps the hot path free of registry lookups.
+    /// In debug builds, a wrong kind or wrong label names panic, so a mistake shows in tests.
+    #[must_use]
+    pub fn counter(&self, labels: impl IntoLabels) -> Counter {
+        let labels = self.checked(Kind::Counter, labels);
+        metrics::counter!(self.name, labels)
+    }
+
+    /// Registers a gauge series of this metric; see [`MetricDef::counter`].
+    #[must_use]
+    pub fn gauge(&self, labels: impl IntoLabels) -> Gauge {
+        let labels = self.checked(Kind::Gauge, labels);
+        metrics::gauge!(self.name, labels)
+    }
+
+    /// Registers a histogram series of this metric; see [`MetricDef::counter`].
+    #[must_use]
+    pub fn histogram(&self, labels: impl IntoLabels) -> Histogram {
+        let labels = self.checked(Kind::Histogram, labels);
+        metrics::histogram!(self.name, labels)
+    }
+
+    fn checked(&self, kind: Kind, labels: impl IntoLabels) -> Vec<metrics::Label> {
+        let labels = labels.into_labels();
+        debug_assert_eq!(self.kind, kind, "{} is a {}", self.name, self.kind.as_str());
+        debug_assert!(
+            labels
+                .iter()
+                .map(metrics::Label::key)
+                .eq(self.labels.iter().copied()),
+            "{} takes the labels {:?}",
+            self.name,
+            self.labels
+        );
+        labels
+    }
+
+    /// Tells the current recorder this metric's unit and help text.
+    pub fn describe(&self) {
+        match self.kind {
+            Kind::Counter => metrics::describe_counter!(self.name, self.unit, self.help),
+            Kind::Gauge => metrics::describe_gauge!(self.name, self.unit, self.help),
+            Kind::Histogram => metrics::describe_histogram!(self.name, self.unit, self.help),
+        }
+    }
+}
+
+/// Describes every catalog metric to the current recorder (unit and help text).
+///
+/// [`crate::prometheus::install`] calls this for you; call it yourself after installing any
+/// other exporter.
+pub fn describe_all() {
+    CATALOG.iter().for_each(MetricDef::describe);
+}
+
+/// The catalog as the Markdown table that `docs/metrics.md` shows.
+#[must_use]
+pub fn markdown_table() -> String {
+    let mut out = String::from(
+        "| name | kind | unit | labels | OpenTelemetry | emitted by | meaning |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for def in CATALOG {
+        let labels = def.labels.join(", ");
+        let otel = def
+            .otel
+            .map_or_else(|| "—".to_owned(), |name| format!("`{name}`"));
+        let _ = writeln!(
+            out,
+            "| `{}` | {} | {} | {} | {} | {} | {} |",
+            def.name,
+            def.kind.as_str(),
+            def.unit.as_str(),
+            labels,
+            otel,
+            def.emitted_by,
+            def.help
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        for def in CATALOG {
+            assert!(
+                def.name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{} is not snake_case",
+                def.name
+            );
+            match def.kind {
+                Kind::Counter => assert!(def.name.ends_with("_total"), "{}", def.name),
+                _ => assert!(!def.name.ends_with("_total"), "{}", def.name),
+            }
+            if def.unit == Unit::Seconds {
+                assert!(
+                    def.name.ends_with("_seconds"),
+                    "{} must say its unit",
+                    def.name
+                );
+            }
+            assert_eq!(
+                def.kind == Kind::Histogram,
+                !def.buckets.is_empty(),
+                "{}",
+                def.name
+            );
+            assert!(
+                def.buckets.windows(2).all(|w| w[0] < w[1]),
+                "{} buckets",
+                def.name
+            );
+        }
+    }
+
+    #[test]
+    fn names_are_unique() {
+        let mut names: Vec<_> = CATALOG.iter().map(|d| d.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), CATALOG.len());
+    }
+
+    #[test]
+    fn seconds_buckets_span_100us_to_10s() {
+        assert_eq!(SECONDS_BUCKETS.first(), Some(&0.000_1));
+        assert_eq!(SECONDS_BUCKETS.last(), Some(&10.0));
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "takes the labels")]
+    fn wrong_labels_panic_in_debug_builds() {
+        let _ = BATCH_SIZE.histogram(&[("pool", "x")]);
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "is a histogram")]
+    fn wrong_kind_panics_in_debug_builds() {
+        let _ = BATCH_SIZE.counter(&[("loader", "x")]);
+    }
+}
