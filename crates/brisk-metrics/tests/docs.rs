@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use brisk_metrics::catalog::{CATALOG, markdown_table};
 
 fn doc(name: &str) -> (PathBuf, String) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../docs")
+        .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     (path, text)
 }
@@ -32,13 +34,18 @@ fn metrics_md_shows_the_catalog() {
 /// Every metric a PromQL expression mentions, with `_bucket`/`_count`/`_sum` taken off.
 /// Label names and recorded series (which contain `:`) are returned apart.
 fn metric_names(expr: &str) -> (Vec<String>, Vec<String>) {
-    let labels: HashSet<&str> = CATALOG.iter().flat_map(|d| d.labels.iter().copied()).collect();
+    let labels: HashSet<&str> = CATALOG
+        .iter()
+        .flat_map(|d| d.labels.iter().copied())
+        .collect();
     let (mut metrics, mut recorded) = (Vec::new(), Vec::new());
     let tokens = expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'));
     for token in tokens.filter(|t| !t.is_empty()) {
         if token.contains(':') && !token.starts_with(':') {
             recorded.push(token.to_owned());
-        } else if ["http_", "brisk_", "db_"].iter().any(|p| token.starts_with(p))
+        } else if ["http_", "brisk_", "db_"]
+            .iter()
+            .any(|p| token.starts_with(p))
             && !labels.contains(token)
         {
             let base = ["_bucket", "_count", "_sum"]
@@ -54,7 +61,10 @@ fn metric_names(expr: &str) -> (Vec<String>, Vec<String>) {
 fn assert_in_catalog(source: &str, names: &[String]) {
     let catalog: HashSet<&str> = CATALOG.iter().map(|d| d.name).collect();
     for name in names {
-        assert!(catalog.contains(name.as_str()), "{source} queries `{name}`, not in the catalog");
+        assert!(
+            catalog.contains(name.as_str()),
+            "{source} queries `{name}`, not in the catalog"
+        );
     }
 }
 
@@ -65,12 +75,17 @@ fn dashboard_queries_only_catalog_metrics() {
     let panels = dashboard["panels"].as_array().expect("panels");
     let mut queried = HashSet::new();
     for panel in panels {
-        let targets = panel["targets"].as_array().expect("every panel has targets");
+        let targets = panel["targets"]
+            .as_array()
+            .expect("every panel has targets");
         assert!(!targets.is_empty(), "{} has no query", panel["title"]);
         for target in targets {
             let expr = target["expr"].as_str().expect("expr");
             let (metrics, recorded) = metric_names(expr);
-            assert!(recorded.is_empty(), "the dashboard must not need the recording rules");
+            assert!(
+                recorded.is_empty(),
+                "the dashboard must not need the recording rules"
+            );
             assert!(!metrics.is_empty(), "{expr} queries no brisk metric");
             assert_in_catalog("grafana-dashboard.json", &metrics);
             queried.extend(metrics);
@@ -105,10 +120,16 @@ fn rules_query_only_catalog_metrics_and_their_own_records() {
         let (metrics, recorded) = metric_names(expr);
         assert_in_catalog("prometheus-rules.yml", &metrics);
         for name in recorded {
-            assert!(records.contains(name.as_str()), "{expr} uses `{name}`, which no rule records");
+            assert!(
+                records.contains(name.as_str()),
+                "{expr} uses `{name}`, which no rule records"
+            );
         }
     }
     for quantile in ["p50", "p95", "p99"] {
-        assert!(records.iter().any(|r| r.contains(quantile)), "no {quantile} recording rule");
+        assert!(
+            records.iter().any(|r| r.contains(quantile)),
+            "no {quantile} recording rule"
+        );
     }
 }
