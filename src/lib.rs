@@ -1,1 +1,44 @@
-//! placeholder
+//! brisk: backend performance building blocks for tokio and tower services.
+//!
+//! This umbrella crate re-exports the blocks behind features, so one dependency brings what a
+//! service needs:
+//!
+//! | feature | default | what it brings |
+//! |---|---|---|
+//! | — | yes | [`deadline`]: the request's time budget, carried by the task (`brisk-core`) |
+//! | `metrics` | yes | [`metrics`]: the metric catalog and its handles (`brisk-metrics`) |
+//! | `http` | no | [`metrics::http`]: the tower HTTP RED metrics layer |
+//! | `prometheus` | no | [`metrics::prometheus`]: one-call Prometheus exporter with real histograms |
+//! | `full` | no | everything above |
+//!
+//! Blocks still to come (batching, pooling, cache, guard layers, Axum and Actix glue) join this
+//! table as they land; the README lists their status.
+//!
+//! ```
+//! use std::time::Duration;
+//! use brisk::prelude::*;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let budget = tokio::time::Instant::now() + Duration::from_millis(100);
+//! let left = deadline::scope(budget, async { deadline::remaining() }).await;
+//! assert!(left.unwrap() <= Duration::from_millis(100));
+//! # }
+//! ```
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+pub use brisk_core::deadline;
+#[cfg(feature = "metrics")]
+pub use brisk_metrics as metrics;
+
+/// The names most services use, in one import.
+pub mod prelude {
+    pub use crate::deadline;
+    #[cfg(feature = "http")]
+    pub use crate::metrics::http::{HttpMetricsLayer, RouteTemplate};
+}
+
+/// The README's quickstart, compiled and run as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
