@@ -30,8 +30,9 @@ fn emit(c: &mut Criterion) {
     let recorder = brisk_metrics::prometheus::builder().build_recorder();
     let handle = recorder.handle();
     let labels = [("cache", "users"), ("tier", "local"), ("outcome", "hit")];
-    let (brisk_counter, brisk_histogram, raw_counter, raw_histogram) =
-        metrics::with_local_recorder(&recorder, || {
+    let (brisk_counter, brisk_histogram, raw_counter, raw_histogram) = metrics::with_local_recorder(
+        &recorder,
+        || {
             (
                 CACHE_REQUESTS.counter(&labels),
                 brisk_metrics::catalog::POOL_WAIT_TIME
@@ -39,7 +40,8 @@ fn emit(c: &mut Criterion) {
                 metrics::counter!("raw_requests_total", "cache" => "users", "tier" => "local", "outcome" => "hit"),
                 metrics::histogram!("raw_wait_seconds", "pool" => "main"),
             )
-        });
+        },
+    );
 
     let mut group = c.benchmark_group("metrics/emit");
     group.throughput(Throughput::Elements(1));
@@ -78,7 +80,8 @@ where
 {
     assert!(svc.poll_ready(cx).is_ready());
     let mut req = Request::get("/users/7").body(Body::empty()).unwrap();
-    req.extensions_mut().insert(RouteTemplate::new("/users/{id}"));
+    req.extensions_mut()
+        .insert(RouteTemplate::new("/users/{id}"));
     let fut = pin!(svc.call(req));
     match fut.poll(cx) {
         Poll::Ready(res) => drop(black_box(res.unwrap())),
@@ -105,17 +108,30 @@ fn http_layer(c: &mut Criterion) {
     // axum-prometheus installs the global Prometheus recorder; brisk's layer registers its
     // handles with the same recorder, so both pay for the same storage. It also spawns an
     // upkeep task, so it needs a runtime; this one is never driven, the bench runs upkeep.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
     let _entered = rt.enter();
     let (axum_layer, handle) = axum_prometheus::PrometheusMetricLayer::pair();
-    let app = || service_fn(|_req: Request<Body>| ready(Ok::<_, std::convert::Infallible>(Response::new(Body::empty()))));
+    let app = || {
+        service_fn(|_req: Request<Body>| {
+            ready(Ok::<_, std::convert::Infallible>(Response::new(
+                Body::empty(),
+            )))
+        })
+    };
 
     let mut group = c.benchmark_group("metrics/http_layer");
     group.throughput(Throughput::Elements(1));
     let mut bare = app();
-    group.bench_function("bare", |b| b.iter_custom(|iters| time_requests(&mut bare, iters, &handle)));
+    group.bench_function("bare", |b| {
+        b.iter_custom(|iters| time_requests(&mut bare, iters, &handle));
+    });
     let mut brisk = HttpMetricsLayer::new().layer(app());
-    group.bench_function("brisk", |b| b.iter_custom(|iters| time_requests(&mut brisk, iters, &handle)));
+    group.bench_function("brisk", |b| {
+        b.iter_custom(|iters| time_requests(&mut brisk, iters, &handle));
+    });
     let mut peer = axum_layer.layer(app());
     group.bench_function("axum_prometheus", |b| {
         b.iter_custom(|iters| time_requests(&mut peer, iters, &handle));

@@ -33,7 +33,7 @@
 //!   `scope(deadline, …)` with [`current`] to carry it across.
 //!
 //! All times are [`tokio::time::Instant`], so tests can drive them with
-//! [`tokio::time::pause`].
+//! `tokio::time::pause()` (tokio's `test-util` feature).
 
 use std::fmt;
 use std::future::{Future, IntoFuture};

@@ -168,21 +168,18 @@ impl MetricDef {
     ///
     /// Call once and keep the handle: that is what keeps the hot path free of registry lookups.
     /// In debug builds, a wrong kind or wrong label names panic, so a mistake shows in tests.
-    #[must_use]
     pub fn counter(&self, labels: impl IntoLabels) -> Counter {
         let labels = self.checked(Kind::Counter, labels);
         metrics::counter!(self.name, labels)
     }
 
     /// Registers a gauge series of this metric; see [`MetricDef::counter`].
-    #[must_use]
     pub fn gauge(&self, labels: impl IntoLabels) -> Gauge {
         let labels = self.checked(Kind::Gauge, labels);
         metrics::gauge!(self.name, labels)
     }
 
     /// Registers a histogram series of this metric; see [`MetricDef::counter`].
-    #[must_use]
     pub fn histogram(&self, labels: impl IntoLabels) -> Histogram {
         let labels = self.checked(Kind::Histogram, labels);
         metrics::histogram!(self.name, labels)

@@ -30,7 +30,11 @@ fn serves_keys_on_every_master_and_stops_on_drop() {
     }
     assert_eq!(total, 200);
 
-    let pids: Vec<u32> = cluster.nodes().iter().filter_map(|n| n.pid()).collect();
+    let pids: Vec<u32> = cluster
+        .nodes()
+        .iter()
+        .filter_map(brisk_testkit::RedisServer::pid)
+        .collect();
     drop(cluster);
     assert!(pids.iter().all(|&pid| common::exited(pid)));
 }
