@@ -129,6 +129,78 @@ pub const BATCH_SIZE: MetricDef = MetricDef {
     buckets: SIZE_BUCKETS,
 };
 
+/// Batches dispatched.
+pub const BATCH_BATCHES: MetricDef = MetricDef {
+    name: "brisk_batch_batches_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["loader"],
+    help: "Batches dispatched to the batch function.",
+    emitted_by: "brisk-batch",
+    otel: None,
+    buckets: &[],
+};
+
+/// Batches of a single key: when most batches are, the N+1 problem is back.
+pub const BATCH_SINGLETONS: MetricDef = MetricDef {
+    name: "brisk_batch_singleton_batches_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["loader"],
+    help: "Batches of exactly one key; a high share of all batches means loads are not batched.",
+    emitted_by: "brisk-batch",
+    otel: None,
+    buckets: &[],
+};
+
+/// Keys asked of a loader, by what became of them.
+pub const BATCH_KEYS: MetricDef = MetricDef {
+    name: "brisk_batch_keys_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["loader", "kind"],
+    help: "Keys by kind: requested (every load), deduplicated (joined a load in flight), cached, missing (absent from the answer).",
+    emitted_by: "brisk-batch",
+    otel: None,
+    buckets: &[],
+};
+
+/// Time from a batch's first key to its dispatch.
+pub const BATCH_QUEUE_WAIT: MetricDef = MetricDef {
+    name: "brisk_batch_queue_wait_seconds",
+    kind: Kind::Histogram,
+    unit: Unit::Seconds,
+    labels: &["loader"],
+    help: "Time from a batch's first key to the call of the batch function (window plus wait for a free slot).",
+    emitted_by: "brisk-batch",
+    otel: None,
+    buckets: SECONDS_BUCKETS,
+};
+
+/// Time the batch function took.
+pub const BATCH_DURATION: MetricDef = MetricDef {
+    name: "brisk_batch_duration_seconds",
+    kind: Kind::Histogram,
+    unit: Unit::Seconds,
+    labels: &["loader"],
+    help: "Duration of one call of the batch function.",
+    emitted_by: "brisk-batch",
+    otel: None,
+    buckets: SECONDS_BUCKETS,
+};
+
+/// Batches that failed.
+pub const BATCH_FAILURES: MetricDef = MetricDef {
+    name: "brisk_batch_failures_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["loader", "reason"],
+    help: "Batches whose function returned an error (reason=error) or panicked (reason=panic).",
+    emitted_by: "brisk-batch",
+    otel: None,
+    buckets: &[],
+};
+
 /// Time a caller waited to check out a pooled connection.
 pub const POOL_WAIT_TIME: MetricDef = MetricDef {
     name: "db_client_connection_wait_time_seconds",
@@ -159,6 +231,12 @@ pub const CATALOG: &[MetricDef] = &[
     HTTP_SERVER_ACTIVE_REQUESTS,
     CACHE_REQUESTS,
     BATCH_SIZE,
+    BATCH_BATCHES,
+    BATCH_SINGLETONS,
+    BATCH_KEYS,
+    BATCH_QUEUE_WAIT,
+    BATCH_DURATION,
+    BATCH_FAILURES,
     POOL_WAIT_TIME,
     RATELIMIT_DECISIONS,
 ];

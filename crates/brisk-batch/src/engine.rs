@@ -1,0 +1,257 @@
+//! The batching engine shared by [`Loader`](crate::Loader) and the tower batch layer.
+//!
+//! A batch is first *collecting*: its owner (the loader) adds items under its own lock. It is
+//! *sealed* when it is full, when its window closes, or on `flush()`; sealing turns its items
+//! into one future, wrapped in [`Shared`] so that every waiter of the batch polls the same
+//! future. There is no leader task and no spawn: any waiter's poll makes progress, a dropped
+//! waiter leaves the others polling, and when the last waiter goes the owner forgets the batch
+//! (cancelling it, or finishing it in the background, by policy).
+//!
+//! The collection window is closed by the batch's first waiter (its *creator*): by default it
+//! yields once — so every task that was ready gets its turn to add keys — and seals on its next
+//! poll; with a duration it seals when that much time has passed. If the creator is dropped
+//! while collecting it seals on the way out, so the others never wait for it.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use tokio::time::{Instant, Sleep};
+
+/// The shared future of a sealed batch.
+pub(crate) type Job<O> = Shared<BoxFuture<'static, O>>;
+
+/// What happens to a batch whose every waiter has gone before it finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Abandoned {
+    /// Drop the batch's future: the batch function is cancelled at its next await. The default.
+    #[default]
+    Cancel,
+    /// Finish it on a spawned tokio task (when a runtime is present), so the work already sent
+    /// to the database is not wasted and its results reach the cache.
+    Finish,
+}
+
+/// Engine settings that do not depend on what is batched.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) max_batch_size: usize,
+    pub(crate) window: Option<Duration>,
+    pub(crate) abandoned: Abandoned,
+}
+
+/// The owner of batches: it keeps the collecting batch and its items under its own lock.
+pub(crate) trait Owner: Send + Sync + Sized + 'static {
+    type Item: Send + 'static;
+    type Output: Clone + Send + Sync + 'static;
+
+    /// If `batch` is still collecting, detaches it and returns its items.
+    fn take_items(&self, batch: &Batch<Self::Output>) -> Option<Vec<Self::Item>>;
+
+    /// The future that runs one batch.
+    fn run(
+        self: &Arc<Self>,
+        batch: &Batch<Self::Output>,
+        items: Vec<Self::Item>,
+    ) -> BoxFuture<'static, Self::Output>;
+
+    /// Every waiter of `batch` left: drop whatever still points at it. Called with no lock held.
+    fn forget(&self, batch: &Arc<Batch<Self::Output>>);
+
+    fn settings(&self) -> &Settings;
+}
+
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while one of our locks is held, so a poisoned lock still holds valid state.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One batch.
+pub(crate) struct Batch<O> {
+    pub(crate) id: u64,
+    pub(crate) created: Instant,
+    inner: Mutex<Inner<O>>,
+    waiters: AtomicUsize,
+}
+
+enum Inner<O> {
+    Collecting { wakers: Vec<Waker> },
+    Sealed(Job<O>),
+    Forgotten,
+}
+
+impl<O: Clone> Batch<O> {
+    pub(crate) fn new(id: u64) -> Self {
+        Self {
+            id,
+            created: Instant::now(),
+            inner: Mutex::new(Inner::Collecting { wakers: Vec::new() }),
+            waiters: AtomicUsize::new(0),
+        }
+    }
+
+    /// How many waiters hold this batch.
+    pub(crate) fn waiters(&self) -> usize {
+        self.waiters.load(Ordering::Acquire)
+    }
+
+    /// True once the batch's future has produced its output.
+    pub(crate) fn finished(&self) -> bool {
+        matches!(&*lock(&self.inner), Inner::Sealed(job) if job.peek().is_some())
+    }
+
+    /// Drops (or, by policy, spawns) the job of a batch nobody waits for any more.
+    pub(crate) fn abandon(&self, policy: Abandoned)
+    where
+        O: Send + Sync + 'static,
+    {
+        let previous = std::mem::replace(&mut *lock(&self.inner), Inner::Forgotten);
+        if let (Inner::Sealed(job), Abandoned::Finish) = (previous, policy)
+            && job.peek().is_none()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(job);
+        }
+    }
+}
+
+/// Seals `batch` if it is still collecting.
+pub(crate) fn seal<W: Owner>(owner: &Arc<W>, batch: &Batch<W::Output>) {
+    if let Some(items) = owner.take_items(batch) {
+        seal_with(owner, batch, items);
+    }
+}
+
+/// Seals `batch` with `items` already taken from it, and wakes its waiters.
+pub(crate) fn seal_with<W: Owner>(owner: &Arc<W>, batch: &Batch<W::Output>, items: Vec<W::Item>) {
+    let job = owner.run(batch, items).shared();
+    let wakers = {
+        let mut inner = lock(&batch.inner);
+        match std::mem::replace(&mut *inner, Inner::Sealed(job)) {
+            Inner::Collecting { wakers } => wakers,
+            // Sealed twice cannot happen (items are taken once); keep what was there.
+            other => {
+                *inner = other;
+                Vec::new()
+            }
+        }
+    };
+    wakers.into_iter().for_each(Waker::wake);
+}
+
+/// A waiter of one batch: resolves to the batch's shared output.
+pub(crate) struct Wait<W: Owner> {
+    owner: Arc<W>,
+    batch: Arc<Batch<W::Output>>,
+    state: State<W::Output>,
+}
+
+enum State<O> {
+    Collecting {
+        creator: bool,
+        yielded: bool,
+        sleep: Option<Pin<Box<Sleep>>>,
+    },
+    Running(Job<O>),
+    Done,
+}
+
+impl<W: Owner> Wait<W> {
+    /// Registers a waiter; `creator` is the one that closes the collection window.
+    pub(crate) fn new(owner: Arc<W>, batch: Arc<Batch<W::Output>>, creator: bool) -> Self {
+        batch.waiters.fetch_add(1, Ordering::AcqRel);
+        Self {
+            owner,
+            batch,
+            state: State::Collecting {
+                creator,
+                yielded: false,
+                sleep: None,
+            },
+        }
+    }
+}
+
+impl<W: Owner> Unpin for Wait<W> {}
+
+impl<W: Owner> std::future::Future for Wait<W> {
+    type Output = W::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<W::Output> {
+        let this = &mut *self;
+        loop {
+            match &mut this.state {
+                State::Collecting {
+                    creator,
+                    yielded,
+                    sleep,
+                } => {
+                    {
+                        let mut inner = lock(&this.batch.inner);
+                        match &mut *inner {
+                            Inner::Sealed(job) => {
+                                let job = job.clone();
+                                drop(inner);
+                                this.state = State::Running(job);
+                                continue;
+                            }
+                            Inner::Collecting { wakers } if !*creator => {
+                                wakers.push(cx.waker().clone());
+                                return Poll::Pending;
+                            }
+                            Inner::Collecting { .. } => {}
+                            // A batch is forgotten only when it has no waiter, and we are one.
+                            Inner::Forgotten => {
+                                unreachable!("a batch with a waiter is never forgotten")
+                            }
+                        }
+                    }
+                    let due = match this.owner.settings().window {
+                        // Yield once so every ready task gets its turn, then seal: a wake from
+                        // inside poll puts this task at the back of tokio's run queue.
+                        None if *yielded => true,
+                        None => {
+                            *yielded = true;
+                            cx.waker().wake_by_ref();
+                            false
+                        }
+                        Some(window) => {
+                            let at = this.batch.created + window;
+                            let sleep =
+                                sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                            sleep.as_mut().poll(cx).is_ready()
+                        }
+                    };
+                    if !due {
+                        return Poll::Pending;
+                    }
+                    seal(&this.owner, &this.batch);
+                }
+                State::Running(job) => {
+                    let output = std::task::ready!(Pin::new(job).poll(cx));
+                    this.state = State::Done;
+                    return Poll::Ready(output);
+                }
+                State::Done => panic!("a batch wait was polled after it completed"),
+            }
+        }
+    }
+}
+
+impl<W: Owner> Drop for Wait<W> {
+    fn drop(&mut self) {
+        if let State::Collecting { creator: true, .. } = self.state {
+            // The window is ours to close: close it now so the others are not left waiting.
+            seal(&self.owner, &self.batch);
+        }
+        let last = self.batch.waiters.fetch_sub(1, Ordering::AcqRel) == 1;
+        // A waiter that got its output saw the batch finish: there is nothing left to forget.
+        if last && !matches!(self.state, State::Done) {
+            self.owner.forget(&self.batch);
+        }
+    }
+}

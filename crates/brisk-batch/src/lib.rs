@@ -1,0 +1,80 @@
+//! Batching for brisk: a DataLoader that turns the N+1 queries of a handler into one, and (with
+//! the `tower` feature) a layer that batches single requests into calls of a bulk service.
+//!
+//! ```
+//! use std::collections::HashMap;
+//! use brisk_batch::{BatchFn, Loader};
+//!
+//! struct Authors;
+//!
+//! impl BatchFn<u64, String> for Authors {
+//!     type Error = std::io::Error;
+//!     async fn load(&self, ids: &[u64]) -> Result<HashMap<u64, String>, Self::Error> {
+//!         // One query for every id asked for in this moment:
+//!         // SELECT id, name FROM authors WHERE id = ANY($1)
+//!         Ok(ids.iter().map(|id| (*id, format!("author {id}"))).collect())
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), brisk_batch::LoadError<std::io::Error>> {
+//! let authors = Loader::builder(Authors).name("authors").build().expect("valid settings");
+//! // Three concurrent loads, one batch: [1, 2].
+//! let (a, b, c) = tokio::join!(authors.load(1), authors.load(2), authors.load(1));
+//! assert_eq!(a?.as_deref(), Some("author 1"));
+//! assert_eq!(b?.as_deref(), Some("author 2"));
+//! assert_eq!(c?, Some("author 1".to_owned()));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # How loads become batches
+//!
+//! A batch collects keys until one of these, whichever comes first:
+//! - it holds `max_batch_size` keys (a hard cap: a larger `load_many` is split);
+//! - its window closes: by default when the tasks that were ready have had one turn (no fixed
+//!   delay), or after [`LoaderBuilder::window`] if set;
+//! - a waiter's deadline (`brisk_core::deadline`) is nearer than the window;
+//! - [`Loader::flush`] is called.
+//!
+//! At most `max_concurrent_batches` batches run at once (default 10), so a burst cannot drain
+//! the database pool; at most `max_queued_batches` wait for a slot, past which loads fail with
+//! [`LoadError::Overloaded`].
+//!
+//! Keys are deduplicated within a batch and against batches in flight, with or without the
+//! cache. The cache ([`LoaderBuilder::cache`]) is off by default and bounded when on.
+//!
+//! # Failure
+//!
+//! - A batch error reaches every waiter of that batch as the same `Arc<E>`; `E` need not be
+//!   `Clone`. Errors are never cached.
+//! - For per-key errors, make the value a `Result` (`Loader<K, Result<T, E2>, F>`): the batch
+//!   succeeds and each key carries its own outcome.
+//! - A panicking batch function fails that batch's waiters with [`LoadError::Panicked`]; the
+//!   loader keeps working.
+//! - Batches run detached from any one caller: every waiter polls the same shared future, so
+//!   dropping any caller at any point neither stalls nor fails the others. When the last
+//!   caller of a batch goes, the batch is cancelled (or finished in the background, see
+//!   [`Abandoned`]).
+//! - A waiter whose deadline passes gets [`LoadError::Deadline`]; the others are unaffected.
+//!
+//! # Metrics
+//!
+//! Per loader (label `loader`): `brisk_batch_batches_total`, `brisk_batch_size`,
+//! `brisk_batch_singleton_batches_total` (when most batches have one key, the N+1 problem is
+//! back), `brisk_batch_keys_total{kind=requested|deduplicated|cached|missing}`,
+//! `brisk_batch_queue_wait_seconds`, `brisk_batch_duration_seconds` and
+//! `brisk_batch_failures_total{reason}`. Each dispatch runs in a `brisk.batch.dispatch` span.
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+mod batch_fn;
+mod cache;
+mod engine;
+mod error;
+mod loader;
+mod metrics;
+
+pub use batch_fn::BatchFn;
+pub use engine::Abandoned;
+pub use error::{BuildError, LoadError};
+pub use loader::{Loader, LoaderBuilder, MissingKey};

@@ -1,0 +1,61 @@
+//! A batch function that records every batch it is asked for.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+
+use brisk_batch::BatchFn;
+
+/// Answers each key with its text, and records each batch.
+pub struct Echo<K> {
+    pub batches: Arc<Mutex<Vec<Vec<K>>>>,
+    /// Batches containing this key fail.
+    pub fail_on: Option<K>,
+}
+
+impl<K> Echo<K> {
+    pub fn new() -> (Self, Arc<Mutex<Vec<Vec<K>>>>) {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        (
+            Self {
+                batches: batches.clone(),
+                fail_on: None,
+            },
+            batches,
+        )
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Boom(pub String);
+
+impl std::fmt::Display for Boom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Boom {}
+
+impl<K> BatchFn<K, String> for Echo<K>
+where
+    K: Hash + Eq + Clone + Display + Send + Sync + 'static,
+{
+    type Error = Boom;
+
+    async fn load(&self, keys: &[K]) -> Result<HashMap<K, String>, Boom> {
+        self.batches.lock().unwrap().push(keys.to_vec());
+        if let Some(bad) = &self.fail_on {
+            if keys.contains(bad) {
+                return Err(Boom(format!("no {bad}")));
+            }
+        }
+        Ok(keys.iter().map(|k| (k.clone(), k.to_string())).collect())
+    }
+}
+
+pub fn taken<K: Clone>(batches: &Arc<Mutex<Vec<Vec<K>>>>) -> Vec<Vec<K>> {
+    batches.lock().unwrap().clone()
+}
