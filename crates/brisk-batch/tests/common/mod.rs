@@ -59,3 +59,8 @@ where
 pub fn taken<K: Clone>(batches: &Arc<Mutex<Vec<Vec<K>>>>) -> Vec<Vec<K>> {
     batches.lock().unwrap().clone()
 }
+
+/// Polls a future once, from inside the current task.
+pub async fn poll_once<F: std::future::Future>(mut future: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+    std::future::poll_fn(|cx| std::task::Poll::Ready(future.as_mut().poll(cx))).await
+}
