@@ -9,9 +9,10 @@
 //! | `metrics` | yes | [`metrics`]: the metric catalog and its handles (`brisk-metrics`) |
 //! | `http` | no | [`metrics::http`]: the tower HTTP RED metrics layer |
 //! | `prometheus` | no | [`metrics::prometheus`]: one-call Prometheus exporter with real histograms |
+//! | `batch` | no | [`batch`]: the batching engine and DataLoader (`brisk-batch`) |
 //! | `full` | no | everything above |
 //!
-//! Blocks still to come (batching, pooling, cache, guard layers, Axum and Actix glue) join this
+//! Blocks still to come (pooling, cache, guard layers, Axum and Actix glue) join this
 //! table as they land; the README lists their status.
 //!
 //! ```
@@ -27,12 +28,16 @@
 //! ```
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+#[cfg(feature = "batch")]
+pub use brisk_batch as batch;
 pub use brisk_core::deadline;
 #[cfg(feature = "metrics")]
 pub use brisk_metrics as metrics;
 
 /// The names most services use, in one import.
 pub mod prelude {
+    #[cfg(feature = "batch")]
+    pub use crate::batch::{BatchFn, LoadError, Loader};
     pub use crate::deadline;
     #[cfg(feature = "http")]
     pub use crate::metrics::http::{HttpMetricsLayer, RouteTemplate};

@@ -33,6 +33,9 @@ pub enum MissingKey {
 /// The shared result of one batch.
 type Outcome<K, V, E> = Arc<Result<HashMap<K, V>, LoadError<E>>>;
 
+/// One of a loader's batches.
+type LoaderBatch<K, V, E> = Arc<Batch<Outcome<K, V, E>>>;
+
 /// Batches concurrent loads of single keys into calls of a [`BatchFn`]. See the
 /// [crate docs](crate) for the rules.
 ///
@@ -74,9 +77,9 @@ struct Shared<K, V, F: BatchFn<K, V>> {
 
 struct State<K, V, E> {
     /// The batch taking keys now, and its keys.
-    collecting: Option<(Arc<Batch<Outcome<K, V, E>>>, Vec<K>)>,
+    collecting: Option<(LoaderBatch<K, V, E>, Vec<K>)>,
     /// Every key in a batch that has not finished, so a second load of it joins that batch.
-    in_flight: HashMap<K, Arc<Batch<Outcome<K, V, E>>>>,
+    in_flight: HashMap<K, LoaderBatch<K, V, E>>,
     cache: Option<Cache<K, V>>,
 }
 
@@ -214,10 +217,15 @@ impl<F> LoaderBuilder<F> {
     }
 }
 
-/// What `enqueue` found for a key.
-enum Enqueued<W: Owner, V> {
+/// What `enqueue` found for a key: a cached value, or a batch to wait for.
+enum Enqueued<K, V, F>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    F: BatchFn<K, V>,
+{
     Cached(V),
-    Wait(Wait<W>),
+    Wait(Wait<Shared<K, V, F>>),
 }
 
 impl<K, V, F> Loader<K, V, F>
@@ -330,7 +338,7 @@ where
         }
     }
 
-    fn enqueue(&self, key: K) -> Result<Enqueued<Shared<K, V, F>, V>, LoadError<F::Error>> {
+    fn enqueue(&self, key: K) -> Result<Enqueued<K, V, F>, LoadError<F::Error>> {
         let shared = &self.shared;
         shared.metrics.requested.increment(1);
         let mut state = lock(&shared.state);
@@ -396,12 +404,13 @@ where
     }
 }
 
-/// Bounds a wait by the caller's deadline, when there is one.
+/// Bounds a wait by the caller's deadline, when there is one. The deadline's timer is boxed so
+/// that loads without a deadline (most) keep a small future.
 async fn within_deadline<T, E>(wait: impl Future<Output = T>) -> Result<T, LoadError<E>> {
     if deadline::current().is_none() {
         return Ok(wait.await);
     }
-    deadline::bounded(Duration::MAX, wait)
+    Box::pin(deadline::bounded(Duration::MAX, wait))
         .await
         .map_err(LoadError::Deadline)
 }

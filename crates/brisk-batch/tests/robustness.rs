@@ -57,7 +57,10 @@ impl BatchFn<u32, u32> for Gated {
 async fn until(mut done: impl FnMut() -> bool) {
     let start = std::time::Instant::now();
     while !done() {
-        assert!(start.elapsed() < Duration::from_secs(10), "condition not reached in 10 s");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "condition not reached in 10 s"
+        );
         tokio::task::yield_now().await;
     }
 }
@@ -90,7 +93,10 @@ async fn dropping_the_first_caller_mid_batch_leaves_the_others_served() {
 #[tokio::test]
 async fn dropping_the_creator_while_collecting_dispatches_for_the_others() {
     let (echo, batches) = Echo::new();
-    let loader = Loader::builder(echo).window(Duration::from_secs(3600)).build().unwrap();
+    let loader = Loader::builder(echo)
+        .window(Duration::from_secs(3600))
+        .build()
+        .unwrap();
     let mut creator = Box::pin(loader.load(1));
     // Poll once: the creator starts the hour-long window.
     assert!(common::poll_once(creator.as_mut()).await.is_pending());
@@ -116,13 +122,21 @@ async fn a_batch_every_caller_left_is_cancelled_and_forgotten() {
     // The key is not stuck in flight: a new load starts a new batch and is answered.
     assert_eq!(loader.load(7).await.unwrap(), Some(14));
     assert_eq!(taken(&gated.batches), vec![vec![7], vec![7]]);
-    assert_eq!(gated.finished.load(Ordering::SeqCst), 1, "the abandoned batch was cancelled");
+    assert_eq!(
+        gated.finished.load(Ordering::SeqCst),
+        1,
+        "the abandoned batch was cancelled"
+    );
 }
 
 #[tokio::test]
 async fn an_abandoned_batch_can_finish_in_the_background() {
     let gated = Gated::new();
-    let loader = Loader::builder(gated.clone()).abandoned(Abandoned::Finish).cache(10).build().unwrap();
+    let loader = Loader::builder(gated.clone())
+        .abandoned(Abandoned::Finish)
+        .cache(10)
+        .build()
+        .unwrap();
     let lone = tokio::spawn({
         let loader = loader.clone();
         async move { loader.load(7).await }
@@ -132,7 +146,11 @@ async fn an_abandoned_batch_can_finish_in_the_background() {
     let _ = lone.await;
     gated.gate.add_permits(1);
     until(|| gated.finished.load(Ordering::SeqCst) == 1).await;
-    assert_eq!(loader.load(7).await.unwrap(), Some(14), "its result reached the cache");
+    assert_eq!(
+        loader.load(7).await.unwrap(),
+        Some(14),
+        "its result reached the cache"
+    );
     assert_eq!(taken(&gated.batches), vec![vec![7]]);
 }
 
@@ -222,24 +240,37 @@ async fn a_waiter_past_its_deadline_fails_alone() {
     }
     assert_eq!(start.elapsed(), Duration::from_millis(50));
     gated.gate.add_permits(1);
-    assert_eq!(patient.await.unwrap().unwrap(), Some(2), "the other waiter is unaffected");
+    assert_eq!(
+        patient.await.unwrap().unwrap(),
+        Some(2),
+        "the other waiter is unaffected"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_near_deadline_dispatches_a_windowed_batch_early() {
     let (echo, batches) = Echo::new();
-    let loader = Loader::builder(echo).window(Duration::from_secs(1)).build().unwrap();
+    let loader = Loader::builder(echo)
+        .window(Duration::from_secs(1))
+        .build()
+        .unwrap();
     let start = Instant::now();
     let value = deadline::scope(start + Duration::from_millis(100), loader.load(1)).await;
     assert_eq!(value.unwrap().as_deref(), Some("1"));
-    assert!(start.elapsed() < Duration::from_millis(100), "did not sit out the window");
+    assert!(
+        start.elapsed() < Duration::from_millis(100),
+        "did not sit out the window"
+    );
     assert_eq!(taken(&batches), vec![vec![1]]);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_window_collects_loads_across_turns() {
     let (echo, batches) = Echo::new();
-    let loader = Loader::builder(echo).window(Duration::from_millis(5)).build().unwrap();
+    let loader = Loader::builder(echo)
+        .window(Duration::from_millis(5))
+        .build()
+        .unwrap();
     let start = Instant::now();
     let late = async {
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -254,7 +285,10 @@ async fn a_window_collects_loads_across_turns() {
 #[tokio::test]
 async fn flush_dispatches_now() {
     let (echo, batches) = Echo::new();
-    let loader = Loader::builder(echo).window(Duration::from_secs(3600)).build().unwrap();
+    let loader = Loader::builder(echo)
+        .window(Duration::from_secs(3600))
+        .build()
+        .unwrap();
     let mut pending = Box::pin(loader.load(1));
     assert!(common::poll_once(pending.as_mut()).await.is_pending());
     loader.flush();
@@ -289,13 +323,28 @@ async fn too_many_queued_batches_is_overloaded() {
 #[test]
 fn bad_settings_are_build_errors() {
     let (echo, _) = Echo::<u32>::new();
-    let err = Loader::builder(echo).max_batch_size(0).build::<u32, String>().unwrap_err();
-    assert_eq!(err.to_string(), "invalid batch configuration: max_batch_size must be at least 1");
+    let err = Loader::builder(echo)
+        .max_batch_size(0)
+        .build::<u32, String>()
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid batch configuration: max_batch_size must be at least 1"
+    );
     for (builder, what) in [
-        (Loader::builder(Echo::<u32>::new().0).max_concurrent_batches(0), "max_concurrent_batches"),
-        (Loader::builder(Echo::<u32>::new().0).max_queued_batches(0), "max_queued_batches"),
+        (
+            Loader::builder(Echo::<u32>::new().0).max_concurrent_batches(0),
+            "max_concurrent_batches",
+        ),
+        (
+            Loader::builder(Echo::<u32>::new().0).max_queued_batches(0),
+            "max_queued_batches",
+        ),
         (Loader::builder(Echo::<u32>::new().0).cache(0), "cache"),
-        (Loader::builder(Echo::<u32>::new().0).window(Duration::ZERO), "window"),
+        (
+            Loader::builder(Echo::<u32>::new().0).window(Duration::ZERO),
+            "window",
+        ),
     ] {
         let err = builder.build::<u32, String>().unwrap_err();
         assert!(err.to_string().contains(what), "{err}");
@@ -308,7 +357,11 @@ async fn metrics_count_batches_sizes_and_keys() {
     let (echo, _) = Echo::new();
     capture
         .scope(async {
-            let loader = Loader::builder(echo).name("authors").cache(10).build().unwrap();
+            let loader = Loader::builder(echo)
+                .name("authors")
+                .cache(10)
+                .build()
+                .unwrap();
             let _ = tokio::join!(loader.load(1), loader.load(2), loader.load(1));
             let _ = loader.load(1).await; // cached
             let _ = loader.load(3).await; // a batch of one

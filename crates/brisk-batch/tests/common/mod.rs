@@ -47,10 +47,8 @@ where
 
     async fn load(&self, keys: &[K]) -> Result<HashMap<K, String>, Boom> {
         self.batches.lock().unwrap().push(keys.to_vec());
-        if let Some(bad) = &self.fail_on {
-            if keys.contains(bad) {
-                return Err(Boom(format!("no {bad}")));
-            }
+        if let Some(bad) = self.fail_on.as_ref().filter(|bad| keys.contains(bad)) {
+            return Err(Boom(format!("no {bad}")));
         }
         Ok(keys.iter().map(|k| (k.clone(), k.to_string())).collect())
     }
@@ -61,6 +59,8 @@ pub fn taken<K: Clone>(batches: &Arc<Mutex<Vec<Vec<K>>>>) -> Vec<Vec<K>> {
 }
 
 /// Polls a future once, from inside the current task.
-pub async fn poll_once<F: std::future::Future>(mut future: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+pub async fn poll_once<F: std::future::Future>(
+    mut future: std::pin::Pin<&mut F>,
+) -> std::task::Poll<F::Output> {
     std::future::poll_fn(|cx| std::task::Poll::Ready(future.as_mut().poll(cx))).await
 }

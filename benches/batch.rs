@@ -1,0 +1,185 @@
+//! Batching benches: brisk's `Loader` beside the `dataloader` crate and async-graphql's
+//! `DataLoader`, in the same run (DESIGN §5).
+//!
+//! - `batch/load_storm`: 10,000 concurrent loads — one spawned task each, for every contender —
+//!   over 1,000 distinct keys (a seeded shuffle of each key ten times), on a two-worker runtime;
+//!   the batch function answers from memory. Each iteration builds a fresh loader, so no
+//!   contender answers from a previous iteration's cache. Default settings for every contender
+//!   (`async_graphql_delay0`: async-graphql with its 1 ms delay set to zero). `bare` spawns the
+//!   same tasks answering without a loader: the floor every contender stands on.
+//! - `batch/single_load_latency`: one load, from call to result, with an instant batch
+//!   function, on a current-thread runtime. `dataloader` is its non-cached loader.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+
+const LOADS: usize = 10_000;
+const KEYS: u64 = 1_000;
+
+/// The keys of one storm: every key ten times, in a seeded random order.
+fn storm_keys() -> Arc<Vec<u64>> {
+    let mut keys: Vec<u64> = (0..LOADS as u64).map(|i| i % KEYS).collect();
+    let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+    for i in (1..keys.len()).rev() {
+        // xorshift64: seeded, reproducible, no dependency.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let j = usize::try_from(state % (i as u64 + 1)).expect("below the vector's length");
+        keys.swap(i, j);
+    }
+    Arc::new(keys)
+}
+
+fn value(key: u64) -> u64 {
+    key.wrapping_mul(31)
+}
+
+struct BriskFn;
+
+impl brisk_batch::BatchFn<u64, u64> for BriskFn {
+    type Error = std::convert::Infallible;
+    async fn load(&self, keys: &[u64]) -> Result<HashMap<u64, u64>, Self::Error> {
+        Ok(keys.iter().map(|k| (*k, value(*k))).collect())
+    }
+}
+
+struct DataloaderFn;
+
+impl dataloader::BatchFn<u64, u64> for DataloaderFn {
+    async fn load(&mut self, keys: &[u64]) -> HashMap<u64, u64> {
+        keys.iter().map(|k| (*k, value(*k))).collect()
+    }
+}
+
+struct GraphqlFn;
+
+impl async_graphql::dataloader::Loader<u64> for GraphqlFn {
+    type Value = u64;
+    type Error = Arc<std::io::Error>;
+    async fn load(&self, keys: &[u64]) -> Result<HashMap<u64, u64>, Self::Error> {
+        Ok(keys.iter().map(|k| (*k, value(*k))).collect())
+    }
+}
+
+fn graphql_loader(delay: Option<Duration>) -> async_graphql::dataloader::DataLoader<GraphqlFn> {
+    let loader = async_graphql::dataloader::DataLoader::new(GraphqlFn, tokio::spawn);
+    match delay {
+        Some(delay) => loader.delay(delay),
+        None => loader,
+    }
+}
+
+/// Runs one storm: spawns a task per key, each loading through `load`, and waits for all.
+async fn storm<L, F, Fut>(keys: &Arc<Vec<u64>>, loader: Arc<L>, load: F)
+where
+    L: Send + Sync + 'static,
+    F: Fn(Arc<L>, u64) -> Fut + Copy + Send + 'static,
+    Fut: Future<Output = u64> + Send + 'static,
+{
+    let tasks: Vec<_> = keys
+        .iter()
+        .map(|&key| tokio::spawn(load(loader.clone(), key)))
+        .collect();
+    for (task, &key) in tasks.into_iter().zip(keys.iter()) {
+        assert_eq!(task.await.expect("load task"), value(key));
+    }
+}
+
+fn load_storm(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let keys = storm_keys();
+    let mut group = c.benchmark_group("batch/load_storm");
+    group.throughput(Throughput::Elements(LOADS as u64));
+    group.sample_size(30);
+
+    // The floor: the same spawned tasks answering without any loader.
+    group.bench_function("bare", |b| {
+        b.to_async(&rt).iter(|| async {
+            storm(&keys, Arc::new(()), |_, k| async move { value(k) }).await;
+        });
+    });
+    group.bench_function("brisk", |b| {
+        b.to_async(&rt).iter(|| async {
+            let loader = Arc::new(brisk_batch::Loader::new(BriskFn));
+            storm(&keys, loader, |l, k| async move {
+                l.load(k).await.unwrap().unwrap()
+            })
+            .await;
+        });
+    });
+    group.bench_function("dataloader", |b| {
+        b.to_async(&rt).iter(|| async {
+            let loader = Arc::new(dataloader::cached::Loader::new(DataloaderFn));
+            storm(&keys, loader, |l, k| async move { l.load(k).await }).await;
+        });
+    });
+    for (id, delay) in [
+        ("async_graphql", None),
+        ("async_graphql_delay0", Some(Duration::ZERO)),
+    ] {
+        group.bench_function(BenchmarkId::from_parameter(id), |b| {
+            b.to_async(&rt).iter(|| async {
+                let loader = Arc::new(graphql_loader(delay));
+                storm(&keys, loader, |l, k| async move {
+                    l.load_one(k).await.unwrap().unwrap()
+                })
+                .await;
+            });
+        });
+    }
+    group.finish();
+}
+
+fn single_load_latency(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let mut group = c.benchmark_group("batch/single_load_latency");
+    group.throughput(Throughput::Elements(1));
+
+    let brisk = brisk_batch::Loader::new(BriskFn);
+    group.bench_function("brisk", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(brisk.load(black_box(7)).await.unwrap()) });
+    });
+    let dataloader = dataloader::non_cached::Loader::new(DataloaderFn);
+    group.bench_function("dataloader", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(dataloader.load(black_box(7)).await) });
+    });
+    let graphql0 = graphql_loader(Some(Duration::ZERO));
+    group.bench_function("async_graphql_delay0", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(graphql0.load_one(black_box(7)).await.unwrap()) });
+    });
+    // The default 1 ms delay makes every sample long: fewer of them.
+    let graphql = graphql_loader(None);
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(2));
+    group.bench_function("async_graphql", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    black_box(graphql.load_one(black_box(7)).await.unwrap());
+                }
+                start.elapsed()
+            })
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, load_storm, single_load_latency);
+criterion_main!(benches);
