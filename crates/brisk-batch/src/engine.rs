@@ -65,6 +65,18 @@ pub(crate) trait Owner: Send + Sync + Sized + 'static {
     fn settings(&self) -> &Settings;
 }
 
+impl Settings {
+    /// Whether a batch holding `len` items must be sealed now: it is full, or the caller's
+    /// deadline is nearer than the rest of the window.
+    pub(crate) fn seal_now<O: Clone>(&self, batch: &Batch<O>, len: usize) -> bool {
+        len >= self.max_batch_size
+            || self.window.is_some_and(|window| {
+                brisk_core::deadline::remaining()
+                    .is_some_and(|left| left < window.saturating_sub(batch.created.elapsed()))
+            })
+    }
+}
+
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing panics while one of our locks is held, so a poisoned lock still holds valid state.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -143,11 +155,14 @@ pub(crate) fn seal_with<W: Owner>(owner: &Arc<W>, batch: &Batch<W::Output>, item
     wakers.into_iter().for_each(Waker::wake);
 }
 
-/// A waiter of one batch: resolves to the batch's shared output.
-pub(crate) struct Wait<W: Owner> {
+/// A waiter of one batch: resolves to the batch's shared output, `O` (always `W::Output`;
+/// spelled apart so that public futures can hold a `Wait` without naming this crate's traits).
+pub(crate) struct Wait<W, O> {
     owner: Arc<W>,
-    batch: Arc<Batch<W::Output>>,
-    state: State<W::Output>,
+    batch: Arc<Batch<O>>,
+    state: State<O>,
+    /// `release::<W, O>`: `Drop` cannot ask for `W: Owner`, so `new` (which can) stores it.
+    release: fn(&Arc<W>, &Arc<Batch<O>>, &State<O>),
 }
 
 enum State<O> {
@@ -160,11 +175,12 @@ enum State<O> {
     Done,
 }
 
-impl<W: Owner> Wait<W> {
+impl<W: Owner<Output = O>, O: Clone> Wait<W, O> {
     /// Registers a waiter; `creator` is the one that closes the collection window.
-    pub(crate) fn new(owner: Arc<W>, batch: Arc<Batch<W::Output>>, creator: bool) -> Self {
+    pub(crate) fn new(owner: Arc<W>, batch: Arc<Batch<O>>, creator: bool) -> Self {
         batch.waiters.fetch_add(1, Ordering::AcqRel);
         Self {
+            release: release::<W, O>,
             owner,
             batch,
             state: State::Collecting {
@@ -176,12 +192,12 @@ impl<W: Owner> Wait<W> {
     }
 }
 
-impl<W: Owner> Unpin for Wait<W> {}
+impl<W, O> Unpin for Wait<W, O> {}
 
-impl<W: Owner> std::future::Future for Wait<W> {
-    type Output = W::Output;
+impl<W: Owner<Output = O>, O: Clone> std::future::Future for Wait<W, O> {
+    type Output = O;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<W::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<O> {
         let this = &mut *self;
         loop {
             match &mut this.state {
@@ -242,16 +258,50 @@ impl<W: Owner> std::future::Future for Wait<W> {
     }
 }
 
-impl<W: Owner> Drop for Wait<W> {
+impl<W, O> Drop for Wait<W, O> {
     fn drop(&mut self) {
-        if let State::Collecting { creator: true, .. } = self.state {
-            // The window is ours to close: close it now so the others are not left waiting.
-            seal(&self.owner, &self.batch);
-        }
-        let last = self.batch.waiters.fetch_sub(1, Ordering::AcqRel) == 1;
-        // A waiter that got its output saw the batch finish: there is nothing left to forget.
-        if last && !matches!(self.state, State::Done) {
-            self.owner.forget(&self.batch);
-        }
+        (self.release)(&self.owner, &self.batch, &self.state);
     }
+}
+
+/// A waiter leaves its batch.
+fn release<W: Owner<Output = O>, O: Clone>(
+    owner: &Arc<W>,
+    batch: &Arc<Batch<O>>,
+    state: &State<O>,
+) {
+    if let State::Collecting { creator: true, .. } = state {
+        // The window is ours to close: close it now so the others are not left waiting.
+        seal(owner, batch);
+    }
+    let last = batch.waiters.fetch_sub(1, Ordering::AcqRel) == 1;
+    // A waiter that got its output saw the batch finish: there is nothing left to forget.
+    if last && !matches!(state, State::Done) {
+        owner.forget(batch);
+    }
+}
+
+/// Counts a sealed batch as queued until it gets a slot or is dropped.
+pub(crate) struct Queued(Arc<AtomicUsize>);
+
+impl Queued {
+    pub(crate) fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The text of a panic payload, when it has one.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
 }

@@ -71,6 +71,8 @@ mod batch_fn;
 mod cache;
 mod engine;
 mod error;
+#[cfg(feature = "tower")]
+pub mod layer;
 mod loader;
 mod metrics;
 

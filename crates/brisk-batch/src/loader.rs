@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::cache::Cache;
-use crate::engine::{self, Abandoned, Batch, Owner, Settings, Wait, lock};
+use crate::engine::{self, Abandoned, Batch, Owner, Queued, Settings, Wait, lock, panic_message};
 use crate::metrics::Metrics;
 use crate::{BatchFn, BuildError, LoadError};
 
@@ -32,6 +32,9 @@ pub enum MissingKey {
 
 /// The shared result of one batch.
 type Outcome<K, V, E> = Arc<Result<HashMap<K, V>, LoadError<E>>>;
+
+/// A waiter of one of a loader's batches.
+type LoaderWait<K, V, F> = Wait<Shared<K, V, F>, Outcome<K, V, <F as BatchFn<K, V>>::Error>>;
 
 /// One of a loader's batches.
 type LoaderBatch<K, V, E> = Arc<Batch<Outcome<K, V, E>>>;
@@ -225,7 +228,7 @@ where
     F: BatchFn<K, V>,
 {
     Cached(V),
-    Wait(Wait<Shared<K, V, F>>),
+    Wait(LoaderWait<K, V, F>),
 }
 
 impl<K, V, F> Loader<K, V, F>
@@ -368,15 +371,8 @@ where
         };
         let wait = Wait::new(Arc::clone(shared), Arc::clone(&batch), creator);
         state.in_flight.insert(key, Arc::clone(&batch));
-        let full = state
-            .collecting
-            .as_ref()
-            .is_some_and(|(_, keys)| keys.len() >= shared.settings.max_batch_size);
-        let deadline_near = shared.settings.window.is_some_and(|window| {
-            deadline::remaining()
-                .is_some_and(|left| left < window.saturating_sub(batch.created.elapsed()))
-        });
-        let sealed = if full || deadline_near {
+        let len = state.collecting.as_ref().map_or(0, |(_, keys)| keys.len());
+        let sealed = if shared.settings.seal_now(&batch, len) {
             state.collecting.take().map(|(_, keys)| keys)
         } else {
             None
@@ -523,29 +519,4 @@ where
             self.metrics.missing.increment(missing);
         }
     }
-}
-
-/// Counts a sealed batch as queued until it gets a slot or is dropped.
-struct Queued(Arc<AtomicUsize>);
-
-impl Queued {
-    fn new(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        Self(Arc::clone(count))
-    }
-}
-
-impl Drop for Queued {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// The text of a panic payload, when it has one.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".to_owned())
 }
