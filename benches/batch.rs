@@ -9,6 +9,9 @@
 //!   same tasks answering without a loader: the floor every contender stands on.
 //! - `batch/single_load_latency`: one load, from call to result, with an instant batch
 //!   function, on a current-thread runtime. `dataloader` is its non-cached loader.
+//! - `batch/layer`: 1,000 concurrent requests to a bulk service whose every call costs a fixed
+//!   50 µs of CPU whatever its size: through `BatchLayer` (`brisk`), and called once per
+//!   request (`unbatched`).
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -181,5 +184,50 @@ fn single_load_latency(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, load_storm, single_load_latency);
+/// A bulk service whose every call costs 50 µs, whatever the batch size.
+fn fixed_cost_service()
+-> impl tower::Service<Vec<u64>, Response = Vec<u64>, Error = std::convert::Infallible, Future: Send>
++ Clone
++ Send
++ Sync
++ 'static {
+    tower::service_fn(|batch: Vec<u64>| async move {
+        let end = Instant::now() + Duration::from_micros(50);
+        while Instant::now() < end {
+            std::hint::spin_loop();
+        }
+        Ok(batch.iter().map(|x| value(*x)).collect())
+    })
+}
+
+fn layer(c: &mut Criterion) {
+    use tower::{Layer, ServiceExt};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let mut group = c.benchmark_group("batch/layer");
+    group.throughput(Throughput::Elements(1_000));
+    group.sample_size(20);
+
+    let batched = brisk_batch::layer::BatchLayer::new().layer(fixed_cost_service());
+    group.bench_function("brisk", |b| {
+        b.to_async(&rt).iter(|| async {
+            let calls = (0..1_000).map(|x| batched.clone().oneshot(x));
+            let responses = futures_util::future::join_all(calls).await;
+            assert!(responses.iter().all(Result::is_ok));
+        });
+    });
+    let unbatched = fixed_cost_service();
+    group.bench_function("unbatched", |b| {
+        b.to_async(&rt).iter(|| async {
+            let calls = (0..1_000).map(|x| unbatched.clone().oneshot(vec![x]));
+            let responses = futures_util::future::join_all(calls).await;
+            assert!(responses.iter().all(Result::is_ok));
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, load_storm, single_load_latency, layer);
 criterion_main!(benches);
