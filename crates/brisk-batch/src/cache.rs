@@ -5,7 +5,7 @@ use std::hash::Hash;
 
 pub(crate) struct Cache<K, V> {
     capacity: usize,
-    map: HashMap<K, (V, u64)>,
+    map: HashMap<K, (V, u64), foldhash::quality::RandomState>,
     /// Insertion order; an entry whose generation no longer matches the map's is stale.
     order: VecDeque<(K, u64)>,
     next: u64,
@@ -15,7 +15,7 @@ impl<K, V> Cache<K, V> {
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
             capacity,
-            map: HashMap::new(),
+            map: HashMap::default(),
             order: VecDeque::new(),
             next: 0,
         }

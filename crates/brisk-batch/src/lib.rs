@@ -79,4 +79,4 @@ mod metrics;
 pub use batch_fn::BatchFn;
 pub use engine::Abandoned;
 pub use error::{BuildError, LoadError};
-pub use loader::{Loader, LoaderBuilder, MissingKey};
+pub use loader::{Load, Loader, LoaderBuilder, MissingKey};
