@@ -87,7 +87,7 @@ struct State<K, V, E> {
     collecting: Option<(LoaderBatch<K, V, E>, Vec<K>)>,
     /// Every key in a batch that has not finished, so a second load of it joins that batch.
     /// Hashed with foldhash: keyed by user input, so seeded per map, and several times faster
-    /// than SipHash on the hot path.
+    /// than std's default hasher on the hot path.
     in_flight: HashMap<K, LoaderBatch<K, V, E>, RandomState>,
     cache: Option<Cache<K, V>>,
 }
