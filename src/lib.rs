@@ -47,3 +47,8 @@ pub mod prelude {
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The batching guide's example, compiled and run as a doc test.
+#[cfg(all(doctest, feature = "batch"))]
+#[doc = include_str!("../docs/batching.md")]
+pub struct BatchingGuideDoctests;
