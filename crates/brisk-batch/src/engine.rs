@@ -19,6 +19,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
+
+use crate::BuildError;
 use tokio::time::{Instant, Sleep};
 
 /// The shared future of a sealed batch.
@@ -34,6 +36,69 @@ pub enum Abandoned {
     /// Finish it on a spawned tokio task (when a runtime is present), so the work already sent
     /// to the database is not wasted and its results reach the cache.
     Finish,
+}
+
+/// The limits every batcher takes from its builder, checked in one place.
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    pub(crate) max_batch_size: usize,
+    pub(crate) window: Option<Duration>,
+    pub(crate) max_concurrent_batches: usize,
+    pub(crate) max_queued_batches: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 500,
+            window: None,
+            max_concurrent_batches: 10,
+            max_queued_batches: 1_000,
+        }
+    }
+}
+
+impl Limits {
+    /// A zero size or limit, or a zero window, is a build error.
+    pub(crate) fn validate(&self) -> Result<(), BuildError> {
+        for (value, why) in [
+            (self.max_batch_size, "max_batch_size must be at least 1"),
+            (
+                self.max_concurrent_batches,
+                "max_concurrent_batches must be at least 1",
+            ),
+            (
+                self.max_queued_batches,
+                "max_queued_batches must be at least 1",
+            ),
+        ] {
+            if value == 0 {
+                return Err(BuildError(why));
+            }
+        }
+        if self.window.is_some_and(|window| window.is_zero()) {
+            return Err(BuildError(
+                "window must be positive; leave it unset to batch per scheduler turn",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The semaphore that bounds batches in flight.
+    pub(crate) fn slots(&self) -> Arc<tokio::sync::Semaphore> {
+        let permits = self
+            .max_concurrent_batches
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        Arc::new(tokio::sync::Semaphore::new(permits))
+    }
+
+    pub(crate) fn settings(&self, abandoned: Abandoned) -> Settings {
+        Settings {
+            max_batch_size: self.max_batch_size,
+            window: self.window,
+            abandoned,
+        }
+    }
 }
 
 /// Engine settings that do not depend on what is batched.

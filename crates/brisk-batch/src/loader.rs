@@ -19,7 +19,9 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::cache::Cache;
-use crate::engine::{self, Abandoned, Batch, Owner, Queued, Settings, Wait, lock, panic_message};
+use crate::engine::{
+    self, Abandoned, Batch, Limits, Owner, Queued, Settings, Wait, lock, panic_message,
+};
 use crate::metrics::Metrics;
 use crate::{BatchFn, BuildError, LoadError};
 
@@ -97,10 +99,7 @@ struct State<K, V, E> {
 pub struct LoaderBuilder<F> {
     batch_fn: F,
     name: String,
-    max_batch_size: usize,
-    window: Option<Duration>,
-    max_concurrent_batches: usize,
-    max_queued_batches: usize,
+    limits: Limits,
     cache: Option<usize>,
     missing: MissingKey,
     abandoned: Abandoned,
@@ -110,10 +109,7 @@ impl<F> fmt::Debug for LoaderBuilder<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LoaderBuilder")
             .field("name", &self.name)
-            .field("max_batch_size", &self.max_batch_size)
-            .field("window", &self.window)
-            .field("max_concurrent_batches", &self.max_concurrent_batches)
-            .field("max_queued_batches", &self.max_queued_batches)
+            .field("limits", &self.limits)
             .field("cache", &self.cache)
             .finish_non_exhaustive()
     }
@@ -128,7 +124,7 @@ impl<F> LoaderBuilder<F> {
 
     /// The most keys in one batch; a larger demand is split. Default: 500.
     pub fn max_batch_size(mut self, max: usize) -> Self {
-        self.max_batch_size = max;
+        self.limits.max_batch_size = max;
         self
     }
 
@@ -136,20 +132,20 @@ impl<F> LoaderBuilder<F> {
     /// Larger batches, higher latency. A waiter whose deadline is nearer than the window makes
     /// its batch dispatch at once.
     pub fn window(mut self, window: Duration) -> Self {
-        self.window = Some(window);
+        self.limits.window = Some(window);
         self
     }
 
     /// The most batches running at once; more wait for a slot. Default: 10.
     pub fn max_concurrent_batches(mut self, max: usize) -> Self {
-        self.max_concurrent_batches = max;
+        self.limits.max_concurrent_batches = max;
         self
     }
 
     /// The most sealed batches waiting for a slot; a load that would start another fails with
     /// [`LoadError::Overloaded`]. Default: 1,000.
     pub fn max_queued_batches(mut self, max: usize) -> Self {
-        self.max_queued_batches = max;
+        self.limits.max_queued_batches = max;
         self
     }
 
@@ -180,40 +176,19 @@ impl<F> LoaderBuilder<F> {
     where
         F: BatchFn<K, V>,
     {
-        let positive = [
-            (self.max_batch_size, "max_batch_size must be at least 1"),
-            (
-                self.max_concurrent_batches,
-                "max_concurrent_batches must be at least 1",
-            ),
-            (
-                self.max_queued_batches,
-                "max_queued_batches must be at least 1",
-            ),
-            (self.cache.unwrap_or(1), "cache capacity must be at least 1"),
-        ];
-        if let Some((_, why)) = positive.iter().find(|(value, _)| *value == 0) {
-            return Err(BuildError(why));
+        self.limits.validate()?;
+        if self.cache == Some(0) {
+            return Err(BuildError("cache capacity must be at least 1"));
         }
-        if self.window.is_some_and(|w| w.is_zero()) {
-            return Err(BuildError(
-                "window must be positive; leave it unset to batch per scheduler turn",
-            ));
-        }
-        let max_concurrent = self.max_concurrent_batches.min(Semaphore::MAX_PERMITS);
         Ok(Loader {
             shared: Arc::new(Shared {
                 metrics: Metrics::new(&self.name),
                 name: self.name.into(),
                 batch_fn: self.batch_fn,
-                settings: Settings {
-                    max_batch_size: self.max_batch_size,
-                    window: self.window,
-                    abandoned: self.abandoned,
-                },
+                settings: self.limits.settings(self.abandoned),
                 missing: self.missing,
-                slots: Arc::new(Semaphore::new(max_concurrent)),
-                max_queued: self.max_queued_batches,
+                slots: self.limits.slots(),
+                max_queued: self.limits.max_queued_batches,
                 queued: Arc::new(AtomicUsize::new(0)),
                 next_id: AtomicU64::new(0),
                 state: Mutex::new(State {
@@ -255,10 +230,7 @@ where
         LoaderBuilder {
             batch_fn,
             name: "loader".to_owned(),
-            max_batch_size: 500,
-            window: None,
-            max_concurrent_batches: 10,
-            max_queued_batches: 1_000,
+            limits: Limits::default(),
             cache: None,
             missing: MissingKey::None,
             abandoned: Abandoned::Cancel,

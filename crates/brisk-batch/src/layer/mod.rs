@@ -43,7 +43,7 @@ use tower_service::Service;
 pub use self::error::BatchError;
 pub use self::future::ResponseFuture;
 pub use self::layer::{BatchLayer, BatchLayerBuilder};
-use crate::engine::{self, Owner, Queued, Settings, Wait, lock, panic_message};
+use crate::engine::{self, Abandoned, Limits, Owner, Queued, Settings, Wait, lock, panic_message};
 
 /// The responses of one batch; each request takes its own out by index.
 pub(crate) struct Responses<Resp>(Mutex<Vec<Option<Resp>>>);
@@ -120,27 +120,16 @@ where
 {
     /// Wraps `inner` with the defaults of [`BatchLayer::new`].
     pub fn new(inner: S) -> Self {
-        let defaults = BatchLayer::<Req>::new();
-        Self::with_settings(
-            inner,
-            defaults.settings.clone(),
-            defaults.max_concurrent_batches,
-            defaults.max_queued_batches,
-        )
+        Self::with_limits(inner, &Limits::default())
     }
 
-    pub(crate) fn with_settings(
-        inner: S,
-        settings: Settings,
-        max_concurrent: usize,
-        max_queued: usize,
-    ) -> Self {
+    pub(crate) fn with_limits(inner: S, limits: &Limits) -> Self {
         Self {
             shared: Arc::new(Shared {
                 service: inner,
-                settings,
-                slots: Arc::new(Semaphore::new(max_concurrent.min(Semaphore::MAX_PERMITS))),
-                max_queued,
+                settings: limits.settings(Abandoned::Cancel),
+                slots: limits.slots(),
+                max_queued: limits.max_queued_batches,
                 queued: Arc::new(AtomicUsize::new(0)),
                 next_id: AtomicU64::new(0),
                 collecting: Mutex::new(None),
