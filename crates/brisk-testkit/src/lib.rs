@@ -37,6 +37,7 @@
 //! the async part of a test, or from `spawn_blocking`.
 
 mod cluster;
+mod handle;
 mod postgres;
 mod process;
 mod redis;

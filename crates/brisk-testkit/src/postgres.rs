@@ -7,6 +7,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use tempfile::TempDir;
 
+use crate::handle::{Handle, Owned};
 use crate::process::Process;
 use crate::{Error, Result, free_port, io_error, log_tail, wait_until};
 
@@ -27,13 +28,7 @@ const DATABASE: &str = "brisk_test";
 /// ```
 #[derive(Debug)]
 pub struct Postgres {
-    inner: Inner,
-}
-
-#[derive(Debug)]
-enum Inner {
-    External(String),
-    Private(Private),
+    inner: Handle<Private>,
 }
 
 #[derive(Debug)]
@@ -85,7 +80,7 @@ impl PostgresBuilder {
             && let Ok(url) = std::env::var("DATABASE_URL")
         {
             return Ok(Postgres {
-                inner: Inner::External(url),
+                inner: Handle::External(url),
             });
         }
         let bin = bin_dir()?;
@@ -129,7 +124,7 @@ impl PostgresBuilder {
                         .arg(DATABASE);
                     run(&mut createdb, None, "createdb")?;
                     return Ok(Postgres {
-                        inner: Inner::Private(Private {
+                        inner: Handle::Private(Private {
                             bin,
                             port,
                             run_as,
@@ -292,7 +287,7 @@ impl Postgres {
     #[must_use]
     pub fn external(url: impl Into<String>) -> Self {
         Self {
-            inner: Inner::External(url.into()),
+            inner: Handle::External(url.into()),
         }
     }
 
@@ -305,46 +300,29 @@ impl Postgres {
     /// `DATABASE_URL` as given.
     #[must_use]
     pub fn url(&self) -> String {
-        match &self.inner {
-            Inner::External(url) => url.clone(),
-            Inner::Private(private) => {
-                format!("postgres://postgres@127.0.0.1:{}/{DATABASE}", private.port)
-            }
-        }
+        self.inner
+            .url(|private| format!("postgres://postgres@127.0.0.1:{}/{DATABASE}", private.port))
     }
 
     /// The TCP port of a private server.
     #[must_use]
     pub fn port(&self) -> Option<u16> {
         match &self.inner {
-            Inner::Private(private) => Some(private.port),
-            Inner::External(_) => None,
+            Handle::Private(private) => Some(private.port),
+            Handle::External(_) => None,
         }
     }
 
     /// The process id of a running private server's postmaster.
     #[must_use]
     pub fn pid(&self) -> Option<u32> {
-        match &self.inner {
-            Inner::Private(private) => private.process.pid(),
-            Inner::External(_) => None,
-        }
+        self.inner.pid()
     }
 
     /// True for a server this kit started.
     #[must_use]
     pub fn is_private(&self) -> bool {
-        matches!(self.inner, Inner::Private(_))
-    }
-
-    fn private(&mut self, action: &'static str) -> Result<&mut Private> {
-        match &mut self.inner {
-            Inner::Private(private) => Ok(private),
-            Inner::External(url) => Err(Error::External {
-                action,
-                url: url.clone(),
-            }),
-        }
+        self.inner.is_private()
     }
 
     /// Kills the postmaster and every backend at once (SIGKILL to the process group), as a
@@ -353,7 +331,7 @@ impl Postgres {
     /// # Errors
     /// [`Error::External`] for a server from `DATABASE_URL`; [`Error::NotRunning`] if already killed.
     pub fn kill(&mut self) -> Result<()> {
-        self.private("kill")?.process.kill()
+        self.inner.kill()
     }
 
     /// Freezes the postmaster and every backend (SIGSTOP): queries hang, connections stay open.
@@ -361,7 +339,7 @@ impl Postgres {
     /// # Errors
     /// As [`Postgres::kill`].
     pub fn pause(&mut self) -> Result<()> {
-        self.private("pause")?.process.pause()
+        self.inner.pause()
     }
 
     /// Thaws a paused server (SIGCONT).
@@ -369,7 +347,7 @@ impl Postgres {
     /// # Errors
     /// As [`Postgres::kill`].
     pub fn resume(&mut self) -> Result<()> {
-        self.private("resume")?.process.resume()
+        self.inner.resume()
     }
 
     /// Starts the server again on the same port and data (killing it first if it runs); it
@@ -378,7 +356,7 @@ impl Postgres {
     /// # Errors
     /// [`Error::External`]; [`Error::NotReady`] if it does not come back within 30 s.
     pub fn restart(&mut self) -> Result<()> {
-        let private = self.private("restart")?;
+        let private = self.inner.private("restart")?;
         if private.process.pid().is_some() {
             private.process.kill()?;
         }
@@ -396,5 +374,15 @@ impl Drop for Private {
     fn drop(&mut self) {
         // Immediate shutdown (SIGQUIT) releases shared memory; SIGKILL follows if it lingers.
         self.process.stop(Signal::SIGQUIT, STOP_GRACE);
+    }
+}
+
+impl Owned for Private {
+    fn process(&self) -> &Process {
+        &self.process
+    }
+
+    fn process_mut(&mut self) -> &mut Process {
+        &mut self.process
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
+use crate::handle::{Handle, Owned};
 use crate::process::Process;
 use crate::resp::{self, Listen};
 use crate::{Error, Result, free_port, io_error, log_tail, wait_until};
@@ -17,13 +18,7 @@ const START_TRIES: usize = 5;
 /// (`REDIS_URL`). See the [crate docs](crate).
 #[derive(Debug)]
 pub struct RedisServer {
-    inner: Inner,
-}
-
-#[derive(Debug)]
-enum Inner {
-    External(String),
-    Private(Private),
+    inner: Handle<Private>,
 }
 
 #[derive(Debug)]
@@ -84,7 +79,7 @@ impl RedisServerBuilder {
             && let Ok(url) = std::env::var("REDIS_URL")
         {
             return Ok(RedisServer {
-                inner: Inner::External(url),
+                inner: Handle::External(url),
             });
         }
         let binary = crate::find_binary("redis-server", &[]).ok_or(Error::MissingBinary {
@@ -107,7 +102,7 @@ impl RedisServerBuilder {
             match spawn(&binary, dir.path(), &listen, &self.args) {
                 Ok(process) => {
                     return Ok(RedisServer {
-                        inner: Inner::Private(Private {
+                        inner: Handle::Private(Private {
                             binary,
                             listen,
                             args: self.args,
@@ -185,7 +180,7 @@ impl RedisServer {
     #[must_use]
     pub fn external(url: impl Into<String>) -> Self {
         Self {
-            inner: Inner::External(url.into()),
+            inner: Handle::External(url.into()),
         }
     }
 
@@ -198,17 +193,14 @@ impl RedisServer {
     /// `REDIS_URL` as given.
     #[must_use]
     pub fn url(&self) -> String {
-        match &self.inner {
-            Inner::External(url) => url.clone(),
-            Inner::Private(private) => describe(&private.listen),
-        }
+        self.inner.url(|private| describe(&private.listen))
     }
 
     /// The TCP port of a private server on TCP.
     #[must_use]
     pub fn port(&self) -> Option<u16> {
         match &self.inner {
-            Inner::Private(Private {
+            Handle::Private(Private {
                 listen: Listen::Tcp(port),
                 ..
             }) => Some(*port),
@@ -219,26 +211,13 @@ impl RedisServer {
     /// The process id of a running private server.
     #[must_use]
     pub fn pid(&self) -> Option<u32> {
-        match &self.inner {
-            Inner::Private(private) => private.process.pid(),
-            Inner::External(_) => None,
-        }
+        self.inner.pid()
     }
 
     /// True for a server this kit started.
     #[must_use]
     pub fn is_private(&self) -> bool {
-        matches!(self.inner, Inner::Private(_))
-    }
-
-    fn private(&mut self, action: &'static str) -> Result<&mut Private> {
-        match &mut self.inner {
-            Inner::Private(private) => Ok(private),
-            Inner::External(url) => Err(Error::External {
-                action,
-                url: url.clone(),
-            }),
-        }
+        self.inner.is_private()
     }
 
     /// Stops the server at once (SIGKILL). Clients see their connections reset.
@@ -246,7 +225,7 @@ impl RedisServer {
     /// # Errors
     /// [`Error::External`] for a server from `REDIS_URL`; [`Error::NotRunning`] if already killed.
     pub fn kill(&mut self) -> Result<()> {
-        self.private("kill")?.process.kill()
+        self.inner.kill()
     }
 
     /// Freezes the server (SIGSTOP): connections stay open and no command is answered.
@@ -254,7 +233,7 @@ impl RedisServer {
     /// # Errors
     /// As [`RedisServer::kill`].
     pub fn pause(&mut self) -> Result<()> {
-        self.private("pause")?.process.pause()
+        self.inner.pause()
     }
 
     /// Thaws a paused server (SIGCONT); queued commands are answered.
@@ -262,7 +241,7 @@ impl RedisServer {
     /// # Errors
     /// As [`RedisServer::kill`].
     pub fn resume(&mut self) -> Result<()> {
-        self.private("resume")?.process.resume()
+        self.inner.resume()
     }
 
     /// Starts the server again on the same address (killing it first if it runs), with an empty
@@ -271,7 +250,7 @@ impl RedisServer {
     /// # Errors
     /// [`Error::External`]; [`Error::NotReady`] if the address was taken meanwhile.
     pub fn restart(&mut self) -> Result<()> {
-        let private = self.private("restart")?;
+        let private = self.inner.private("restart")?;
         if private.process.pid().is_some() {
             private.process.kill()?;
         }
@@ -291,8 +270,8 @@ impl RedisServer {
     /// [`Error::Io`] if the server does not answer within a second or answers with an error.
     pub fn command(&self, args: &[&str]) -> Result<String> {
         let listen = match &self.inner {
-            Inner::Private(private) => private.listen.clone(),
-            Inner::External(url) => {
+            Handle::Private(private) => private.listen.clone(),
+            Handle::External(url) => {
                 return Err(Error::External {
                     action: "send a raw command to",
                     url: url.clone(),
@@ -304,5 +283,15 @@ impl RedisServer {
             args.join(" "),
             self.url()
         )))
+    }
+}
+
+impl Owned for Private {
+    fn process(&self) -> &Process {
+        &self.process
+    }
+
+    fn process_mut(&mut self) -> &mut Process {
+        &mut self.process
     }
 }
