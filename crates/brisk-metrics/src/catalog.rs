@@ -213,6 +213,93 @@ pub const POOL_WAIT_TIME: MetricDef = MetricDef {
     buckets: SECONDS_BUCKETS,
 };
 
+/// Time between checking a connection out and returning it.
+pub const POOL_USE_TIME: MetricDef = MetricDef {
+    name: "db_client_connection_use_time_seconds",
+    kind: Kind::Histogram,
+    unit: Unit::Seconds,
+    labels: &["db_client_connection_pool_name"],
+    help: "Time between borrowing a connection and returning it to the pool.",
+    emitted_by: "brisk-pool",
+    otel: Some("db.client.connection.use_time"),
+    buckets: SECONDS_BUCKETS,
+};
+
+/// Checkouts that gave up waiting.
+pub const POOL_TIMEOUTS: MetricDef = MetricDef {
+    name: "db_client_connection_timeouts_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["db_client_connection_pool_name"],
+    help: "Connection requests that timed out waiting for the pool (its timeout or the caller's deadline).",
+    emitted_by: "brisk-pool",
+    otel: Some("db.client.connection.timeouts"),
+    buckets: &[],
+};
+
+/// Open connections by state.
+pub const POOL_CONNECTIONS: MetricDef = MetricDef {
+    name: "db_client_connection_count",
+    kind: Kind::Gauge,
+    unit: Unit::Count,
+    labels: &[
+        "db_client_connection_pool_name",
+        "db_client_connection_state",
+    ],
+    help: "Open connections; state is idle or used.",
+    emitted_by: "brisk-pool",
+    otel: Some("db.client.connection.count"),
+    buckets: &[],
+};
+
+/// The most connections the pool may open.
+pub const POOL_MAX: MetricDef = MetricDef {
+    name: "db_client_connection_max",
+    kind: Kind::Gauge,
+    unit: Unit::Count,
+    labels: &["db_client_connection_pool_name"],
+    help: "The most open connections the pool allows.",
+    emitted_by: "brisk-pool",
+    otel: Some("db.client.connection.max"),
+    buckets: &[],
+};
+
+/// Callers waiting for a connection.
+pub const POOL_PENDING: MetricDef = MetricDef {
+    name: "db_client_connection_pending_requests",
+    kind: Kind::Gauge,
+    unit: Unit::Count,
+    labels: &["db_client_connection_pool_name"],
+    help: "Callers waiting for a connection.",
+    emitted_by: "brisk-pool",
+    otel: Some("db.client.connection.pending_requests"),
+    buckets: &[],
+};
+
+/// Checkouts that failed for another reason than time.
+pub const POOL_ERRORS: MetricDef = MetricDef {
+    name: "brisk_pool_checkout_errors_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["db_client_connection_pool_name", "reason"],
+    help: "Checkouts that failed: reason is backend (creating or recycling a connection failed) or closed.",
+    emitted_by: "brisk-pool",
+    otel: None,
+    buckets: &[],
+};
+
+/// Checkouts by a task that already holds a connection of the same pool.
+pub const POOL_NESTED: MetricDef = MetricDef {
+    name: "brisk_pool_nested_checkouts_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["db_client_connection_pool_name"],
+    help: "Checkouts by a task already holding a connection of the same pool: enough of them at once deadlock the pool.",
+    emitted_by: "brisk-pool",
+    otel: None,
+    buckets: &[],
+};
+
 /// Rate limiter decisions by limiter and decision.
 pub const RATELIMIT_DECISIONS: MetricDef = MetricDef {
     name: "brisk_ratelimit_decisions_total",
@@ -238,6 +325,13 @@ pub const CATALOG: &[MetricDef] = &[
     BATCH_DURATION,
     BATCH_FAILURES,
     POOL_WAIT_TIME,
+    POOL_USE_TIME,
+    POOL_TIMEOUTS,
+    POOL_CONNECTIONS,
+    POOL_MAX,
+    POOL_PENDING,
+    POOL_ERRORS,
+    POOL_NESTED,
     RATELIMIT_DECISIONS,
 ];
 

@@ -1,0 +1,359 @@
+//! A pool wrapper that bounds every wait, measures every checkout and explains every timeout.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use brisk_core::deadline;
+use brisk_metrics::catalog::{
+    POOL_CONNECTIONS, POOL_ERRORS, POOL_MAX, POOL_NESTED, POOL_PENDING, POOL_TIMEOUTS,
+    POOL_USE_TIME, POOL_WAIT_TIME,
+};
+use metrics::{Counter, Gauge, Histogram, Label};
+use tokio::time::Instant;
+
+use crate::{BuildError, Exhausted, GetError, Pool, PoolError};
+
+/// Wraps a [`Pool`]: every checkout waits at most `min(wait_timeout, deadline::remaining())`,
+/// is measured under the OpenTelemetry `db.client.connection.*` metrics, and a checkout that
+/// times out says why ([`Exhausted`]).
+///
+/// Cloning is cheap; clones share the pool and its bookkeeping.
+pub struct Instrumented<P> {
+    shared: Arc<Shared<P>>,
+}
+
+impl<P> Clone for Instrumented<P> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<P> fmt::Debug for Instrumented<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Instrumented")
+            .field("name", &self.shared.name)
+            .field("wait_timeout", &self.shared.wait_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared<P> {
+    pool: P,
+    name: String,
+    wait_timeout: Duration,
+    metrics: Metrics,
+    waiting: AtomicUsize,
+    next_checkout: AtomicU64,
+    /// Each connection now out: since when (to name the oldest in a diagnosis) and by which
+    /// task (to notice a task asking for a second one).
+    checkouts: Mutex<HashMap<u64, Out>>,
+    last_error: Mutex<Option<String>>,
+}
+
+struct Out {
+    since: Instant,
+    task: Option<tokio::task::Id>,
+}
+
+struct Metrics {
+    nested: Counter,
+    wait: Histogram,
+    use_time: Histogram,
+    timeouts: Counter,
+    backend_errors: Counter,
+    closed: Counter,
+    idle: Gauge,
+    used: Gauge,
+    max: Gauge,
+    pending: Gauge,
+}
+
+impl Metrics {
+    fn new(pool: &str) -> Self {
+        let name = || {
+            vec![Label::new(
+                "db_client_connection_pool_name",
+                pool.to_owned(),
+            )]
+        };
+        let with = |key: &'static str, value: &'static str| {
+            let mut labels = name();
+            labels.push(Label::new(key, value));
+            labels
+        };
+        Self {
+            nested: POOL_NESTED.counter(name()),
+            wait: POOL_WAIT_TIME.histogram(name()),
+            use_time: POOL_USE_TIME.histogram(name()),
+            timeouts: POOL_TIMEOUTS.counter(name()),
+            backend_errors: POOL_ERRORS.counter(with("reason", "backend")),
+            closed: POOL_ERRORS.counter(with("reason", "closed")),
+            idle: POOL_CONNECTIONS.gauge(with("db_client_connection_state", "idle")),
+            used: POOL_CONNECTIONS.gauge(with("db_client_connection_state", "used")),
+            max: POOL_MAX.gauge(name()),
+            pending: POOL_PENDING.gauge(name()),
+        }
+    }
+}
+
+/// Settings for [`Instrumented`].
+#[must_use]
+#[derive(Debug)]
+pub struct InstrumentedBuilder<P> {
+    pool: P,
+    name: String,
+    wait_timeout: Duration,
+}
+
+impl<P> InstrumentedBuilder<P> {
+    /// The `db_client_connection_pool_name` label and the name in diagnoses. Default `"default"`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// The longest a checkout waits (the caller's deadline can shorten it). Default 5 s.
+    pub fn wait_timeout(mut self, timeout: Duration) -> Self {
+        self.wait_timeout = timeout;
+        self
+    }
+
+    /// Checks the settings and wraps the pool.
+    ///
+    /// # Errors
+    /// [`BuildError`] for a zero wait timeout or an empty name.
+    pub fn build(self) -> Result<Instrumented<P>, BuildError>
+    where
+        P: Pool,
+    {
+        if self.wait_timeout.is_zero() {
+            return Err(BuildError(
+                "wait_timeout must be positive: a pool must never wait forever, nor fail every checkout",
+            ));
+        }
+        if self.name.is_empty() {
+            return Err(BuildError("name must not be empty"));
+        }
+        let shared = Shared {
+            metrics: Metrics::new(&self.name),
+            pool: self.pool,
+            name: self.name,
+            wait_timeout: self.wait_timeout,
+            waiting: AtomicUsize::new(0),
+            next_checkout: AtomicU64::new(0),
+            checkouts: Mutex::default(),
+            last_error: Mutex::default(),
+        };
+        let instrumented = Instrumented {
+            shared: Arc::new(shared),
+        };
+        instrumented.publish();
+        Ok(instrumented)
+    }
+}
+
+impl<P: Pool> Instrumented<P> {
+    /// Starts wrapping `pool`.
+    pub fn builder(pool: P) -> InstrumentedBuilder<P> {
+        InstrumentedBuilder {
+            pool,
+            name: "default".to_owned(),
+            wait_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The wrapped pool.
+    pub fn get_ref(&self) -> &P {
+        &self.shared.pool
+    }
+
+    /// How full the pool is; `waiting` counts this wrapper's callers when the backend does not.
+    pub fn status(&self) -> crate::Status {
+        let mut status = self.shared.pool.status();
+        status.waiting = status
+            .waiting
+            .or(Some(self.shared.waiting.load(Ordering::Acquire)));
+        status
+    }
+
+    /// Checks out a connection, waiting at most `min(wait_timeout, deadline::remaining())`.
+    ///
+    /// # Errors
+    /// [`PoolError::Exhausted`] (or [`PoolError::Deadline`]) with the pool's state when time ran
+    /// out; [`PoolError::Backend`] when opening a connection failed; [`PoolError::Closed`].
+    pub async fn get(&self) -> Result<Checkout<P>, PoolError<P::Error>> {
+        let shared = &self.shared;
+        let task = tokio::task::try_id();
+        self.notice_nested(task);
+        let started = Instant::now();
+        let waiting = Waiting::new(self);
+        let result = deadline::bounded(shared.wait_timeout, shared.pool.get()).await;
+        let waited = started.elapsed();
+        let outcome = match result {
+            Ok(Ok(connection)) => {
+                shared.metrics.wait.record(waited.as_secs_f64());
+                let id = shared.next_checkout.fetch_add(1, Ordering::Relaxed);
+                let out = Out {
+                    since: Instant::now(),
+                    task,
+                };
+                lock(&shared.checkouts).insert(id, out);
+                Ok(Checkout {
+                    connection: Some(connection),
+                    id,
+                    since: Instant::now(),
+                    owner: self.clone(),
+                })
+            }
+            Ok(Err(GetError::Backend(err))) => {
+                shared.metrics.backend_errors.increment(1);
+                *lock(&shared.last_error) = Some(err.to_string());
+                Err(PoolError::Backend(err))
+            }
+            Ok(Err(GetError::Closed)) => {
+                shared.metrics.closed.increment(1);
+                Err(PoolError::Closed)
+            }
+            Ok(Err(GetError::Timeout)) => {
+                shared.metrics.timeouts.increment(1);
+                Err(PoolError::Exhausted(Box::new(self.diagnose(waited))))
+            }
+            Err(elapsed) => {
+                shared.metrics.timeouts.increment(1);
+                let diagnosis = Box::new(self.diagnose(waited));
+                if elapsed.is_deadline() {
+                    Err(PoolError::Deadline { elapsed, diagnosis })
+                } else {
+                    Err(PoolError::Exhausted(diagnosis))
+                }
+            }
+        };
+        drop(waiting);
+        outcome
+    }
+
+    /// A task holding a connection that waits for another can deadlock the pool: when every
+    /// connection is held by such a task, none is ever returned. Counted, and logged in debug
+    /// builds, where it is cheap to find.
+    fn notice_nested(&self, task: Option<tokio::task::Id>) {
+        let Some(task) = task else { return };
+        let nested = lock(&self.shared.checkouts)
+            .values()
+            .any(|out| out.task == Some(task));
+        if nested {
+            self.shared.metrics.nested.increment(1);
+            #[cfg(debug_assertions)]
+            tracing::warn!(
+                pool = %self.shared.name,
+                "a task that holds a connection asked the same pool for another; \
+                 enough such tasks at once deadlock the pool"
+            );
+        }
+    }
+
+    fn diagnose(&self, waited: Duration) -> Exhausted {
+        let shared = &self.shared;
+        let status = self.status();
+        let oldest = lock(&shared.checkouts)
+            .values()
+            .map(|out| out.since)
+            .min()
+            .map(|since| since.elapsed());
+        Exhausted {
+            pool: shared.name.clone(),
+            waited,
+            in_use: status.in_use(),
+            max_size: status.max_size,
+            waiting: status.waiting.unwrap_or(0).max(1),
+            oldest_checkout: oldest,
+            last_error: lock(&shared.last_error).clone(),
+        }
+    }
+
+    /// Refreshes the size gauges from the pool's status.
+    fn publish(&self) {
+        let status = self.status();
+        let metrics = &self.shared.metrics;
+        metrics.idle.set(status.idle as f64);
+        metrics.used.set(status.in_use() as f64);
+        metrics.pending.set(status.waiting.unwrap_or(0) as f64);
+        if let Some(max) = status.max_size {
+            metrics.max.set(max as f64);
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics while these locks are held.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Counts a caller as waiting until its checkout ends, even if it is dropped meanwhile.
+struct Waiting<'a, P: Pool>(&'a Instrumented<P>);
+
+impl<'a, P: Pool> Waiting<'a, P> {
+    fn new(owner: &'a Instrumented<P>) -> Self {
+        owner.shared.waiting.fetch_add(1, Ordering::AcqRel);
+        owner.publish();
+        Self(owner)
+    }
+}
+
+impl<P: Pool> Drop for Waiting<'_, P> {
+    fn drop(&mut self) {
+        self.0.shared.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.0.publish();
+    }
+}
+
+/// A checked-out connection: derefs to the backend's connection and goes back to the pool when
+/// dropped, recording how long it was used.
+pub struct Checkout<P: Pool> {
+    connection: Option<P::Connection>,
+    id: u64,
+    since: Instant,
+    owner: Instrumented<P>,
+}
+
+impl<P: Pool> Deref for Checkout<P> {
+    type Target = P::Connection;
+
+    fn deref(&self) -> &P::Connection {
+        self.connection.as_ref().expect("present until drop")
+    }
+}
+
+impl<P: Pool> DerefMut for Checkout<P> {
+    fn deref_mut(&mut self) -> &mut P::Connection {
+        self.connection.as_mut().expect("present until drop")
+    }
+}
+
+impl<P: Pool> fmt::Debug for Checkout<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Checkout")
+            .field("pool", &self.owner.shared.name)
+            .field("held", &self.since.elapsed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: Pool> Drop for Checkout<P> {
+    fn drop(&mut self) {
+        // Return the connection first, so the gauges below see it back in the pool.
+        drop(self.connection.take());
+        let shared = &self.owner.shared;
+        lock(&shared.checkouts).remove(&self.id);
+        shared
+            .metrics
+            .use_time
+            .record(self.since.elapsed().as_secs_f64());
+        self.owner.publish();
+    }
+}

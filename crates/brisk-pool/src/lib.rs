@@ -1,0 +1,45 @@
+//! Pooling for brisk: one [`Pool`] trait over deadpool and bb8, and [`Instrumented`], which
+//! bounds every wait, measures every checkout and explains every timeout.
+//!
+//! ```no_run
+//! # async fn run(pool: deadpool_postgres::Pool) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use brisk_pool::Instrumented;
+//!
+//! // Keep the pool you have; wrap it once.
+//! let pool = Instrumented::builder(pool)
+//!     .name("main")
+//!     .wait_timeout(Duration::from_millis(500))
+//!     .build()?;
+//! let client = pool.get().await?; // at most 500 ms, or less if the request's deadline is nearer
+//! client.query_one("SELECT 1", &[]).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A checkout that times out is a [`PoolError::Exhausted`] whose [`Exhausted`] diagnosis names
+//! the connections in use and the maximum, the callers waiting, how long the oldest connection
+//! has been out, and the last error opening one — the difference between "the pool is too
+//! small", "the database is down" and "someone never returns a connection".
+//!
+//! Metrics (label `db_client_connection_pool_name`): `db_client_connection_wait_time_seconds`,
+//! `db_client_connection_use_time_seconds`, `db_client_connection_timeouts_total`,
+//! `db_client_connection_count{db_client_connection_state=idle|used}`,
+//! `db_client_connection_max`, `db_client_connection_pending_requests` and
+//! `brisk_pool_checkout_errors_total{reason}`, and `brisk_pool_nested_checkouts_total`: a task
+//! that already holds a connection and asks the same pool for another (how pools deadlock) is
+//! counted, and logged as a warning in debug builds.
+//!
+//! Status: this crate is being built. Still to come: the lifecycle shared by both backends
+//! (warm-up, max lifetime with jitter, idle reaping, draining `close`), connection-creation
+//! timing, the recommended-size gauge, `docs/pooling.md`, the Redis connection sources and the
+//! benchmarks.
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+mod error;
+mod instrumented;
+mod pool;
+
+pub use error::{BuildError, Exhausted, PoolError};
+pub use instrumented::{Checkout, Instrumented, InstrumentedBuilder};
+pub use pool::{GetError, Pool, Status};

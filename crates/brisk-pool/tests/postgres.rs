@@ -1,0 +1,328 @@
+//! `Instrumented` over deadpool-postgres and bb8-postgres, against a real PostgreSQL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use brisk_core::deadline;
+use brisk_metrics::catalog::{
+    POOL_CONNECTIONS, POOL_PENDING, POOL_TIMEOUTS, POOL_USE_TIME, POOL_WAIT_TIME,
+};
+use brisk_metrics::testing::Capture;
+use brisk_pool::{Instrumented, Pool, PoolError};
+use brisk_testkit::Postgres;
+use tokio::time::Instant;
+use tokio_postgres::NoTls;
+
+fn deadpool(url: &str, max: usize) -> deadpool_postgres::Pool {
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let manager = deadpool_postgres::Manager::new(config, NoTls);
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(max)
+        .build()
+        .unwrap()
+}
+
+async fn bb8(url: &str, max: u32) -> bb8::Pool<bb8_postgres::PostgresConnectionManager<NoTls>> {
+    let manager = bb8_postgres::PostgresConnectionManager::new_from_stringlike(url, NoTls).unwrap();
+    bb8::Pool::builder()
+        .max_size(max)
+        .build(manager)
+        .await
+        .unwrap()
+}
+
+const POOL: [(&str, &str); 1] = [("db_client_connection_pool_name", "main")];
+
+#[tokio::test]
+async fn deadpool_checkouts_work_and_are_measured() {
+    let pg = Postgres::start().unwrap();
+    let capture = Capture::new();
+    capture
+        .scope(async {
+            let pool = Instrumented::builder(deadpool(&pg.url(), 4))
+                .name("main")
+                .build()
+                .unwrap();
+            let client = pool.get().await.unwrap();
+            let row = client.query_one("SELECT 1::INT4", &[]).await.unwrap();
+            assert_eq!(row.get::<_, i32>(0), 1);
+            let status = pool.status();
+            assert_eq!((status.in_use(), status.max_size), (1, Some(4)));
+            drop(client);
+            assert_eq!(pool.status().in_use(), 0);
+        })
+        .await;
+    assert_eq!(capture.histogram(POOL_WAIT_TIME.name, &POOL).len(), 1);
+    assert_eq!(capture.histogram(POOL_USE_TIME.name, &POOL).len(), 1);
+    let state = |s| {
+        [
+            ("db_client_connection_pool_name", "main"),
+            ("db_client_connection_state", s),
+        ]
+    };
+    assert_eq!(
+        capture.gauge(POOL_CONNECTIONS.name, &state("used")),
+        Some(0.0)
+    );
+    assert_eq!(
+        capture.gauge(POOL_CONNECTIONS.name, &state("idle")),
+        Some(1.0)
+    );
+    assert_eq!(capture.gauge(POOL_PENDING.name, &POOL), Some(0.0));
+}
+
+#[tokio::test]
+async fn bb8_checkouts_work_through_the_same_trait() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(bb8(&pg.url(), 2).await)
+        .name("main")
+        .build()
+        .unwrap();
+    let client = pool.get().await.unwrap();
+    let row = client.query_one("SELECT 2::INT4", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 2);
+    assert_eq!(pool.status().in_use(), 1);
+    assert_eq!(
+        pool.status().max_size,
+        None,
+        "bb8 does not report its maximum"
+    );
+}
+
+async fn exhausted<P: Pool>(pool: Instrumented<P>, expect_max: Option<usize>) {
+    let held = pool.get().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let started = Instant::now();
+    let err = pool.get().await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "bounded by the wait timeout"
+    );
+    let PoolError::Exhausted(diagnosis) = &err else {
+        panic!("expected Exhausted, got {err:?}")
+    };
+    assert_eq!(diagnosis.pool, "main");
+    assert_eq!(diagnosis.in_use, 1);
+    assert_eq!(diagnosis.max_size, expect_max);
+    assert!(diagnosis.waiting >= 1);
+    assert!(diagnosis.oldest_checkout.unwrap() >= Duration::from_millis(20));
+    assert!(diagnosis.waited >= Duration::from_millis(200));
+    let text = err.to_string();
+    assert!(
+        text.starts_with("pool `main`: no connection after"),
+        "{text}"
+    );
+    assert!(text.contains("1 in use"), "{text}");
+    drop(held);
+    assert!(
+        pool.get().await.is_ok(),
+        "a returned connection serves the next caller"
+    );
+}
+
+#[tokio::test]
+async fn an_exhausted_deadpool_says_why() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 1))
+        .name("main")
+        .wait_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    exhausted(pool, Some(1)).await;
+}
+
+#[tokio::test]
+async fn an_exhausted_bb8_says_why() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(bb8(&pg.url(), 1).await)
+        .name("main")
+        .wait_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    exhausted(pool, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_tasks_over_ten_connections_fail_with_a_diagnosis_within_their_bound() {
+    let pg = Postgres::start().unwrap();
+    let timeout = Duration::from_millis(100);
+    let pool = Instrumented::builder(deadpool(&pg.url(), 10))
+        .name("main")
+        .wait_timeout(timeout)
+        .build()
+        .unwrap();
+    let tasks: Vec<_> = (0..1_000)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                match pool.get().await {
+                    Ok(client) => {
+                        client
+                            .query_one("SELECT pg_sleep(0.01)", &[])
+                            .await
+                            .unwrap();
+                        (true, started.elapsed())
+                    }
+                    Err(PoolError::Exhausted(diagnosis)) => {
+                        assert_eq!(diagnosis.max_size, Some(10));
+                        assert!(diagnosis.in_use <= 10);
+                        (false, started.elapsed())
+                    }
+                    Err(other) => panic!("unexpected {other:?}"),
+                }
+            })
+        })
+        .collect();
+    let (mut served, mut failed) = (0, 0);
+    for task in tasks {
+        let (ok, waited) = task.await.unwrap();
+        if ok {
+            served += 1;
+        } else {
+            failed += 1;
+            // The bound plus scheduling slack on a loaded 2-core machine.
+            assert!(
+                waited < timeout + Duration::from_millis(400),
+                "waited {waited:?}"
+            );
+        }
+    }
+    assert!(served >= 10, "served {served}");
+    assert!(
+        failed > 0,
+        "1,000 tasks on 10 connections with a 100 ms bound must shed some"
+    );
+    assert_eq!(pool.status().waiting, Some(0));
+}
+
+#[tokio::test]
+async fn a_failing_backend_is_reported_and_counted() {
+    // Nothing listens on this port: opening a connection fails at once.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/none");
+    let capture = Capture::new();
+    let pool = capture.run(|| {
+        Instrumented::builder(deadpool(&url, 1))
+            .name("main")
+            .build()
+            .unwrap()
+    });
+    let err = capture.scope(pool.get()).await.unwrap_err();
+    assert!(matches!(err, PoolError::Backend(_)), "{err:?}");
+    let reasons = [
+        ("db_client_connection_pool_name", "main"),
+        ("reason", "backend"),
+    ];
+    assert_eq!(
+        capture.counter(brisk_metrics::catalog::POOL_ERRORS.name, &reasons),
+        1
+    );
+}
+
+#[tokio::test]
+async fn the_callers_deadline_cuts_the_wait_short() {
+    let pg = Postgres::start().unwrap();
+    let capture = Capture::new();
+    let pool = capture.run(|| {
+        Instrumented::builder(deadpool(&pg.url(), 1))
+            .name("main")
+            .build()
+            .unwrap()
+    });
+    let _held = pool.get().await.unwrap();
+    let started = Instant::now();
+    let err = deadline::scope(started + Duration::from_millis(100), pool.get())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PoolError::Deadline { .. }), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "not the 5 s wait timeout"
+    );
+    assert_eq!(capture.counter(POOL_TIMEOUTS.name, &POOL), 1);
+}
+
+#[tokio::test]
+async fn a_dropped_waiter_stops_counting_as_waiting() {
+    let pg = Postgres::start().unwrap();
+    let pool = Arc::new(
+        Instrumented::builder(deadpool(&pg.url(), 1))
+            .name("main")
+            .build()
+            .unwrap(),
+    );
+    let _held = pool.get().await.unwrap();
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.get().await.map(drop) }
+    });
+    while pool.status().waiting != Some(1) {
+        tokio::task::yield_now().await;
+    }
+    waiter.abort();
+    let _ = waiter.await;
+    assert_eq!(pool.status().waiting, Some(0));
+}
+
+#[test]
+fn bad_settings_are_build_errors() {
+    let config: tokio_postgres::Config = "postgres://x@127.0.0.1/db".parse().unwrap();
+    let pool = || {
+        deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(config.clone(), NoTls))
+            .build()
+            .unwrap()
+    };
+    let err = Instrumented::builder(pool())
+        .wait_timeout(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("wait_timeout must be positive"),
+        "{err}"
+    );
+    let err = Instrumented::builder(pool()).name("").build().unwrap_err();
+    assert!(err.to_string().contains("name"), "{err}");
+}
+
+#[tokio::test]
+async fn a_task_asking_for_a_second_connection_is_noticed() {
+    let pg = Postgres::start().unwrap();
+    let capture = Capture::new();
+    let pool = capture.run(|| {
+        Instrumented::builder(deadpool(&pg.url(), 4))
+            .name("main")
+            .build()
+            .unwrap()
+    });
+    let nested = brisk_metrics::catalog::POOL_NESTED.name;
+    // Detection needs a task id, as every request handler has: run in tasks.
+    let one_each = (0..2).map(|_| {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.get().await.map(drop) })
+    });
+    for task in one_each.collect::<Vec<_>>() {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        capture.counter(nested, &POOL),
+        0,
+        "one connection per task is fine"
+    );
+    tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let first = pool.get().await.unwrap();
+            let second = pool.get().await.unwrap(); // while holding `first`: counted
+            drop((first, second));
+            let _again = pool.get().await.unwrap(); // after returning both: fine
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(capture.counter(nested, &POOL), 1);
+}
