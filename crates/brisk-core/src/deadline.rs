@@ -73,25 +73,37 @@ pub fn remaining() -> Option<Duration> {
 ///
 /// The bound is fixed when `bounded` is called. If it has already passed (an expired budget or a
 /// zero timeout), the returned future fails on its first poll without polling `future`.
+///
+/// Without a deadline in scope, nothing reads the clock until `future` first has to wait, and
+/// the timeout runs from then: a wait that does not wait costs neither a clock read nor a timer.
 pub fn bounded<F: IntoFuture>(timeout: Duration, future: F) -> Bounded<F::IntoFuture> {
-    let now = Instant::now();
-    // A timeout too large to add is as good as none: about thirty years, as tokio does.
-    let own = now
-        .checked_add(timeout)
-        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
-    let (until, bound) = match current() {
-        Some(deadline) if deadline < own => (deadline, Bound::Deadline),
-        _ => (own, Bound::Timeout),
+    let (until, bound, after) = match current() {
+        None => (None, Bound::Timeout, timeout),
+        Some(deadline) => {
+            let now = Instant::now();
+            let own = far_add(now, timeout);
+            if deadline < own {
+                let left = deadline.saturating_duration_since(now);
+                (Some(deadline), Bound::Deadline, left)
+            } else {
+                (Some(own), Bound::Timeout, timeout)
+            }
+        }
     };
     Bounded {
         future: future.into_future(),
-        sleep: tokio::time::sleep_until(until),
-        elapsed: Elapsed {
-            bound,
-            after: until.saturating_duration_since(now),
-        },
-        expired: until <= now,
+        until,
+        sleep: None,
+        elapsed: Elapsed { bound, after },
+        expired: after.is_zero(),
     }
+}
+
+/// `now + timeout`, or about thirty years from now when that overflows (as tokio does): a
+/// timeout too large to add is as good as none.
+fn far_add(now: Instant, timeout: Duration) -> Instant {
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
 }
 
 pin_project! {
@@ -119,12 +131,16 @@ impl<F> fmt::Debug for Scope<F> {
 
 pin_project! {
     /// The future returned by [`bounded`].
+    ///
+    /// Its timer is made only if the future is not ready on its first poll, so a wait that does
+    /// not wait (a pool with a free connection, a cache hit) costs no timer at all.
     #[must_use = "futures do nothing unless polled"]
     pub struct Bounded<F> {
         #[pin]
         future: F,
-        #[pin]
-        sleep: Sleep,
+        // `None`: no deadline; the timeout (`elapsed.after`) runs from the first wait.
+        until: Option<Instant>,
+        sleep: Option<Pin<Box<Sleep>>>,
         elapsed: Elapsed,
         expired: bool,
     }
@@ -141,7 +157,12 @@ impl<F: Future> Future for Bounded<F> {
         if let Poll::Ready(output) = this.future.poll(cx) {
             return Poll::Ready(Ok(output));
         }
-        this.sleep.poll(cx).map(|()| Err(*this.elapsed))
+        let (until, after) = (*this.until, this.elapsed.after);
+        let sleep = this.sleep.get_or_insert_with(|| {
+            let until = until.unwrap_or_else(|| far_add(Instant::now(), after));
+            Box::pin(tokio::time::sleep_until(until))
+        });
+        sleep.as_mut().poll(cx).map(|()| Err(*this.elapsed))
     }
 }
 

@@ -1,6 +1,5 @@
 //! A pool wrapper that bounds every wait, measures every checkout and explains every timeout.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -13,7 +12,9 @@ use brisk_metrics::catalog::{
     POOL_USE_TIME, POOL_WAIT_TIME,
 };
 use metrics::{Counter, Gauge, Histogram, Label};
-use tokio::time::Instant;
+// Measurements, not timers: real time even when a test pauses tokio's clock, and quanta's
+// calibrated TSC reads cost about half of `std::time::Instant::now` here (a checkout takes three).
+use quanta::Instant;
 
 use crate::{BuildError, Exhausted, GetError, Pool, PoolError};
 
@@ -49,14 +50,24 @@ struct Shared<P> {
     wait_timeout: Duration,
     metrics: Metrics,
     waiting: AtomicUsize,
+    in_use: AtomicUsize,
     next_checkout: AtomicU64,
     /// Each connection now out: since when (to name the oldest in a diagnosis) and by which
-    /// task (to notice a task asking for a second one).
-    checkouts: Mutex<HashMap<u64, Out>>,
+    /// task (to notice a task asking for a second one). At most the pool's size, so a scan is
+    /// cheaper than hashing.
+    checkouts: Mutex<Vec<Out>>,
     last_error: Mutex<Option<String>>,
+    /// When the idle and max gauges were last read from the pool, in ms since `created`.
+    refreshed_ms: AtomicU64,
+    created: Instant,
 }
 
+/// The idle and max gauges come from the backend's status, which takes its lock: read it at
+/// most this often instead of on every checkout.
+const REFRESH_EVERY_MS: u64 = 100;
+
 struct Out {
+    id: u64,
     since: Instant,
     task: Option<tokio::task::Id>,
 }
@@ -146,14 +157,17 @@ impl<P> InstrumentedBuilder<P> {
             name: self.name,
             wait_timeout: self.wait_timeout,
             waiting: AtomicUsize::new(0),
+            in_use: AtomicUsize::new(0),
             next_checkout: AtomicU64::new(0),
             checkouts: Mutex::default(),
             last_error: Mutex::default(),
+            refreshed_ms: AtomicU64::new(0),
+            created: Instant::now(),
         };
         let instrumented = Instrumented {
             shared: Arc::new(shared),
         };
-        instrumented.publish();
+        instrumented.refresh_sizes();
         Ok(instrumented)
     }
 }
@@ -192,22 +206,23 @@ impl<P: Pool> Instrumented<P> {
         let task = tokio::task::try_id();
         self.notice_nested(task);
         let started = Instant::now();
-        let waiting = Waiting::new(self);
+        let waiting = Waiting::new(shared);
         let result = deadline::bounded(shared.wait_timeout, shared.pool.get()).await;
         let waited = started.elapsed();
-        let outcome = match result {
+        drop(waiting);
+        match result {
             Ok(Ok(connection)) => {
                 shared.metrics.wait.record(waited.as_secs_f64());
                 let id = shared.next_checkout.fetch_add(1, Ordering::Relaxed);
-                let out = Out {
-                    since: Instant::now(),
-                    task,
-                };
-                lock(&shared.checkouts).insert(id, out);
+                let since = started + waited;
+                lock(&shared.checkouts).push(Out { id, since, task });
+                shared.in_use.fetch_add(1, Ordering::AcqRel);
+                shared.metrics.used.increment(1.0);
+                self.maybe_refresh_sizes(since);
                 Ok(Checkout {
                     connection: Some(connection),
                     id,
-                    since: Instant::now(),
+                    since,
                     owner: self.clone(),
                 })
             }
@@ -233,9 +248,7 @@ impl<P: Pool> Instrumented<P> {
                     Err(PoolError::Exhausted(diagnosis))
                 }
             }
-        };
-        drop(waiting);
-        outcome
+        }
     }
 
     /// A task holding a connection that waits for another can deadlock the pool: when every
@@ -243,8 +256,11 @@ impl<P: Pool> Instrumented<P> {
     /// builds, where it is cheap to find.
     fn notice_nested(&self, task: Option<tokio::task::Id>) {
         let Some(task) = task else { return };
+        if self.shared.in_use.load(Ordering::Acquire) == 0 {
+            return;
+        }
         let nested = lock(&self.shared.checkouts)
-            .values()
+            .iter()
             .any(|out| out.task == Some(task));
         if nested {
             self.shared.metrics.nested.increment(1);
@@ -260,8 +276,9 @@ impl<P: Pool> Instrumented<P> {
     fn diagnose(&self, waited: Duration) -> Exhausted {
         let shared = &self.shared;
         let status = self.status();
+        self.refresh_sizes();
         let oldest = lock(&shared.checkouts)
-            .values()
+            .iter()
             .map(|out| out.since)
             .min()
             .map(|since| since.elapsed());
@@ -276,15 +293,29 @@ impl<P: Pool> Instrumented<P> {
         }
     }
 
-    /// Refreshes the size gauges from the pool's status.
-    fn publish(&self) {
-        let status = self.status();
+    /// Reads the idle and max gauges from the pool's status.
+    fn refresh_sizes(&self) {
+        let status = self.shared.pool.status();
         let metrics = &self.shared.metrics;
         metrics.idle.set(status.idle as f64);
-        metrics.used.set(status.in_use() as f64);
-        metrics.pending.set(status.waiting.unwrap_or(0) as f64);
         if let Some(max) = status.max_size {
             metrics.max.set(max as f64);
+        }
+    }
+
+    /// [`Self::refresh_sizes`], at most every [`REFRESH_EVERY_MS`].
+    fn maybe_refresh_sizes(&self, now: Instant) {
+        let shared = &self.shared;
+        let now_ms =
+            u64::try_from(now.duration_since(shared.created).as_millis()).unwrap_or(u64::MAX);
+        let last = shared.refreshed_ms.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(last) >= REFRESH_EVERY_MS
+            && shared
+                .refreshed_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.refresh_sizes();
         }
     }
 }
@@ -295,20 +326,20 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Counts a caller as waiting until its checkout ends, even if it is dropped meanwhile.
-struct Waiting<'a, P: Pool>(&'a Instrumented<P>);
+struct Waiting<'a, P>(&'a Shared<P>);
 
-impl<'a, P: Pool> Waiting<'a, P> {
-    fn new(owner: &'a Instrumented<P>) -> Self {
-        owner.shared.waiting.fetch_add(1, Ordering::AcqRel);
-        owner.publish();
-        Self(owner)
+impl<'a, P> Waiting<'a, P> {
+    fn new(shared: &'a Shared<P>) -> Self {
+        shared.waiting.fetch_add(1, Ordering::AcqRel);
+        shared.metrics.pending.increment(1.0);
+        Self(shared)
     }
 }
 
-impl<P: Pool> Drop for Waiting<'_, P> {
+impl<P> Drop for Waiting<'_, P> {
     fn drop(&mut self) {
-        self.0.shared.waiting.fetch_sub(1, Ordering::AcqRel);
-        self.0.publish();
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.pending.decrement(1.0);
     }
 }
 
@@ -349,11 +380,17 @@ impl<P: Pool> Drop for Checkout<P> {
         // Return the connection first, so the gauges below see it back in the pool.
         drop(self.connection.take());
         let shared = &self.owner.shared;
-        lock(&shared.checkouts).remove(&self.id);
-        shared
-            .metrics
-            .use_time
-            .record(self.since.elapsed().as_secs_f64());
-        self.owner.publish();
+        {
+            let mut checkouts = lock(&shared.checkouts);
+            if let Some(at) = checkouts.iter().position(|out| out.id == self.id) {
+                checkouts.swap_remove(at);
+            }
+        }
+        shared.in_use.fetch_sub(1, Ordering::AcqRel);
+        shared.metrics.used.decrement(1.0);
+        let now = Instant::now();
+        let held = now.duration_since(self.since);
+        shared.metrics.use_time.record(held.as_secs_f64());
+        self.owner.maybe_refresh_sizes(now);
     }
 }

@@ -1,0 +1,140 @@
+//! Pool benches: brisk's `Instrumented` beside the pools it wraps, in the same run (DESIGN §5).
+//!
+//! - `pool/checkout`: get + drop of a no-op connection, with one task, and with 64 tasks over 16
+//!   connections (each task doing `CHECKOUTS / 64` checkouts): `brisk` (Instrumented over
+//!   deadpool, one global Prometheus-free recorder: no recorder, as a library sees by default),
+//!   `deadpool` and `bb8` bare.
+
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+
+/// A connection that costs nothing to make or check.
+struct Noop;
+
+impl deadpool::managed::Manager for Noop {
+    type Type = ();
+    type Error = Infallible;
+    async fn create(&self) -> Result<(), Infallible> {
+        Ok(())
+    }
+    async fn recycle(
+        &self,
+        _: &mut (),
+        _: &deadpool::managed::Metrics,
+    ) -> deadpool::managed::RecycleResult<Infallible> {
+        Ok(())
+    }
+}
+
+impl bb8::ManageConnection for Noop {
+    type Connection = ();
+    type Error = Infallible;
+    async fn connect(&self) -> Result<(), Infallible> {
+        Ok(())
+    }
+    async fn is_valid(&self, _: &mut ()) -> Result<(), Infallible> {
+        Ok(())
+    }
+    fn has_broken(&self, _: &mut ()) -> bool {
+        false
+    }
+}
+
+const CONNECTIONS: usize = 16;
+const TASKS: u64 = 64;
+
+fn deadpool_pool() -> deadpool::managed::Pool<Noop> {
+    deadpool::managed::Pool::builder(Noop)
+        .max_size(CONNECTIONS)
+        .build()
+        .expect("pool")
+}
+
+async fn bb8_pool() -> bb8::Pool<Noop> {
+    bb8::Pool::builder()
+        .max_size(u32::try_from(CONNECTIONS).expect("small"))
+        .build(Noop)
+        .await
+        .expect("pool")
+}
+
+/// Runs `iters` checkouts spread over `tasks` tasks and returns the elapsed time.
+async fn checkouts<F, Fut>(iters: u64, tasks: u64, get: F) -> Duration
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let start = Instant::now();
+    if tasks == 1 {
+        for _ in 0..iters {
+            get().await;
+        }
+    } else {
+        let per_task = iters.div_ceil(tasks);
+        let handles: Vec<_> = (0..tasks)
+            .map(|_| {
+                let get = get.clone();
+                tokio::spawn(async move {
+                    for _ in 0..per_task {
+                        get().await;
+                    }
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.await.expect("task");
+        }
+    }
+    start.elapsed()
+}
+
+fn checkout(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let mut group = c.benchmark_group("pool/checkout");
+    group.throughput(Throughput::Elements(1));
+    for (label, tasks) in [("1_task", 1), ("64_tasks_16_connections", TASKS)] {
+        let brisk = brisk_pool::Instrumented::builder(deadpool_pool())
+            .name("bench")
+            .build()
+            .expect("valid");
+        group.bench_function(BenchmarkId::new("brisk", label), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let pool = brisk.clone();
+                checkouts(iters, tasks, move || {
+                    let pool = pool.clone();
+                    async move { drop(pool.get().await.expect("checkout")) }
+                })
+            });
+        });
+        let deadpool = deadpool_pool();
+        group.bench_function(BenchmarkId::new("deadpool", label), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let pool = deadpool.clone();
+                checkouts(iters, tasks, move || {
+                    let pool = pool.clone();
+                    async move { drop(pool.get().await.expect("checkout")) }
+                })
+            });
+        });
+        let bb8 = rt.block_on(bb8_pool());
+        group.bench_function(BenchmarkId::new("bb8", label), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let pool = bb8.clone();
+                checkouts(iters, tasks, move || {
+                    let pool = pool.clone();
+                    async move { drop(pool.get_owned().await.expect("checkout")) }
+                })
+            });
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, checkout);
+criterion_main!(benches);
