@@ -73,3 +73,17 @@ impl fmt::Display for Exhausted {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid pool configuration: {0}")]
 pub struct BuildError(pub(crate) &'static str);
+
+/// [`Instrumented::close`](crate::Instrumented::close) gave up waiting for checked-out
+/// connections to come back; the pool is closed to new checkouts all the same.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("pool `{pool}` closed with {in_use} connection(s) still checked out after {waited:?}")]
+#[non_exhaustive]
+pub struct CloseTimeout {
+    /// The pool's name.
+    pub pool: String,
+    /// Connections still out.
+    pub in_use: usize,
+    /// How long `close` waited.
+    pub waited: Duration,
+}

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use metrics::{Counter, Gauge, Histogram, Label};
 // calibrated TSC reads cost about half of `std::time::Instant::now` here (a checkout takes three).
 use quanta::Instant;
 
-use crate::{BuildError, Exhausted, GetError, Pool, PoolError};
+use crate::{BuildError, CloseTimeout, Exhausted, GetError, Pool, PoolError};
 
 /// Wraps a [`Pool`]: every checkout waits at most `min(wait_timeout, deadline::remaining())`,
 /// is measured under the OpenTelemetry `db.client.connection.*` metrics, and a checkout that
@@ -57,6 +57,10 @@ struct Shared<P> {
     /// cheaper than hashing.
     checkouts: Mutex<Vec<Out>>,
     last_error: Mutex<Option<String>>,
+    /// Set by `close`: new checkouts fail at once.
+    closed: AtomicBool,
+    /// Notified when the last checked-out connection comes back, for `close`.
+    drained: tokio::sync::Notify,
     /// When the idle and max gauges were last read from the pool, in ms since `created`.
     refreshed_ms: AtomicU64,
     created: Instant,
@@ -163,6 +167,8 @@ impl<P> InstrumentedBuilder<P> {
             last_error: Mutex::default(),
             refreshed_ms: AtomicU64::new(0),
             created: Instant::now(),
+            closed: AtomicBool::new(false),
+            drained: tokio::sync::Notify::new(),
         };
         let instrumented = Instrumented {
             shared: Arc::new(shared),
@@ -203,6 +209,10 @@ impl<P: Pool> Instrumented<P> {
     /// out; [`PoolError::Backend`] when opening a connection failed; [`PoolError::Closed`].
     pub async fn get(&self) -> Result<Checkout<P>, PoolError<P::Error>> {
         let shared = &self.shared;
+        if shared.closed.load(Ordering::Acquire) {
+            shared.metrics.closed.increment(1);
+            return Err(PoolError::Closed);
+        }
         let task = tokio::task::try_id();
         self.notice_nested(task);
         let started = Instant::now();
@@ -249,6 +259,59 @@ impl<P: Pool> Instrumented<P> {
                 }
             }
         }
+    }
+
+    /// Opens up to `connections` connections now (all at once, each bounded by the wait
+    /// timeout) and returns them to the pool idle, so the first requests do not pay for them.
+    /// Returns how many are idle afterwards.
+    ///
+    /// # Errors
+    /// The first checkout error; the connections opened before it stay in the pool.
+    pub async fn warm_up(&self, connections: usize) -> Result<usize, PoolError<P::Error>> {
+        let checkouts = (0..connections).map(|_| self.get());
+        let opened = futures_util::future::join_all(checkouts).await;
+        let mut first_error = None;
+        for result in opened {
+            match result {
+                Ok(checkout) => drop(checkout),
+                Err(err) => first_error = first_error.or(Some(err)),
+            }
+        }
+        self.refresh_sizes();
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(self.status().idle),
+        }
+    }
+
+    /// Closes the pool: new checkouts fail with [`PoolError::Closed`] at once; waits up to
+    /// `timeout` for the connections checked out to come back, then closes the backend pool.
+    ///
+    /// # Errors
+    /// [`CloseTimeout`] with the connections still out when the timeout passed; the pool is
+    /// closed to new checkouts either way.
+    pub async fn close(&self, timeout: Duration) -> Result<(), CloseTimeout> {
+        let shared = &self.shared;
+        shared.closed.store(true, Ordering::Release);
+        let started = Instant::now();
+        let drained = async {
+            loop {
+                // Register before checking, so a return in between is not missed.
+                let notified = shared.drained.notified();
+                if shared.in_use.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let result = tokio::time::timeout(timeout, drained).await;
+        shared.pool.close();
+        self.refresh_sizes();
+        result.map_err(|_| CloseTimeout {
+            pool: shared.name.clone(),
+            in_use: shared.in_use.load(Ordering::Acquire),
+            waited: started.elapsed(),
+        })
     }
 
     /// A task holding a connection that waits for another can deadlock the pool: when every
@@ -386,7 +449,9 @@ impl<P: Pool> Drop for Checkout<P> {
                 checkouts.swap_remove(at);
             }
         }
-        shared.in_use.fetch_sub(1, Ordering::AcqRel);
+        if shared.in_use.fetch_sub(1, Ordering::AcqRel) == 1 {
+            shared.drained.notify_waiters();
+        }
         shared.metrics.used.decrement(1.0);
         let now = Instant::now();
         let held = now.duration_since(self.since);

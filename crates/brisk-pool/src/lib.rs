@@ -30,16 +30,19 @@
 //! that already holds a connection and asks the same pool for another (how pools deadlock) is
 //! counted, and logged as a warning in debug builds.
 //!
-//! Status: this crate is being built. Still to come: the lifecycle shared by both backends
-//! (warm-up, max lifetime with jitter, idle reaping, draining `close`), connection-creation
-//! timing, the recommended-size gauge, `docs/pooling.md`, the Redis connection sources and the
-//! benchmarks.
+//! Lifecycle, the same over both backends: [`Instrumented::warm_up`] opens connections before
+//! the first request needs them, and [`Instrumented::close`] stops new checkouts and waits
+//! (bounded) for the ones out to come back.
+//!
+//! Status: this crate is being built. Still to come: max lifetime with jitter and idle reaping,
+//! connection-creation timing, the recommended-size gauge, `docs/pooling.md`, the Redis
+//! connection sources, and the contention and Redis benchmarks.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod error;
 mod instrumented;
 mod pool;
 
-pub use error::{BuildError, Exhausted, PoolError};
+pub use error::{BuildError, CloseTimeout, Exhausted, PoolError};
 pub use instrumented::{Checkout, Instrumented, InstrumentedBuilder};
 pub use pool::{GetError, Pool, Status};

@@ -49,6 +49,10 @@ pub trait Pool: Send + Sync + 'static {
 
     /// How full the pool is.
     fn status(&self) -> Status;
+
+    /// Closes the pool: idle connections are dropped and no new ones are made. The default does
+    /// nothing (a bb8 pool closes when its last handle is dropped).
+    fn close(&self) {}
 }
 
 #[cfg(feature = "deadpool")]
@@ -75,6 +79,10 @@ where
                 // A hook's own message or a missing runtime: the pool cannot hand out connections.
                 _ => GetError::Closed,
             })
+    }
+
+    fn close(&self) {
+        deadpool::managed::Pool::close(self);
     }
 
     fn status(&self) -> Status {

@@ -330,3 +330,73 @@ async fn a_task_asking_for_a_second_connection_is_noticed() {
     .unwrap();
     assert_eq!(capture.counter(nested, &POOL), 1);
 }
+
+#[tokio::test]
+async fn warm_up_opens_idle_connections_before_the_first_request() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 4))
+        .name("main")
+        .build()
+        .unwrap();
+    assert_eq!(pool.status().size, 0);
+    assert_eq!(pool.warm_up(3).await.unwrap(), 3);
+    let status = pool.status();
+    assert_eq!((status.size, status.idle, status.in_use()), (3, 3, 0));
+}
+
+#[tokio::test]
+async fn warm_up_reports_a_database_that_is_down() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let pool = Instrumented::builder(deadpool(
+        &format!("postgres://postgres@127.0.0.1:{port}/none"),
+        2,
+    ))
+    .build()
+    .unwrap();
+    assert!(matches!(pool.warm_up(2).await, Err(PoolError::Backend(_))));
+}
+
+#[tokio::test]
+async fn close_refuses_new_checkouts_and_waits_for_the_ones_out() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 2))
+        .name("main")
+        .build()
+        .unwrap();
+    let held = pool.get().await.unwrap();
+    let closing = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.close(Duration::from_secs(10)).await }
+    });
+    // Once closing, new checkouts fail at once, and the held connection still works.
+    while !matches!(pool.get().await, Err(PoolError::Closed)) {
+        tokio::task::yield_now().await;
+    }
+    held.query_one("SELECT 1", &[]).await.unwrap();
+    assert!(!closing.is_finished(), "close waits for the connection out");
+    drop(held);
+    closing.await.unwrap().unwrap();
+    assert!(pool.get_ref().is_closed());
+}
+
+#[tokio::test]
+async fn close_gives_up_after_its_timeout_and_says_what_is_still_out() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 2))
+        .name("main")
+        .build()
+        .unwrap();
+    let _held = pool.get().await.unwrap();
+    let err = pool.close(Duration::from_millis(50)).await.unwrap_err();
+    assert_eq!((err.pool.as_str(), err.in_use), ("main", 1));
+    assert!(
+        err.to_string()
+            .contains("1 connection(s) still checked out"),
+        "{err}"
+    );
+    assert!(matches!(pool.get().await, Err(PoolError::Closed)));
+}
