@@ -300,6 +300,18 @@ pub const POOL_NESTED: MetricDef = MetricDef {
     buckets: &[],
 };
 
+/// A pool size that fits the measured demand (Little's law).
+pub const POOL_RECOMMENDED: MetricDef = MetricDef {
+    name: "brisk_pool_recommended_size",
+    kind: Kind::Gauge,
+    unit: Unit::Count,
+    labels: &["db_client_connection_pool_name"],
+    help: "1.5x the average number of callers holding or waiting for a connection over the last window (Little's law: arrival rate x time each spends).",
+    emitted_by: "brisk-pool",
+    otel: None,
+    buckets: &[],
+};
+
 /// Rate limiter decisions by limiter and decision.
 pub const RATELIMIT_DECISIONS: MetricDef = MetricDef {
     name: "brisk_ratelimit_decisions_total",
@@ -332,6 +344,7 @@ pub const CATALOG: &[MetricDef] = &[
     POOL_PENDING,
     POOL_ERRORS,
     POOL_NESTED,
+    POOL_RECOMMENDED,
     RATELIMIT_DECISIONS,
 ];
 

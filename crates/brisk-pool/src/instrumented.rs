@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use brisk_core::deadline;
 use brisk_metrics::catalog::{
-    POOL_CONNECTIONS, POOL_ERRORS, POOL_MAX, POOL_NESTED, POOL_PENDING, POOL_TIMEOUTS,
-    POOL_USE_TIME, POOL_WAIT_TIME,
+    POOL_CONNECTIONS, POOL_ERRORS, POOL_MAX, POOL_NESTED, POOL_PENDING, POOL_RECOMMENDED,
+    POOL_TIMEOUTS, POOL_USE_TIME, POOL_WAIT_TIME,
 };
 use metrics::{Counter, Gauge, Histogram, Label};
 // Measurements, not timers: real time even when a test pauses tokio's clock, and quanta's
@@ -57,6 +57,11 @@ struct Shared<P> {
     /// cheaper than hashing.
     checkouts: Mutex<Vec<Out>>,
     last_error: Mutex<Option<String>>,
+    /// Nanoseconds callers spent waiting for or holding a connection in the current window,
+    /// and when that window began (ms since `created`): the demand behind the recommended size.
+    demand_ns: AtomicU64,
+    window_start_ms: AtomicU64,
+    recommend_every: Duration,
     /// Set by `close`: new checkouts fail at once.
     closed: AtomicBool,
     /// Notified when the last checked-out connection comes back, for `close`.
@@ -78,6 +83,7 @@ struct Out {
 
 struct Metrics {
     nested: Counter,
+    recommended: Gauge,
     wait: Histogram,
     use_time: Histogram,
     timeouts: Counter,
@@ -104,6 +110,7 @@ impl Metrics {
         };
         Self {
             nested: POOL_NESTED.counter(name()),
+            recommended: POOL_RECOMMENDED.gauge(name()),
             wait: POOL_WAIT_TIME.histogram(name()),
             use_time: POOL_USE_TIME.histogram(name()),
             timeouts: POOL_TIMEOUTS.counter(name()),
@@ -124,6 +131,7 @@ pub struct InstrumentedBuilder<P> {
     pool: P,
     name: String,
     wait_timeout: Duration,
+    recommend_every: Duration,
 }
 
 impl<P> InstrumentedBuilder<P> {
@@ -136,6 +144,12 @@ impl<P> InstrumentedBuilder<P> {
     /// The longest a checkout waits (the caller's deadline can shorten it). Default 5 s.
     pub fn wait_timeout(mut self, timeout: Duration) -> Self {
         self.wait_timeout = timeout;
+        self
+    }
+
+    /// How much history the recommended-size gauge averages over. Default 60 s.
+    pub fn recommend_every(mut self, window: Duration) -> Self {
+        self.recommend_every = window;
         self
     }
 
@@ -155,6 +169,9 @@ impl<P> InstrumentedBuilder<P> {
         if self.name.is_empty() {
             return Err(BuildError("name must not be empty"));
         }
+        if self.recommend_every < Duration::from_millis(REFRESH_EVERY_MS) {
+            return Err(BuildError("recommend_every must be at least 100 ms"));
+        }
         let shared = Shared {
             metrics: Metrics::new(&self.name),
             pool: self.pool,
@@ -167,6 +184,9 @@ impl<P> InstrumentedBuilder<P> {
             last_error: Mutex::default(),
             refreshed_ms: AtomicU64::new(0),
             created: Instant::now(),
+            demand_ns: AtomicU64::new(0),
+            window_start_ms: AtomicU64::new(0),
+            recommend_every: self.recommend_every,
             closed: AtomicBool::new(false),
             drained: tokio::sync::Notify::new(),
         };
@@ -185,6 +205,7 @@ impl<P: Pool> Instrumented<P> {
             pool,
             name: "default".to_owned(),
             wait_timeout: Duration::from_secs(5),
+            recommend_every: Duration::from_secs(60),
         }
     }
 
@@ -220,6 +241,7 @@ impl<P: Pool> Instrumented<P> {
         let result = deadline::bounded(shared.wait_timeout, shared.pool.get()).await;
         let waited = started.elapsed();
         drop(waiting);
+        shared.add_demand(waited);
         match result {
             Ok(Ok(connection)) => {
                 shared.metrics.wait.record(waited.as_secs_f64());
@@ -379,7 +401,40 @@ impl<P: Pool> Instrumented<P> {
                 .is_ok()
         {
             self.refresh_sizes();
+            self.maybe_recommend(now_ms);
         }
+    }
+
+    /// Little's law: the average number of callers holding or waiting for a connection is the
+    /// time they spent doing so divided by the window. Recommends 1.5 times that, so bursts
+    /// above the average still find a connection.
+    fn maybe_recommend(&self, now_ms: u64) {
+        let shared = &self.shared;
+        let start = shared.window_start_ms.load(Ordering::Relaxed);
+        let window_ms = now_ms.saturating_sub(start);
+        let every_ms = u64::try_from(shared.recommend_every.as_millis()).unwrap_or(u64::MAX);
+        if window_ms < every_ms
+            || shared
+                .window_start_ms
+                .compare_exchange(start, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let demand_ns = shared.demand_ns.swap(0, Ordering::Relaxed);
+        #[allow(clippy::cast_precision_loss)] // nanoseconds of a window fit f64 closely enough
+        let average = demand_ns as f64 / (window_ms as f64 * 1e6);
+        shared
+            .metrics
+            .recommended
+            .set((average * 1.5).ceil().max(1.0));
+    }
+}
+
+impl<P> Shared<P> {
+    fn add_demand(&self, time: Duration) {
+        let ns = u64::try_from(time.as_nanos()).unwrap_or(u64::MAX);
+        self.demand_ns.fetch_add(ns, Ordering::Relaxed);
     }
 }
 
@@ -456,6 +511,7 @@ impl<P: Pool> Drop for Checkout<P> {
         let now = Instant::now();
         let held = now.duration_since(self.since);
         shared.metrics.use_time.record(held.as_secs_f64());
+        shared.add_demand(held);
         self.owner.maybe_refresh_sizes(now);
     }
 }

@@ -34,9 +34,13 @@
 //! the first request needs them, and [`Instrumented::close`] stops new checkouts and waits
 //! (bounded) for the ones out to come back.
 //!
+//! `brisk_pool_recommended_size` suggests a size from the measured demand: by Little's law the
+//! average number of callers holding or waiting for a connection is the time they spent doing
+//! so divided by the window; the gauge is 1.5 times that. `docs/pooling.md` explains it.
+//!
 //! Status: this crate is being built. Still to come: max lifetime with jitter and idle reaping,
-//! connection-creation timing, the recommended-size gauge, `docs/pooling.md`, the Redis
-//! connection sources, and the contention and Redis benchmarks.
+//! connection-creation timing, the Redis connection sources, and the contention and Redis
+//! benchmarks.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod error;

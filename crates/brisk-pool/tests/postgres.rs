@@ -400,3 +400,41 @@ async fn close_gives_up_after_its_timeout_and_says_what_is_still_out() {
     );
     assert!(matches!(pool.get().await, Err(PoolError::Closed)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recommended_size_follows_the_measured_demand() {
+    let pg = Postgres::start().unwrap();
+    let capture = Capture::new();
+    let pool = capture.run(|| {
+        Instrumented::builder(deadpool(&pg.url(), 8))
+            .name("main")
+            .recommend_every(Duration::from_millis(200))
+            .build()
+            .unwrap()
+    });
+    // Four callers, each always holding a connection: an average demand of about four.
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let until = Instant::now() + Duration::from_millis(700);
+                while Instant::now() < until {
+                    let held = pool.get().await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    drop(held);
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let recommended = brisk_metrics::catalog::POOL_RECOMMENDED.name;
+    let size = capture
+        .gauge(recommended, &POOL)
+        .expect("set after the first window");
+    assert!(
+        (4.0..=8.0).contains(&size),
+        "recommended {size} for a demand of about 4"
+    );
+}
