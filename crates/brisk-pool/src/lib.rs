@@ -50,3 +50,8 @@ mod pool;
 pub use error::{BuildError, CloseTimeout, Exhausted, PoolError};
 pub use instrumented::{Checkout, Instrumented, InstrumentedBuilder};
 pub use pool::{GetError, Pool, Status};
+
+/// The pooling guide's example, compiled as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/pooling.md")]
+pub struct PoolingGuideDoctests;
