@@ -5,7 +5,7 @@ use std::task::{Context, Poll};
 use brisk_core::deadline::{self, Bounded};
 use tower_service::Service;
 
-use super::{BatchError, BatchWait};
+use super::{BatchError, BatchWait, BulkService};
 
 /// The response future of [`Batch`](super::Batch).
 #[must_use = "futures do nothing unless polled"]
@@ -34,9 +34,7 @@ where
 
 impl<S, Req, Resp> ResponseFuture<S, Req, Resp>
 where
-    S: Service<Vec<Req>, Response = Vec<Resp>> + Clone + Send + Sync + 'static,
-    S::Future: Send,
-    S::Error: Send + Sync + 'static,
+    S: BulkService<Req, Resp>,
     Req: Send + 'static,
     Resp: Send + 'static,
 {
@@ -64,9 +62,7 @@ impl<S, Req, Resp> Unpin for ResponseFuture<S, Req, Resp> where
 
 impl<S, Req, Resp> Future for ResponseFuture<S, Req, Resp>
 where
-    S: Service<Vec<Req>, Response = Vec<Resp>> + Clone + Send + Sync + 'static,
-    S::Future: Send,
-    S::Error: Send + Sync + 'static,
+    S: BulkService<Req, Resp>,
     Req: Send + 'static,
     Resp: Send + 'static,
 {

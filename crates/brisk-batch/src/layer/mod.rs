@@ -45,6 +45,26 @@ pub use self::future::ResponseFuture;
 pub use self::layer::{BatchLayer, BatchLayerBuilder};
 use crate::engine::{self, Abandoned, Limits, Owner, Queued, Settings, Wait, lock, panic_message};
 
+/// What [`Batch`] needs of the service it batches into, named once: a cloneable bulk service
+/// whose future and error can cross threads. Every such service has it.
+pub trait BulkService<Req, Resp>:
+    Service<Vec<Req>, Response = Vec<Resp>, Future: Send, Error: Send + Sync + 'static>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S, Req, Resp> BulkService<Req, Resp> for S where
+    S: Service<Vec<Req>, Response = Vec<Resp>, Future: Send, Error: Send + Sync + 'static>
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// The responses of one batch; each request takes its own out by index.
 pub(crate) struct Responses<Resp>(Mutex<Vec<Option<Resp>>>);
 
@@ -140,9 +160,7 @@ where
 
 impl<S, Req, Resp> Service<Req> for Batch<S, Req, Resp>
 where
-    S: Service<Vec<Req>, Response = Vec<Resp>> + Clone + Send + Sync + 'static,
-    S::Future: Send,
-    S::Error: Send + Sync + 'static,
+    S: BulkService<Req, Resp>,
     Req: Send + 'static,
     Resp: Send + 'static,
 {
@@ -169,9 +187,7 @@ pub(crate) type BatchWait<S, Req, Resp> =
 
 impl<S, Req, Resp> Batch<S, Req, Resp>
 where
-    S: Service<Vec<Req>, Response = Vec<Resp>> + Clone + Send + Sync + 'static,
-    S::Future: Send,
-    S::Error: Send + Sync + 'static,
+    S: BulkService<Req, Resp>,
     Req: Send + 'static,
     Resp: Send + 'static,
 {
@@ -210,9 +226,7 @@ where
 
 impl<S, Req, Resp> Owner for Shared<S, Req, Resp>
 where
-    S: Service<Vec<Req>, Response = Vec<Resp>> + Clone + Send + Sync + 'static,
-    S::Future: Send,
-    S::Error: Send + Sync + 'static,
+    S: BulkService<Req, Resp>,
     Req: Send + 'static,
     Resp: Send + 'static,
 {
