@@ -438,3 +438,55 @@ async fn the_recommended_size_follows_the_measured_demand() {
         "recommended {size} for a demand of about 4"
     );
 }
+
+/// After a restart, each pooled connection is dead; the pool must notice and open new ones, so
+/// that at most one request per old connection sees it fail, and none sees it twice.
+/// `select` runs `SELECT 1` on a checkout and says whether it worked.
+async fn survives_a_restart<P, Q, Fut>(pg: &mut Postgres, pool: Instrumented<P>, select: Q)
+where
+    P: Pool,
+    Q: Fn(brisk_pool::Checkout<P>) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    assert_eq!(pool.warm_up(3).await.unwrap(), 3);
+    pg.restart().unwrap();
+    let mut failures = 0;
+    for _ in 0..12 {
+        let checkout = pool
+            .get()
+            .await
+            .expect("the database is back: checkouts succeed");
+        if !select(checkout).await {
+            failures += 1;
+        }
+    }
+    assert!(
+        failures <= 3,
+        "{failures} requests got a dead connection; at most one per old connection"
+    );
+    assert!(select(pool.get().await.unwrap()).await);
+}
+
+#[tokio::test]
+async fn deadpool_replaces_connections_broken_by_a_restart() {
+    let mut pg = Postgres::builder().private().start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 3))
+        .build()
+        .unwrap();
+    survives_a_restart(&mut pg, pool, |client| async move {
+        client.query_one("SELECT 1", &[]).await.is_ok()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bb8_replaces_connections_broken_by_a_restart() {
+    let mut pg = Postgres::builder().private().start().unwrap();
+    let pool = Instrumented::builder(bb8(&pg.url(), 3).await)
+        .build()
+        .unwrap();
+    survives_a_restart(&mut pg, pool, |client| async move {
+        client.query_one("SELECT 1", &[]).await.is_ok()
+    })
+    .await;
+}
