@@ -55,14 +55,17 @@ pub trait Pool: Send + Sync + 'static {
     fn close(&self) {}
 }
 
+/// Any deadpool pool, including those that hand out a wrapper of their own (deadpool-redis's
+/// `Connection`, for one).
 #[cfg(feature = "deadpool")]
-impl<M> Pool for deadpool::managed::Pool<M>
+impl<M, W> Pool for deadpool::managed::Pool<M, W>
 where
     M: deadpool::managed::Manager + 'static,
     M::Type: Send,
     M::Error: std::error::Error + Send + Sync + 'static,
+    W: From<deadpool::managed::Object<M>> + Send + 'static,
 {
-    type Connection = deadpool::managed::Object<M>;
+    type Connection = W;
     type Error = M::Error;
 
     async fn get(&self) -> Result<Self::Connection, GetError<M::Error>> {

@@ -1,0 +1,65 @@
+//! `Instrumented` over deadpool-redis while the Redis server dies and comes back.
+
+use std::time::Duration;
+
+use brisk_pool::{Instrumented, PoolError};
+use brisk_testkit::RedisServer;
+use tokio::time::Instant;
+
+async fn ping(conn: &mut deadpool_redis::Connection) -> bool {
+    deadpool_redis::redis::cmd("PING")
+        .query_async::<String>(conn)
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn redis_killed_then_restarted() {
+    let mut server = RedisServer::builder().private().start().unwrap();
+    let pool = deadpool_redis::Config::from_url(server.url())
+        .builder()
+        .unwrap()
+        .max_size(2)
+        .runtime(deadpool_redis::Runtime::Tokio1)
+        .build()
+        .unwrap();
+    let wait = Duration::from_millis(300);
+    let pool = Instrumented::builder(pool)
+        .name("redis")
+        .wait_timeout(wait)
+        .build()
+        .unwrap();
+    let mut held = pool.get().await.unwrap();
+    assert!(ping(&mut held).await);
+
+    server.kill().unwrap();
+    // The free slot cannot open a connection: the checkout fails fast, naming the cause.
+    let started = Instant::now();
+    let err = pool.get().await.unwrap_err();
+    assert!(
+        started.elapsed() < wait,
+        "failed fast, not after the wait timeout"
+    );
+    let PoolError::Backend(cause) = &err else {
+        panic!("expected a backend error, got {err:?}")
+    };
+    assert!(cause.to_string().contains("refused"), "{cause}");
+    // The connection held across the kill is dead; returning it must not poison the pool.
+    assert!(!ping(&mut held).await);
+    drop(held);
+
+    server.restart().unwrap();
+    let back = Instant::now();
+    loop {
+        if let Ok(mut conn) = pool.get().await
+            && ping(&mut conn).await
+        {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(1),
+            "not serving within 1 s of restart"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
