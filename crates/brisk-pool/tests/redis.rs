@@ -63,3 +63,59 @@ async fn redis_killed_then_restarted() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_paused_every_waiting_call_returns_within_its_bound() {
+    let mut server = RedisServer::builder().private().start().unwrap();
+    let pool = deadpool_redis::Config::from_url(server.url())
+        .builder()
+        .unwrap()
+        .max_size(4)
+        .runtime(deadpool_redis::Runtime::Tokio1)
+        .build()
+        .unwrap();
+    let wait = Duration::from_millis(200);
+    let pool = Instrumented::builder(pool)
+        .name("redis")
+        .wait_timeout(wait)
+        .build()
+        .unwrap();
+    assert_eq!(pool.warm_up(4).await.unwrap(), 4);
+
+    server.pause().unwrap();
+    // Recycling an idle connection pings it, and nothing answers: every caller must still get
+    // an answer — an error — within its bound.
+    let callers: Vec<_> = (0..20)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let result = pool.get().await.map(drop);
+                (result, started.elapsed())
+            })
+        })
+        .collect();
+    for caller in callers {
+        let (result, waited) = caller.await.unwrap();
+        let err = result.expect_err("a paused server serves nobody");
+        assert!(matches!(err, PoolError::Exhausted(_)), "{err:?}");
+        assert!(
+            waited < wait + Duration::from_millis(300),
+            "waited {waited:?}"
+        );
+    }
+
+    server.resume().unwrap();
+    let back = Instant::now();
+    loop {
+        if let Ok(mut conn) = pool.get().await
+            && ping(&mut conn).await
+        {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(2),
+            "not serving after resume"
+        );
+    }
+}
