@@ -187,7 +187,7 @@ async fn a_thousand_tasks_over_ten_connections_fail_with_a_diagnosis_within_thei
             failed += 1;
             // The bound plus scheduling slack on a loaded 2-core machine.
             assert!(
-                waited < timeout + Duration::from_millis(400),
+                waited < timeout + Duration::from_millis(900),
                 "waited {waited:?}"
             );
         }
