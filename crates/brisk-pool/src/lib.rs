@@ -38,14 +38,19 @@
 //! average number of callers holding or waiting for a connection is the time they spent doing
 //! so divided by the window; the gauge is 1.5 times that. `docs/pooling.md` explains it.
 //!
+//! With the `redis` feature, [`redis::RedisSource`] is how brisk-cache and brisk-guard reach
+//! Redis: a set of multiplexed connections, any instrumented Redis pool, or a cluster connection.
+//!
 //! Status: this crate is being built. Still to come: max lifetime with jitter and idle reaping,
-//! connection-creation timing, the Redis connection sources, and the contention and Redis
-//! benchmarks.
+//! connection-creation timing, TLS (`rediss://`) tests, choosing the default number of
+//! multiplexed connections by benchmark, and the `redis/get` benchmark.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod error;
 mod instrumented;
 mod pool;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 pub use error::{BuildError, CloseTimeout, Exhausted, PoolError};
 pub use instrumented::{Checkout, Instrumented, InstrumentedBuilder};

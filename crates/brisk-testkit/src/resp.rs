@@ -66,7 +66,11 @@ pub(crate) fn command(listen: &Listen, args: &[&str], timeout: Duration) -> io::
     }
 }
 
-/// True if the server answers PING with PONG within `timeout`.
+/// True if the server answers PING within `timeout`: with PONG, or, when it wants a password
+/// (`--requirepass`), with NOAUTH — either way it is up.
 pub(crate) fn ping(listen: &Listen, timeout: Duration) -> bool {
-    command(listen, &["PING"], timeout).is_ok_and(|reply| reply == "PONG")
+    match command(listen, &["PING"], timeout) {
+        Ok(reply) => reply == "PONG",
+        Err(err) => err.to_string().starts_with("NOAUTH"),
+    }
 }

@@ -1,0 +1,192 @@
+//! The connections brisk-cache and brisk-guard run Redis commands through.
+//!
+//! ```no_run
+//! use brisk_pool::redis::{Multiplexed, RedisSource};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let redis = Multiplexed::connect("redis://:secret@127.0.0.1:6379").await?;
+//! let mut conn = redis.connection().await?;
+//! let _: () = redis::cmd("SET").arg("k").arg("v").query_async(&mut conn).await?;
+//! // The password never shows: `redis://:***@127.0.0.1:6379`.
+//! println!("{redis:?}");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A [`RedisSource`] hands out something that speaks redis-rs's
+//! [`ConnectionLike`], so callers run any command or pipeline with
+//! `query_async`. Three kinds of source:
+//! - [`Multiplexed`]: multiplexed connections that reconnect by themselves (redis-rs's
+//!   `ConnectionManager`), handed out round-robin. The default: no checkout, no pool to size.
+//! - any pool wrapped in [`Instrumented`] whose connection dereferences to
+//!   one (deadpool-redis and bb8-redis pools): checkouts are bounded, measured and diagnosed.
+//! - a Redis Cluster connection (`redis::cluster_async::ClusterConnection`), which routes each
+//!   key to its slot's master.
+//!
+//! URLs may carry credentials; this module shows them only as [`RedactedUrl`].
+
+mod multiplexed;
+
+use std::fmt;
+use std::future::Future;
+
+use std::ops::{Deref, DerefMut};
+
+use redis::aio::ConnectionLike;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+
+use crate::{Checkout, Instrumented, Pool};
+
+pub use self::multiplexed::{Multiplexed, MultiplexedBuilder};
+
+/// Hands out connections to run Redis commands on.
+pub trait RedisSource: Send + Sync + 'static {
+    /// What commands run on: a multiplexed connection's clone, or a pool checkout.
+    type Connection: ConnectionLike + Send;
+
+    /// A connection, ready for `query_async`.
+    fn connection(&self) -> impl Future<Output = Result<Self::Connection, SourceError>> + Send;
+}
+
+/// A source could not provide a connection.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// Connecting to the server failed.
+    #[error("could not connect to {url}")]
+    Connect {
+        /// Where, without credentials.
+        url: RedactedUrl,
+        /// Why.
+        #[source]
+        source: redis::RedisError,
+    },
+    /// A pool gave no connection (its error says why: exhausted, closed, or the backend).
+    #[error("the pool gave no connection")]
+    Checkout(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// A URL with its password (and username) replaced by `***`, safe for logs, errors and metric
+/// labels.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedactedUrl(String);
+
+impl RedactedUrl {
+    /// Redacts the user information of `url` (`scheme://user:password@host` → `scheme://***:***@host`).
+    #[must_use]
+    pub fn new(url: &str) -> Self {
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Self(url.to_owned());
+        };
+        // Credentials end at the last '@' before the path.
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        match rest[..authority_end].rfind('@') {
+            Some(at) => {
+                let user = &rest[..at];
+                let masked = match user.split_once(':') {
+                    Some(("", _)) => ":***".to_owned(),
+                    Some(_) => "***:***".to_owned(),
+                    None => "***".to_owned(),
+                };
+                Self(format!("{scheme}://{masked}@{}", &rest[at + 1..]))
+            }
+            None => Self(url.to_owned()),
+        }
+    }
+
+    /// The redacted text.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RedactedUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RedactedUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// A checkout of a pool of Redis connections (deadpool-redis, bb8-redis) runs commands on the
+/// connection it holds.
+impl<P> ConnectionLike for Checkout<P>
+where
+    P: Pool,
+    P::Connection: DerefMut,
+    <P::Connection as Deref>::Target: ConnectionLike,
+{
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        (**self).deref_mut().req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        (**self)
+            .deref_mut()
+            .req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        (**self).deref().get_db()
+    }
+}
+
+/// A pool of Redis connections, wrapped in [`Instrumented`], is a source whose checkouts are
+/// bounded, measured and diagnosed.
+impl<P> RedisSource for Instrumented<P>
+where
+    P: Pool,
+    P::Connection: DerefMut,
+    <P::Connection as Deref>::Target: ConnectionLike,
+{
+    type Connection = Checkout<P>;
+
+    async fn connection(&self) -> Result<Checkout<P>, SourceError> {
+        self.get()
+            .await
+            .map_err(|err| SourceError::Checkout(Box::new(err)))
+    }
+}
+
+impl RedisSource for redis::cluster_async::ClusterConnection {
+    type Connection = Self;
+
+    async fn connection(&self) -> Result<Self, SourceError> {
+        Ok(self.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RedactedUrl;
+
+    #[test]
+    fn credentials_never_survive() {
+        for (url, shown) in [
+            ("redis://:secret@host:6379/0", "redis://:***@host:6379/0"),
+            ("redis://user:secret@host:6379", "redis://***:***@host:6379"),
+            ("rediss://token@host", "rediss://***@host"),
+            ("redis://host:6379", "redis://host:6379"),
+            (
+                "redis+unix:///tmp/redis.sock",
+                "redis+unix:///tmp/redis.sock",
+            ),
+            ("redis://us@r:p@ss@host/1", "redis://***:***@host/1"),
+            ("not a url", "not a url"),
+        ] {
+            let redacted = RedactedUrl::new(url);
+            assert_eq!(redacted.as_str(), shown);
+            assert!(!format!("{redacted} {redacted:?}").contains("secret"));
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Every kind of `RedisSource`, against private Redis servers.
+#![cfg(feature = "redis")]
+
+use std::time::Duration;
+
+use brisk_pool::Instrumented;
+use brisk_pool::redis::{Multiplexed, RedisSource, SourceError};
+use brisk_testkit::{RedisCluster, RedisServer};
+use tokio::time::Instant;
+
+/// SET then GET through any source.
+async fn round_trip<S: RedisSource>(source: &S, key: &str) {
+    let mut conn = source.connection().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg("value")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let got: String = redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(got, "value");
+}
+
+#[tokio::test]
+async fn multiplexed_runs_commands_over_every_connection() {
+    let server = RedisServer::start().unwrap();
+    let source = Multiplexed::builder(&server.url())
+        .connections(3)
+        .connect()
+        .await
+        .unwrap();
+    for i in 0..6 {
+        round_trip(&source, &format!("k{i}")).await;
+    }
+    let mut pipe = redis::pipe();
+    pipe.cmd("INCR").arg("n").cmd("INCR").arg("n");
+    let counts: (i64, i64) = pipe
+        .query_async(&mut source.connection().await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(counts, (1, 2));
+}
+
+#[tokio::test]
+async fn multiplexed_reconnects_after_a_restart() {
+    let mut server = RedisServer::builder().private().start().unwrap();
+    let source = Multiplexed::builder(&server.url())
+        .response_timeout(Duration::from_millis(200))
+        .connect()
+        .await
+        .unwrap();
+    round_trip(&source, "before").await;
+    server.kill().unwrap();
+    let mut conn = source.connection().await.unwrap();
+    let started = Instant::now();
+    let down: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+    assert!(down.is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a dead server fails fast"
+    );
+    server.restart().unwrap();
+    let back = Instant::now();
+    loop {
+        let mut conn = source.connection().await.unwrap();
+        if redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(2),
+            "no reconnection after restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    round_trip(&source, "after").await;
+}
+
+#[tokio::test]
+async fn multiplexed_bounds_commands_to_a_paused_server() {
+    let mut server = RedisServer::builder().private().start().unwrap();
+    let source = Multiplexed::builder(&server.url())
+        .response_timeout(Duration::from_millis(150))
+        .connect()
+        .await
+        .unwrap();
+    server.pause().unwrap();
+    let started = Instant::now();
+    let mut conn = source.connection().await.unwrap();
+    let stuck: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+    assert!(stuck.is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "waited {:?}",
+        started.elapsed()
+    );
+    server.resume().unwrap();
+}
+
+#[tokio::test]
+async fn a_deadpool_redis_pool_is_a_source() {
+    let server = RedisServer::start().unwrap();
+    let pool = deadpool_redis::Config::from_url(server.url())
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .unwrap();
+    let source = Instrumented::builder(pool).name("redis").build().unwrap();
+    round_trip(&source, "deadpool").await;
+}
+
+#[tokio::test]
+async fn a_bb8_redis_pool_is_a_source() {
+    let server = RedisServer::start().unwrap();
+    let manager = bb8_redis::RedisConnectionManager::new(server.url()).unwrap();
+    let pool = bb8::Pool::builder()
+        .max_size(2)
+        .build(manager)
+        .await
+        .unwrap();
+    let source = Instrumented::builder(pool).name("redis").build().unwrap();
+    round_trip(&source, "bb8").await;
+}
+
+#[tokio::test]
+async fn a_cluster_connection_is_a_source() {
+    let cluster = RedisCluster::start().unwrap();
+    let client = redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
+    let source = client.get_async_connection().await.unwrap();
+    for i in 0..30 {
+        round_trip(&source, &format!("cluster:{i}")).await;
+    }
+}
+
+#[tokio::test]
+async fn credentials_never_show() {
+    let server = RedisServer::builder()
+        .arg("--requirepass")
+        .arg("s3cret-pw")
+        .start()
+        .unwrap();
+    let port = server.port().unwrap();
+    let url = format!("redis://:s3cret-pw@127.0.0.1:{port}");
+    let source = Multiplexed::connect(&url).await.unwrap();
+    round_trip(&source, "auth").await;
+    let shown = format!("{source:?} {}", source.url());
+    assert!(!shown.contains("s3cret-pw"), "{shown}");
+    assert!(shown.contains(":***@127.0.0.1"), "{shown}");
+
+    // A failed connection names the server, never the password.
+    let wrong = format!("redis://:wrong-pw@127.0.0.1:{port}");
+    let err = Multiplexed::connect(&wrong).await.unwrap_err();
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains("wrong-pw"), "{shown}");
+    assert!(matches!(err, SourceError::Connect { .. }));
+}
+
+#[tokio::test]
+async fn bad_settings_are_errors() {
+    let err = Multiplexed::builder("redis://127.0.0.1:1")
+        .connections(0)
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:?}").contains("connections must be at least 1"),
+        "{err:?}"
+    );
+    let err = Multiplexed::connect("not a url").await.unwrap_err();
+    assert!(matches!(err, SourceError::Connect { .. }));
+}
