@@ -1,0 +1,215 @@
+//! `redis/get`: GET of a 100-byte value on a private redis-server, at concurrency 1 and 256:
+//! brisk's default source (`brisk`, one multiplexed connection) and with 2 and 4 connections
+//! (`brisk_x2`, `brisk_x4`), one raw redis-rs multiplexed connection (`redis`), a deadpool-redis
+//! pool (`deadpool`) and a bb8-redis pool (`bb8`), both with their default sizes. After the
+//! group, `redis-benchmark` GET on the same server, with and without `-P 16`: the physical limit.
+//!
+//! Run: `cargo bench --bench redis`.
+#![allow(clippy::print_stdout)] // the physical-limit report
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use brisk_pool::redis::{Multiplexed, RedisSource};
+use brisk_testkit::RedisServer;
+use criterion::{BenchmarkId, Criterion, Throughput};
+
+const KEY: &str = "bench:value";
+
+/// Runs `iters` GETs spread over `concurrency` tasks, each through `get`.
+async fn gets<F, Fut>(iters: u64, concurrency: u64, get: F) -> Duration
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let start = Instant::now();
+    let per_task = iters.div_ceil(concurrency);
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let get = get.clone();
+            tokio::spawn(async move {
+                for _ in 0..per_task {
+                    get().await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task");
+    }
+    start.elapsed()
+}
+
+async fn get_via<S: RedisSource>(source: &S) {
+    let mut conn = source.connection().await.expect("connection");
+    let value: Vec<u8> = redis::cmd("GET")
+        .arg(KEY)
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    assert_eq!(value.len(), 100);
+}
+
+fn get(c: &mut Criterion, rt: &tokio::runtime::Runtime, url: &str) {
+    let brisk = |n| {
+        rt.block_on(Multiplexed::builder(url).connections(n).connect())
+            .map(Arc::new)
+            .expect("connect")
+    };
+    let sources = [
+        ("brisk", brisk(1)),
+        ("brisk_x2", brisk(2)),
+        ("brisk_x4", brisk(4)),
+    ];
+    let client = redis::Client::open(url).expect("url");
+    let raw = rt
+        .block_on(client.get_multiplexed_async_connection())
+        .expect("connect");
+    let deadpool = Arc::new(
+        brisk_pool::Instrumented::builder(
+            deadpool_redis::Config::from_url(url)
+                .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+                .expect("pool"),
+        )
+        .build()
+        .expect("valid"),
+    );
+    let bb8 = rt.block_on(async {
+        let manager = bb8_redis::RedisConnectionManager::new(url).expect("url");
+        bb8::Pool::builder().build(manager).await.expect("pool")
+    });
+
+    let mut group = c.benchmark_group("redis/get");
+    group.throughput(Throughput::Elements(1));
+    for concurrency in [1_u64, 256] {
+        for (name, source) in &sources {
+            let source = source.clone();
+            group.bench_function(BenchmarkId::new(*name, concurrency), |b| {
+                b.to_async(rt).iter_custom(|iters| {
+                    let source = source.clone();
+                    gets(iters, concurrency, move || {
+                        let source = source.clone();
+                        async move { get_via(&*source).await }
+                    })
+                });
+            });
+        }
+        group.bench_function(BenchmarkId::new("redis", concurrency), |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let conn = raw.clone();
+                gets(iters, concurrency, move || {
+                    let mut conn = conn.clone();
+                    async move {
+                        let value: Vec<u8> = redis::cmd("GET")
+                            .arg(KEY)
+                            .query_async(&mut conn)
+                            .await
+                            .expect("GET");
+                        assert_eq!(value.len(), 100);
+                    }
+                })
+            });
+        });
+        group.bench_function(BenchmarkId::new("deadpool", concurrency), |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let pool = deadpool.clone();
+                gets(iters, concurrency, move || {
+                    let pool = pool.clone();
+                    async move {
+                        let mut conn = pool.get_ref().get().await.expect("checkout");
+                        let value: Vec<u8> = redis::cmd("GET")
+                            .arg(KEY)
+                            .query_async(&mut conn)
+                            .await
+                            .expect("GET");
+                        assert_eq!(value.len(), 100);
+                    }
+                })
+            });
+        });
+        group.bench_function(BenchmarkId::new("bb8", concurrency), |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let pool = bb8.clone();
+                gets(iters, concurrency, move || {
+                    let pool = pool.clone();
+                    async move {
+                        let mut conn = pool.get().await.expect("checkout");
+                        let value: Vec<u8> = redis::cmd("GET")
+                            .arg(KEY)
+                            .query_async(&mut *conn)
+                            .await
+                            .expect("GET");
+                        assert_eq!(value.len(), 100);
+                    }
+                })
+            });
+        });
+    }
+    group.finish();
+}
+
+/// redis-benchmark's GET figures on the same server.
+fn physical_limit(port: u16) {
+    for (clients, pipeline) in [("1", "1"), ("256", "1"), ("256", "16")] {
+        let output = Command::new("redis-benchmark")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-t",
+                "get",
+                "-d",
+                "100",
+                "-n",
+                "200000",
+            ])
+            .args(["-c", clients, "-P", pipeline, "-q"])
+            .output();
+        match output {
+            Ok(output) => {
+                let text = String::from_utf8_lossy(&output.stdout);
+                let last = text
+                    .split('\r')
+                    .rfind(|line| !line.trim().is_empty())
+                    .unwrap_or("");
+                println!(
+                    "redis-benchmark -c {clients} -P {pipeline}: {}",
+                    last.trim()
+                );
+            }
+            Err(err) => println!("redis-benchmark not run: {err}"),
+        }
+    }
+}
+
+fn main() {
+    let server = RedisServer::builder()
+        .private()
+        .start()
+        .expect("redis-server");
+    let url = server.url();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = redis::Client::open(url.as_str()).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let _: () = redis::cmd("SET")
+            .arg(KEY)
+            .arg(vec![b'x'; 100])
+            .query_async(&mut conn)
+            .await
+            .expect("SET");
+    });
+    let mut criterion = Criterion::default().configure_from_args();
+    get(&mut criterion, &rt, &url);
+    criterion.final_summary();
+    physical_limit(server.port().expect("TCP"));
+}
