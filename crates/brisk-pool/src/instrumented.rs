@@ -16,7 +16,7 @@ use metrics::{Counter, Gauge, Histogram, Label};
 // calibrated TSC reads cost about half of `std::time::Instant::now` here (a checkout takes three).
 use quanta::Instant;
 
-use crate::{BuildError, CloseTimeout, Exhausted, GetError, Pool, PoolError};
+use crate::{BuildError, CloseTimeout, Exhausted, GetError, Lifecycle, Pool, PoolError};
 
 /// Wraps a [`Pool`]: every checkout waits at most `min(wait_timeout, deadline::remaining())`,
 /// is measured under the OpenTelemetry `db.client.connection.*` metrics, and a checkout that
@@ -334,6 +334,48 @@ impl<P: Pool> Instrumented<P> {
             in_use: shared.in_use.load(Ordering::Acquire),
             waited: started.elapsed(),
         })
+    }
+
+    /// Closes the idle connections `lifecycle` no longer keeps (over deadpool; bb8 reaps by
+    /// itself) and returns how many.
+    pub fn reap(&self, lifecycle: &Lifecycle) -> usize {
+        let reaped = self.shared.pool.reap(lifecycle).unwrap_or(0);
+        self.refresh_sizes();
+        reaped
+    }
+
+    /// Applies `lifecycle` every `reap_every` on a spawned tokio task: reaps, then tops the pool
+    /// up to `min_idle` idle connections. The task ends when the pool is closed or dropped.
+    ///
+    /// # Errors
+    /// [`BuildError`] if `lifecycle` is invalid.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn spawn_lifecycle(
+        &self,
+        lifecycle: Lifecycle,
+    ) -> Result<tokio::task::JoinHandle<()>, BuildError> {
+        lifecycle.validate()?;
+        let shared = Arc::downgrade(&self.shared);
+        Ok(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(lifecycle.reap_every).await;
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                if shared.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                let pool = Instrumented { shared };
+                pool.reap(&lifecycle);
+                let idle = pool.status().idle;
+                if idle < lifecycle.min_idle {
+                    // A failure here shows in the checkout metrics; the next round tries again.
+                    let _ = pool.warm_up(lifecycle.min_idle).await;
+                }
+            }
+        }))
     }
 
     /// A task holding a connection that waits for another can deadlock the pool: when every

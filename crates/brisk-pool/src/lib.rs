@@ -31,8 +31,10 @@
 //! counted, and logged as a warning in debug builds.
 //!
 //! Lifecycle, the same over both backends: [`Instrumented::warm_up`] opens connections before
-//! the first request needs them, and [`Instrumented::close`] stops new checkouts and waits
-//! (bounded) for the ones out to come back.
+//! the first request needs them; a [`Lifecycle`] closes connections past their (jittered)
+//! lifetime or idle too long and keeps `min_idle` open — applied by
+//! [`Instrumented::spawn_lifecycle`] over deadpool, by bb8 itself through [`Lifecycle::bb8`];
+//! and [`Instrumented::close`] stops new checkouts and waits (bounded) for the ones out.
 //!
 //! `brisk_pool_recommended_size` suggests a size from the measured demand: by Little's law the
 //! average number of callers holding or waiting for a connection is the time they spent doing
@@ -41,19 +43,20 @@
 //! With the `redis` feature, [`redis::RedisSource`] is how brisk-cache and brisk-guard reach
 //! Redis: a set of multiplexed connections, any instrumented Redis pool, or a cluster connection.
 //!
-//! Status: this crate is being built. Still to come: max lifetime with jitter and idle reaping,
-//! connection-creation timing, TLS (`rediss://`) tests, choosing the default number of
-//! multiplexed connections by benchmark, and the `redis/get` benchmark.
+//! Status: this crate is being built. Still to come: connection-creation timing and errors,
+//! TLS (`rediss://`) tests, and the overhead targets of `docs/performance.md`.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod error;
 mod instrumented;
+mod lifecycle;
 mod pool;
 #[cfg(feature = "redis")]
 pub mod redis;
 
 pub use error::{BuildError, CloseTimeout, Exhausted, PoolError};
 pub use instrumented::{Checkout, Instrumented, InstrumentedBuilder};
+pub use lifecycle::Lifecycle;
 pub use pool::{GetError, Pool, Status};
 
 /// The pooling guide's example, compiled as a doc test.

@@ -2,6 +2,8 @@
 
 use std::future::Future;
 
+use crate::Lifecycle;
+
 /// How full a pool is right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -53,6 +55,13 @@ pub trait Pool: Send + Sync + 'static {
     /// Closes the pool: idle connections are dropped and no new ones are made. The default does
     /// nothing (a bb8 pool closes when its last handle is dropped).
     fn close(&self) {}
+
+    /// Closes the idle connections `lifecycle` no longer keeps; returns how many, or `None` when
+    /// the backend reaps by itself (bb8, configured with [`Lifecycle::bb8`]).
+    fn reap(&self, lifecycle: &Lifecycle) -> Option<usize> {
+        let _ = lifecycle;
+        None
+    }
 }
 
 /// Any deadpool pool, including those that hand out a wrapper of their own (deadpool-redis's
@@ -86,6 +95,12 @@ where
 
     fn close(&self) {
         deadpool::managed::Pool::close(self);
+    }
+
+    fn reap(&self, lifecycle: &Lifecycle) -> Option<usize> {
+        let result =
+            self.retain(|_, metrics| lifecycle.keeps(metrics.created, metrics.last_used()));
+        Some(result.removed.len())
     }
 
     fn status(&self) -> Status {

@@ -490,3 +490,126 @@ async fn bb8_replaces_connections_broken_by_a_restart() {
     })
     .await;
 }
+
+fn lifecycle(max_lifetime: Option<u64>, idle_timeout: Option<u64>) -> brisk_pool::Lifecycle {
+    let mut lifecycle = brisk_pool::Lifecycle::default();
+    lifecycle.max_lifetime = max_lifetime.map(Duration::from_millis);
+    lifecycle.jitter = Duration::from_millis(50);
+    lifecycle.idle_timeout = idle_timeout.map(Duration::from_millis);
+    lifecycle.reap_every = Duration::from_millis(50);
+    lifecycle
+}
+
+#[tokio::test]
+async fn deadpool_connections_past_their_lifetime_are_reaped() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 4))
+        .build()
+        .unwrap();
+    pool.warm_up(3).await.unwrap();
+    let lifecycle = lifecycle(Some(300), None);
+    assert_eq!(pool.reap(&lifecycle), 0, "young connections stay");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(
+        pool.reap(&lifecycle),
+        3,
+        "every connection is past its lifetime"
+    );
+    assert_eq!(pool.status().size, 0);
+    pool.get()
+        .await
+        .unwrap()
+        .query_one("SELECT 1", &[])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn deadpool_idle_connections_are_reaped_busy_ones_kept() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 4))
+        .build()
+        .unwrap();
+    pool.warm_up(2).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Use one of them: recycling it on return marks it busy again.
+    drop(pool.get().await.unwrap());
+    assert_eq!(
+        pool.reap(&lifecycle(None, Some(100))),
+        1,
+        "only the unused one"
+    );
+    assert_eq!(pool.status().size, 1);
+}
+
+#[tokio::test]
+async fn the_lifecycle_task_reaps_and_keeps_min_idle() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 4))
+        .build()
+        .unwrap();
+    let mut lifecycle = lifecycle(Some(200), None);
+    lifecycle.min_idle = 2;
+    let task = pool.spawn_lifecycle(lifecycle).unwrap();
+    let started = Instant::now();
+    while pool.status().idle < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "never topped up to min_idle"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    pool.close(Duration::from_secs(1)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(1), task)
+        .await
+        .expect("ends when the pool closes")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn bb8_applies_the_same_lifecycle_itself() {
+    let pg = Postgres::start().unwrap();
+    let manager =
+        bb8_postgres::PostgresConnectionManager::new_from_stringlike(pg.url(), NoTls).unwrap();
+    let builder = lifecycle(Some(200), None).bb8(bb8::Pool::builder().max_size(4));
+    let pool = Instrumented::builder(builder.build(manager).await.unwrap())
+        .build()
+        .unwrap();
+    drop((pool.get().await.unwrap(), pool.get().await.unwrap()));
+    assert_eq!(pool.status().size, 2);
+    let started = Instant::now();
+    while pool.status().size > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "bb8 never reaped old connections"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        pool.reap(&lifecycle(Some(200), None)),
+        0,
+        "bb8 reaps by itself"
+    );
+}
+
+#[test]
+fn an_invalid_lifecycle_is_refused() {
+    let config: tokio_postgres::Config = "postgres://x@127.0.0.1/db".parse().unwrap();
+    let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(config, NoTls))
+        .build()
+        .unwrap();
+    let pool = Instrumented::builder(pool).build().unwrap();
+    let mut bad = lifecycle(Some(100), None);
+    bad.jitter = Duration::from_millis(500);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    assert!(
+        pool.spawn_lifecycle(bad)
+            .unwrap_err()
+            .to_string()
+            .contains("jitter")
+    );
+}

@@ -1,0 +1,161 @@
+//! How long connections live: the same settings for deadpool and bb8.
+
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
+
+use crate::BuildError;
+
+/// Connection lifetimes, applied the same way over either backend.
+///
+/// - **max lifetime**: a connection older than this is closed, so the database can rebalance,
+///   rotate credentials or restart workers without every connection hanging on. Each connection
+///   gets its own share of `jitter` off its lifetime, so connections opened together (at
+///   warm-up) are not all closed, and reopened, in the same instant.
+/// - **idle timeout**: a connection unused for this long is closed, so a quiet service gives
+///   back the database backends it does not need.
+/// - **min idle**: after reaping, the pool is topped up to this many idle connections.
+///
+/// Over deadpool, [`Instrumented::spawn_lifecycle`](crate::Instrumented::spawn_lifecycle)
+/// applies it every `reap_every`; bb8 reaps by itself, configured by [`Lifecycle::bb8`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Lifecycle {
+    /// Close connections older than this (minus their jitter). Default 30 minutes.
+    pub max_lifetime: Option<Duration>,
+    /// The most taken off one connection's lifetime. Default 3 minutes.
+    pub jitter: Duration,
+    /// Close connections idle this long. Default 10 minutes.
+    pub idle_timeout: Option<Duration>,
+    /// Keep at least this many idle connections open. Default 0.
+    pub min_idle: usize,
+    /// How often to reap. Default 30 seconds.
+    pub reap_every: Duration,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self {
+            max_lifetime: Some(Duration::from_secs(30 * 60)),
+            jitter: Duration::from_secs(3 * 60),
+            idle_timeout: Some(Duration::from_secs(10 * 60)),
+            min_idle: 0,
+            reap_every: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Lifecycle {
+    /// Checks the settings.
+    ///
+    /// # Errors
+    /// [`BuildError`] for a zero `reap_every`, lifetime or idle timeout, or a jitter not below
+    /// the lifetime.
+    pub fn validate(&self) -> Result<(), BuildError> {
+        if self.reap_every.is_zero() {
+            return Err(BuildError("reap_every must be positive"));
+        }
+        if self.max_lifetime.is_some_and(|max| max.is_zero()) {
+            return Err(BuildError(
+                "max_lifetime must be positive (None for no limit)",
+            ));
+        }
+        if self.idle_timeout.is_some_and(|idle| idle.is_zero()) {
+            return Err(BuildError(
+                "idle_timeout must be positive (None for no limit)",
+            ));
+        }
+        if self.max_lifetime.is_some_and(|max| self.jitter >= max) {
+            return Err(BuildError("jitter must be below max_lifetime"));
+        }
+        Ok(())
+    }
+
+    /// The lifetime of the connection created at `created`: the max lifetime minus that
+    /// connection's own share of the jitter (a hash of its creation instant, so it is stable).
+    #[must_use]
+    pub fn lifetime_of(&self, created: Instant) -> Option<Duration> {
+        let max = self.max_lifetime?;
+        let mut hasher = std::hash::DefaultHasher::new();
+        created.hash(&mut hasher);
+        #[allow(clippy::cast_precision_loss)] // a fraction in [0, 1) needs no more precision
+        let share = (hasher.finish() >> 11) as f64 / (1_u64 << 53) as f64;
+        Some(max.saturating_sub(self.jitter.mul_f64(share)))
+    }
+
+    /// Whether a connection created at `created` and unused for `idle` should stay open.
+    #[must_use]
+    pub fn keeps(&self, created: Instant, idle: Duration) -> bool {
+        let young = self
+            .lifetime_of(created)
+            .is_none_or(|lifetime| created.elapsed() < lifetime);
+        let busy = self.idle_timeout.is_none_or(|timeout| idle < timeout);
+        young && busy
+    }
+
+    /// Configures a bb8 pool to apply these settings itself. bb8 has no per-connection jitter,
+    /// so its lifetime is the max lifetime minus half the jitter (the average here).
+    #[cfg(feature = "bb8")]
+    pub fn bb8<M: bb8::ManageConnection>(&self, builder: bb8::Builder<M>) -> bb8::Builder<M> {
+        let lifetime = self
+            .max_lifetime
+            .map(|max| max.saturating_sub(self.jitter / 2));
+        let min_idle = u32::try_from(self.min_idle).unwrap_or(u32::MAX);
+        builder
+            .max_lifetime(lifetime)
+            .idle_timeout(self.idle_timeout)
+            .min_idle((min_idle > 0).then_some(min_idle))
+            .reaper_rate(self.reap_every)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_connection_gets_its_own_jitter_within_bounds() {
+        let lifecycle = Lifecycle {
+            max_lifetime: Some(Duration::from_secs(100)),
+            jitter: Duration::from_secs(10),
+            ..Lifecycle::default()
+        };
+        let base = Instant::now();
+        let lifetimes: Vec<Duration> = (0..200)
+            .map(|i| {
+                lifecycle
+                    .lifetime_of(base + Duration::from_nanos(i * 7_919))
+                    .unwrap()
+            })
+            .collect();
+        assert!(
+            lifetimes
+                .iter()
+                .all(|l| (Duration::from_secs(90)..=Duration::from_secs(100)).contains(l))
+        );
+        let distinct: std::collections::HashSet<_> = lifetimes.iter().collect();
+        assert!(
+            distinct.len() > 150,
+            "spread: {} distinct of 200",
+            distinct.len()
+        );
+        assert_eq!(
+            lifecycle.lifetime_of(base),
+            lifecycle.lifetime_of(base),
+            "stable per connection"
+        );
+    }
+
+    #[test]
+    fn bad_settings_are_errors() {
+        let bad = |f: fn(&mut Lifecycle)| {
+            let mut lifecycle = Lifecycle::default();
+            f(&mut lifecycle);
+            lifecycle.validate().unwrap_err().to_string()
+        };
+        assert!(bad(|l| l.reap_every = Duration::ZERO).contains("reap_every"));
+        assert!(bad(|l| l.max_lifetime = Some(Duration::ZERO)).contains("max_lifetime"));
+        assert!(bad(|l| l.idle_timeout = Some(Duration::ZERO)).contains("idle_timeout"));
+        assert!(bad(|l| l.jitter = Duration::from_secs(3_600)).contains("jitter"));
+        assert!(Lifecycle::default().validate().is_ok());
+    }
+}
