@@ -312,6 +312,30 @@ pub const POOL_RECOMMENDED: MetricDef = MetricDef {
     buckets: &[],
 };
 
+/// Time to open a new connection.
+pub const POOL_CREATE_TIME: MetricDef = MetricDef {
+    name: "db_client_connection_create_time_seconds",
+    kind: Kind::Histogram,
+    unit: Unit::Seconds,
+    labels: &["db_client_connection_pool_name"],
+    help: "Time it took to open a new connection, failed attempts included.",
+    emitted_by: "brisk-pool",
+    otel: Some("db.client.connection.create_time"),
+    buckets: SECONDS_BUCKETS,
+};
+
+/// Failed attempts to open a connection.
+pub const POOL_CREATE_ERRORS: MetricDef = MetricDef {
+    name: "brisk_pool_create_errors_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["db_client_connection_pool_name"],
+    help: "Attempts to open a connection that failed.",
+    emitted_by: "brisk-pool",
+    otel: None,
+    buckets: &[],
+};
+
 /// Rate limiter decisions by limiter and decision.
 pub const RATELIMIT_DECISIONS: MetricDef = MetricDef {
     name: "brisk_ratelimit_decisions_total",
@@ -345,6 +369,8 @@ pub const CATALOG: &[MetricDef] = &[
     POOL_ERRORS,
     POOL_NESTED,
     POOL_RECOMMENDED,
+    POOL_CREATE_TIME,
+    POOL_CREATE_ERRORS,
     RATELIMIT_DECISIONS,
 ];
 

@@ -16,7 +16,7 @@ use metrics::{Counter, Gauge, Histogram, Label};
 // calibrated TSC reads cost about half of `std::time::Instant::now` here (a checkout takes three).
 use quanta::Instant;
 
-use crate::{BuildError, CloseTimeout, Exhausted, GetError, Lifecycle, Pool, PoolError};
+use crate::{BuildError, CloseTimeout, Creations, Exhausted, GetError, Lifecycle, Pool, PoolError};
 
 /// Wraps a [`Pool`]: every checkout waits at most `min(wait_timeout, deadline::remaining())`,
 /// is measured under the OpenTelemetry `db.client.connection.*` metrics, and a checkout that
@@ -46,6 +46,7 @@ impl<P> fmt::Debug for Instrumented<P> {
 
 struct Shared<P> {
     pool: P,
+    creations: Option<Creations>,
     name: String,
     wait_timeout: Duration,
     metrics: Metrics,
@@ -129,6 +130,7 @@ impl Metrics {
 #[derive(Debug)]
 pub struct InstrumentedBuilder<P> {
     pool: P,
+    creations: Option<Creations>,
     name: String,
     wait_timeout: Duration,
     recommend_every: Duration,
@@ -144,6 +146,13 @@ impl<P> InstrumentedBuilder<P> {
     /// The longest a checkout waits (the caller's deadline can shorten it). Default 5 s.
     pub fn wait_timeout(mut self, timeout: Duration) -> Self {
         self.wait_timeout = timeout;
+        self
+    }
+
+    /// What a [`Measured`](crate::Measured) manager saw of the connections it opened: its last
+    /// error then appears in exhaustion diagnoses (bb8 does not report it otherwise).
+    pub fn creations(mut self, creations: Creations) -> Self {
+        self.creations = Some(creations);
         self
     }
 
@@ -175,6 +184,7 @@ impl<P> InstrumentedBuilder<P> {
         let shared = Shared {
             metrics: Metrics::new(&self.name),
             pool: self.pool,
+            creations: self.creations,
             name: self.name,
             wait_timeout: self.wait_timeout,
             waiting: AtomicUsize::new(0),
@@ -203,6 +213,7 @@ impl<P: Pool> Instrumented<P> {
     pub fn builder(pool: P) -> InstrumentedBuilder<P> {
         InstrumentedBuilder {
             pool,
+            creations: None,
             name: "default".to_owned(),
             wait_timeout: Duration::from_secs(5),
             recommend_every: Duration::from_secs(60),
@@ -416,7 +427,12 @@ impl<P: Pool> Instrumented<P> {
             max_size: status.max_size,
             waiting: status.waiting.unwrap_or(0).max(1),
             oldest_checkout: oldest,
-            last_error: lock(&shared.last_error).clone(),
+            // A measured manager sees every attempt, bb8's background ones included.
+            last_error: shared
+                .creations
+                .as_ref()
+                .and_then(Creations::last_error)
+                .or_else(|| lock(&shared.last_error).clone()),
         }
     }
 

@@ -43,13 +43,17 @@
 //! With the `redis` feature, [`redis::RedisSource`] is how brisk-cache and brisk-guard reach
 //! Redis: a set of multiplexed connections, any instrumented Redis pool, or a cluster connection.
 //!
-//! Status: this crate is being built. Still to come: connection-creation timing and errors,
-//! TLS (`rediss://`) tests, and the overhead targets of `docs/performance.md`.
+//! Wrap the manager in [`Measured`] to time every connection the pool opens and remember the
+//! last failure, even over bb8, which keeps it to itself.
+//!
+//! Status: this crate is being built. Still to come: TLS (`rediss://`) tests and the overhead
+//! targets of `docs/performance.md`.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod error;
 mod instrumented;
 mod lifecycle;
+mod measured;
 mod pool;
 #[cfg(feature = "redis")]
 pub mod redis;
@@ -57,6 +61,7 @@ pub mod redis;
 pub use error::{BuildError, CloseTimeout, Exhausted, PoolError};
 pub use instrumented::{Checkout, Instrumented, InstrumentedBuilder};
 pub use lifecycle::Lifecycle;
+pub use measured::{Creations, Measured};
 pub use pool::{GetError, Pool, Status};
 
 /// The pooling guide's example, compiled as a doc test.

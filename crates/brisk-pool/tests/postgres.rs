@@ -613,3 +613,74 @@ fn an_invalid_lifecycle_is_refused() {
             .contains("jitter")
     );
 }
+
+#[tokio::test]
+async fn a_measured_manager_times_every_connection_it_opens() {
+    let pg = Postgres::start().unwrap();
+    let capture = Capture::new();
+    let pool = capture.run(|| {
+        let config: tokio_postgres::Config = pg.url().parse().unwrap();
+        let manager =
+            brisk_pool::Measured::new(deadpool_postgres::Manager::new(config, NoTls), "main");
+        deadpool::managed::Pool::<brisk_pool::Measured<deadpool_postgres::Manager>>::builder(
+            manager,
+        )
+        .max_size(4)
+        .build()
+        .unwrap()
+    });
+    let pool = Instrumented::builder(pool).name("main").build().unwrap();
+    pool.warm_up(2).await.unwrap();
+    let created = brisk_metrics::catalog::POOL_CREATE_TIME.name;
+    assert_eq!(capture.histogram(created, &POOL).len(), 2);
+    pool.get()
+        .await
+        .unwrap()
+        .query_one("SELECT 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        capture.histogram(created, &POOL).len(),
+        2,
+        "reused, not reopened"
+    );
+}
+
+#[tokio::test]
+async fn over_bb8_the_diagnosis_names_the_connection_error_bb8_keeps_to_itself() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/none");
+    let capture = Capture::new();
+    let manager = capture.run(|| {
+        let manager =
+            bb8_postgres::PostgresConnectionManager::new_from_stringlike(url, NoTls).unwrap();
+        brisk_pool::Measured::new(manager, "main")
+    });
+    let creations = manager.creations();
+    let pool = bb8::Pool::builder().max_size(1).build_unchecked(manager);
+    let pool = Instrumented::builder(pool)
+        .name("main")
+        .wait_timeout(Duration::from_millis(300))
+        .creations(creations)
+        .build()
+        .unwrap();
+    let err = pool.get().await.unwrap_err();
+    let PoolError::Exhausted(diagnosis) = &err else {
+        panic!("expected Exhausted, got {err:?}")
+    };
+    let last = diagnosis
+        .last_error
+        .as_deref()
+        .expect("the refused connection is named");
+    assert!(
+        last.contains("error connecting") || last.contains("refused"),
+        "{last}"
+    );
+    assert!(err.to_string().contains("last connection error"), "{err}");
+    let errors = brisk_metrics::catalog::POOL_CREATE_ERRORS.name;
+    assert!(capture.counter(errors, &POOL) >= 1);
+}
