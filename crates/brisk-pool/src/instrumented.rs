@@ -4,6 +4,7 @@ use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
 use brisk_core::deadline;
@@ -247,17 +248,27 @@ impl<P: Pool> Instrumented<P> {
         }
         let task = tokio::task::try_id();
         self.notice_nested(task);
-        let started = Instant::now();
-        let waiting = Waiting::new(shared);
-        let result = deadline::bounded(shared.wait_timeout, shared.pool.get()).await;
-        let waited = started.elapsed();
-        drop(waiting);
-        shared.add_demand(waited);
+        let mut wait = std::pin::pin!(deadline::bounded(shared.wait_timeout, shared.pool.get()));
+        // Most checkouts find a connection at once: then nobody waits, and no clock is read and
+        // no waiter counted for it.
+        let first = std::future::poll_fn(|cx| Poll::Ready(wait.as_mut().poll(cx))).await;
+        let (result, waited, now) = match first {
+            Poll::Ready(result) => (result, Duration::ZERO, Instant::now()),
+            Poll::Pending => {
+                let started = Instant::now();
+                let waiting = Waiting::new(shared);
+                let result = wait.await;
+                let waited = started.elapsed();
+                drop(waiting);
+                shared.add_demand(waited);
+                (result, waited, started + waited)
+            }
+        };
         match result {
             Ok(Ok(connection)) => {
                 shared.metrics.wait.record(waited.as_secs_f64());
                 let id = shared.next_checkout.fetch_add(1, Ordering::Relaxed);
-                let since = started + waited;
+                let since = now;
                 lock(&shared.checkouts).push(Out { id, since, task });
                 shared.in_use.fetch_add(1, Ordering::AcqRel);
                 shared.metrics.used.increment(1.0);
