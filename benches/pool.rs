@@ -5,42 +5,14 @@
 //!   deadpool, one global Prometheus-free recorder: no recorder, as a library sees by default),
 //!   `deadpool` and `bb8` bare.
 
-use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
-/// A connection that costs nothing to make or check.
-struct Noop;
+#[path = "support/noop.rs"]
+mod noop;
 
-impl deadpool::managed::Manager for Noop {
-    type Type = ();
-    type Error = Infallible;
-    async fn create(&self) -> Result<(), Infallible> {
-        Ok(())
-    }
-    async fn recycle(
-        &self,
-        _: &mut (),
-        _: &deadpool::managed::Metrics,
-    ) -> deadpool::managed::RecycleResult<Infallible> {
-        Ok(())
-    }
-}
-
-impl bb8::ManageConnection for Noop {
-    type Connection = ();
-    type Error = Infallible;
-    async fn connect(&self) -> Result<(), Infallible> {
-        Ok(())
-    }
-    async fn is_valid(&self, _: &mut ()) -> Result<(), Infallible> {
-        Ok(())
-    }
-    fn has_broken(&self, _: &mut ()) -> bool {
-        false
-    }
-}
+use noop::Noop;
 
 const CONNECTIONS: usize = 16;
 const TASKS: u64 = 64;

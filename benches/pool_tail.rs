@@ -7,7 +7,6 @@
 //! Run: `cargo bench --bench pool_tail`.
 #![allow(clippy::print_stdout)] // a benchmark report
 
-use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
 use brisk_pool::{Instrumented, Pool};
@@ -17,36 +16,10 @@ const CONNECTIONS: usize = 50;
 const HOLD: Duration = Duration::from_millis(1);
 const ROUNDS: usize = 5;
 
-struct Noop;
+#[path = "support/noop.rs"]
+mod noop;
 
-impl deadpool::managed::Manager for Noop {
-    type Type = ();
-    type Error = Infallible;
-    async fn create(&self) -> Result<(), Infallible> {
-        Ok(())
-    }
-    async fn recycle(
-        &self,
-        _: &mut (),
-        _: &deadpool::managed::Metrics,
-    ) -> deadpool::managed::RecycleResult<Infallible> {
-        Ok(())
-    }
-}
-
-impl bb8::ManageConnection for Noop {
-    type Connection = ();
-    type Error = Infallible;
-    async fn connect(&self) -> Result<(), Infallible> {
-        Ok(())
-    }
-    async fn is_valid(&self, _: &mut ()) -> Result<(), Infallible> {
-        Ok(())
-    }
-    fn has_broken(&self, _: &mut ()) -> bool {
-        false
-    }
-}
+use noop::Noop;
 
 /// Every checkout's wait over `ROUNDS` rounds of `TASKS` tasks; `get` checks out and holds.
 async fn waits<F, Fut>(get: F) -> Vec<Duration>
@@ -87,22 +60,23 @@ fn report(name: &str, sorted: &[Duration]) {
     );
 }
 
-/// Checks out through `Instrumented`, holds for `HOLD`, returns the wait.
-fn brisk<P: Pool>(
-    pool: Instrumented<P>,
-) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = Duration> + Send>> + Clone + Send + 'static
-{
-    move || {
+/// Waits for `checkout`, holds what it gives for `HOLD`, and returns how long the wait took.
+async fn hold<C>(checkout: impl Future<Output = C>) -> Duration {
+    let started = Instant::now();
+    let connection = checkout.await;
+    let waited = started.elapsed();
+    tokio::time::sleep(HOLD).await;
+    drop(connection);
+    waited
+}
+
+/// Checks out through `Instrumented`.
+async fn through_brisk<P: Pool>(pool: Instrumented<P>) -> Vec<Duration> {
+    waits(move || {
         let pool = pool.clone();
-        Box::pin(async move {
-            let started = Instant::now();
-            let conn = pool.get().await.expect("checkout");
-            let waited = started.elapsed();
-            tokio::time::sleep(HOLD).await;
-            drop(conn);
-            waited
-        })
-    }
+        async move { hold(async { pool.get().await.expect("checkout") }).await }
+    })
+    .await
 }
 
 fn main() {
@@ -130,44 +104,24 @@ fn main() {
             .wait_timeout(Duration::from_secs(60))
             .build()
             .expect("valid");
-        report("brisk_deadpool", &waits(brisk(over_deadpool)).await);
+        report("brisk_deadpool", &through_brisk(over_deadpool).await);
         let over_bb8 = Instrumented::builder(bb8().await)
             .wait_timeout(Duration::from_secs(60))
             .build()
             .expect("valid");
-        report("brisk_bb8", &waits(brisk(over_bb8)).await);
+        report("brisk_bb8", &through_brisk(over_bb8).await);
 
         let raw = deadpool();
-        report(
-            "deadpool",
-            &waits(move || {
-                let pool = raw.clone();
-                async move {
-                    let started = Instant::now();
-                    let conn = pool.get().await.expect("checkout");
-                    let waited = started.elapsed();
-                    tokio::time::sleep(HOLD).await;
-                    drop(conn);
-                    waited
-                }
-            })
-            .await,
-        );
+        let deadpool_waits = waits(move || {
+            let pool = raw.clone();
+            async move { hold(async { pool.get().await.expect("checkout") }).await }
+        });
+        report("deadpool", &deadpool_waits.await);
         let raw = bb8().await;
-        report(
-            "bb8",
-            &waits(move || {
-                let pool = raw.clone();
-                async move {
-                    let started = Instant::now();
-                    let conn = pool.get_owned().await.expect("checkout");
-                    let waited = started.elapsed();
-                    tokio::time::sleep(HOLD).await;
-                    drop(conn);
-                    waited
-                }
-            })
-            .await,
-        );
+        let bb8_waits = waits(move || {
+            let pool = raw.clone();
+            async move { hold(async { pool.get_owned().await.expect("checkout") }).await }
+        });
+        report("bb8", &bb8_waits.await);
     });
 }

@@ -43,9 +43,14 @@ where
 
 async fn get_via<S: RedisSource>(source: &S) {
     let mut conn = source.connection().await.expect("connection");
+    get_on(&mut conn).await;
+}
+
+/// One GET of the 100-byte value on any connection.
+async fn get_on<C: redis::aio::ConnectionLike + Send>(conn: &mut C) {
     let value: Vec<u8> = redis::cmd("GET")
         .arg(KEY)
-        .query_async(&mut conn)
+        .query_async(conn)
         .await
         .expect("GET");
     assert_eq!(value.len(), 100);
@@ -101,12 +106,7 @@ fn get(c: &mut Criterion, rt: &tokio::runtime::Runtime, url: &str) {
                 gets(iters, concurrency, move || {
                     let mut conn = conn.clone();
                     async move {
-                        let value: Vec<u8> = redis::cmd("GET")
-                            .arg(KEY)
-                            .query_async(&mut conn)
-                            .await
-                            .expect("GET");
-                        assert_eq!(value.len(), 100);
+                        get_on(&mut conn).await;
                     }
                 })
             });
@@ -118,12 +118,7 @@ fn get(c: &mut Criterion, rt: &tokio::runtime::Runtime, url: &str) {
                     let pool = pool.clone();
                     async move {
                         let mut conn = pool.get_ref().get().await.expect("checkout");
-                        let value: Vec<u8> = redis::cmd("GET")
-                            .arg(KEY)
-                            .query_async(&mut conn)
-                            .await
-                            .expect("GET");
-                        assert_eq!(value.len(), 100);
+                        get_on(&mut conn).await;
                     }
                 })
             });
@@ -135,12 +130,7 @@ fn get(c: &mut Criterion, rt: &tokio::runtime::Runtime, url: &str) {
                     let pool = pool.clone();
                     async move {
                         let mut conn = pool.get().await.expect("checkout");
-                        let value: Vec<u8> = redis::cmd("GET")
-                            .arg(KEY)
-                            .query_async(&mut *conn)
-                            .await
-                            .expect("GET");
-                        assert_eq!(value.len(), 100);
+                        get_on(&mut *conn).await;
                     }
                 })
             });

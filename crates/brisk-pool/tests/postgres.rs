@@ -33,6 +33,20 @@ async fn bb8(url: &str, max: u32) -> bb8::Pool<bb8_postgres::PostgresConnectionM
 
 const POOL: [(&str, &str); 1] = [("db_client_connection_pool_name", "main")];
 
+/// A deadpool of `max` connections named `main`, whose metrics go to `capture`.
+fn measured_pool(
+    capture: &Capture,
+    url: &str,
+    max: usize,
+) -> Instrumented<deadpool_postgres::Pool> {
+    capture.run(|| {
+        Instrumented::builder(deadpool(url, max))
+            .name("main")
+            .build()
+            .unwrap()
+    })
+}
+
 #[tokio::test]
 async fn deadpool_checkouts_work_and_are_measured() {
     let pg = Postgres::start().unwrap();
@@ -210,12 +224,7 @@ async fn a_failing_backend_is_reported_and_counted() {
         .port();
     let url = format!("postgres://postgres@127.0.0.1:{port}/none");
     let capture = Capture::new();
-    let pool = capture.run(|| {
-        Instrumented::builder(deadpool(&url, 1))
-            .name("main")
-            .build()
-            .unwrap()
-    });
+    let pool = measured_pool(&capture, &url, 1);
     let err = capture.scope(pool.get()).await.unwrap_err();
     assert!(matches!(err, PoolError::Backend(_)), "{err:?}");
     let reasons = [
@@ -232,12 +241,7 @@ async fn a_failing_backend_is_reported_and_counted() {
 async fn the_callers_deadline_cuts_the_wait_short() {
     let pg = Postgres::start().unwrap();
     let capture = Capture::new();
-    let pool = capture.run(|| {
-        Instrumented::builder(deadpool(&pg.url(), 1))
-            .name("main")
-            .build()
-            .unwrap()
-    });
+    let pool = measured_pool(&capture, &pg.url(), 1);
     let _held = pool.get().await.unwrap();
     let started = Instant::now();
     let err = deadline::scope(started + Duration::from_millis(100), pool.get())
@@ -297,12 +301,7 @@ fn bad_settings_are_build_errors() {
 async fn a_task_asking_for_a_second_connection_is_noticed() {
     let pg = Postgres::start().unwrap();
     let capture = Capture::new();
-    let pool = capture.run(|| {
-        Instrumented::builder(deadpool(&pg.url(), 4))
-            .name("main")
-            .build()
-            .unwrap()
-    });
+    let pool = measured_pool(&capture, &pg.url(), 4);
     let nested = brisk_metrics::catalog::POOL_NESTED.name;
     // Detection needs a task id, as every request handler has: run in tasks.
     let one_each = (0..2).map(|_| {

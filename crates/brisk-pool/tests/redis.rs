@@ -13,22 +13,31 @@ async fn ping(conn: &mut deadpool_redis::Connection) -> bool {
         .is_ok()
 }
 
-#[tokio::test]
-async fn redis_killed_then_restarted() {
-    let mut server = RedisServer::builder().private().start().unwrap();
+/// A deadpool-redis pool of `max` connections, instrumented with a `wait` bound.
+fn redis_pool(
+    server: &RedisServer,
+    max: usize,
+    wait: Duration,
+) -> Instrumented<deadpool_redis::Pool> {
     let pool = deadpool_redis::Config::from_url(server.url())
         .builder()
         .unwrap()
-        .max_size(2)
+        .max_size(max)
         .runtime(deadpool_redis::Runtime::Tokio1)
         .build()
         .unwrap();
-    let wait = Duration::from_millis(300);
-    let pool = Instrumented::builder(pool)
+    Instrumented::builder(pool)
         .name("redis")
         .wait_timeout(wait)
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn redis_killed_then_restarted() {
+    let mut server = RedisServer::builder().private().start().unwrap();
+    let wait = Duration::from_millis(300);
+    let pool = redis_pool(&server, 2, wait);
     let mut held = pool.get().await.unwrap();
     assert!(ping(&mut held).await);
 
@@ -67,19 +76,8 @@ async fn redis_killed_then_restarted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_paused_every_waiting_call_returns_within_its_bound() {
     let mut server = RedisServer::builder().private().start().unwrap();
-    let pool = deadpool_redis::Config::from_url(server.url())
-        .builder()
-        .unwrap()
-        .max_size(4)
-        .runtime(deadpool_redis::Runtime::Tokio1)
-        .build()
-        .unwrap();
     let wait = Duration::from_millis(200);
-    let pool = Instrumented::builder(pool)
-        .name("redis")
-        .wait_timeout(wait)
-        .build()
-        .unwrap();
+    let pool = redis_pool(&server, 4, wait);
     assert_eq!(pool.warm_up(4).await.unwrap(), 4);
 
     server.pause().unwrap();
