@@ -5,14 +5,15 @@
 //!   deadpool, one global Prometheus-free recorder: no recorder, as a library sees by default),
 //!   `deadpool` and `bb8` bare.
 
-use std::time::{Duration, Instant};
-
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 #[path = "support/noop.rs"]
 mod noop;
+#[path = "support/spread.rs"]
+mod spread;
 
 use noop::Noop;
+use spread::spread;
 
 const CONNECTIONS: usize = 16;
 const TASKS: u64 = 64;
@@ -32,36 +33,6 @@ async fn bb8_pool() -> bb8::Pool<Noop> {
         .expect("pool")
 }
 
-/// Runs `iters` checkouts spread over `tasks` tasks and returns the elapsed time.
-async fn checkouts<F, Fut>(iters: u64, tasks: u64, get: F) -> Duration
-where
-    F: Fn() -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = ()> + Send,
-{
-    let start = Instant::now();
-    if tasks == 1 {
-        for _ in 0..iters {
-            get().await;
-        }
-    } else {
-        let per_task = iters.div_ceil(tasks);
-        let handles: Vec<_> = (0..tasks)
-            .map(|_| {
-                let get = get.clone();
-                tokio::spawn(async move {
-                    for _ in 0..per_task {
-                        get().await;
-                    }
-                })
-            })
-            .collect();
-        for handle in handles {
-            handle.await.expect("task");
-        }
-    }
-    start.elapsed()
-}
-
 fn checkout(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -78,7 +49,7 @@ fn checkout(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("brisk", label), |b| {
             b.to_async(&rt).iter_custom(|iters| {
                 let pool = brisk.clone();
-                checkouts(iters, tasks, move || {
+                spread(iters, tasks, move || {
                     let pool = pool.clone();
                     async move { drop(pool.get().await.expect("checkout")) }
                 })
@@ -88,7 +59,7 @@ fn checkout(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("deadpool", label), |b| {
             b.to_async(&rt).iter_custom(|iters| {
                 let pool = deadpool.clone();
-                checkouts(iters, tasks, move || {
+                spread(iters, tasks, move || {
                     let pool = pool.clone();
                     async move { drop(pool.get().await.expect("checkout")) }
                 })
@@ -98,7 +69,7 @@ fn checkout(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("bb8", label), |b| {
             b.to_async(&rt).iter_custom(|iters| {
                 let pool = bb8.clone();
-                checkouts(iters, tasks, move || {
+                spread(iters, tasks, move || {
                     let pool = pool.clone();
                     async move { drop(pool.get_owned().await.expect("checkout")) }
                 })

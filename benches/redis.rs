@@ -9,37 +9,17 @@
 
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use brisk_pool::redis::{Multiplexed, RedisSource};
 use brisk_testkit::RedisServer;
 use criterion::{BenchmarkId, Criterion, Throughput};
 
-const KEY: &str = "bench:value";
+#[path = "support/spread.rs"]
+mod spread;
 
-/// Runs `iters` GETs spread over `concurrency` tasks, each through `get`.
-async fn gets<F, Fut>(iters: u64, concurrency: u64, get: F) -> Duration
-where
-    F: Fn() -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let start = Instant::now();
-    let per_task = iters.div_ceil(concurrency);
-    let tasks: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let get = get.clone();
-            tokio::spawn(async move {
-                for _ in 0..per_task {
-                    get().await;
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.expect("task");
-    }
-    start.elapsed()
-}
+use spread::spread;
+
+const KEY: &str = "bench:value";
 
 async fn get_via<S: RedisSource>(source: &S) {
     let mut conn = source.connection().await.expect("connection");
@@ -93,7 +73,7 @@ fn get(c: &mut Criterion, rt: &tokio::runtime::Runtime, url: &str) {
             group.bench_function(BenchmarkId::new(*name, concurrency), |b| {
                 b.to_async(rt).iter_custom(|iters| {
                     let source = source.clone();
-                    gets(iters, concurrency, move || {
+                    spread(iters, concurrency, move || {
                         let source = source.clone();
                         async move { get_via(&*source).await }
                     })
@@ -103,7 +83,7 @@ fn get(c: &mut Criterion, rt: &tokio::runtime::Runtime, url: &str) {
         group.bench_function(BenchmarkId::new("redis", concurrency), |b| {
             b.to_async(rt).iter_custom(|iters| {
                 let conn = raw.clone();
-                gets(iters, concurrency, move || {
+                spread(iters, concurrency, move || {
                     let mut conn = conn.clone();
                     async move {
                         get_on(&mut conn).await;
@@ -114,7 +94,7 @@ fn get(c: &mut Criterion, rt: &tokio::runtime::Runtime, url: &str) {
         group.bench_function(BenchmarkId::new("deadpool", concurrency), |b| {
             b.to_async(rt).iter_custom(|iters| {
                 let pool = deadpool.clone();
-                gets(iters, concurrency, move || {
+                spread(iters, concurrency, move || {
                     let pool = pool.clone();
                     async move {
                         let mut conn = pool.get_ref().get().await.expect("checkout");
@@ -126,7 +106,7 @@ fn get(c: &mut Criterion, rt: &tokio::runtime::Runtime, url: &str) {
         group.bench_function(BenchmarkId::new("bb8", concurrency), |b| {
             b.to_async(rt).iter_custom(|iters| {
                 let pool = bb8.clone();
-                gets(iters, concurrency, move || {
+                spread(iters, concurrency, move || {
                     let pool = pool.clone();
                     async move {
                         let mut conn = pool.get().await.expect("checkout");

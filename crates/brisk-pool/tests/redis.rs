@@ -13,6 +13,20 @@ async fn ping(conn: &mut deadpool_redis::Connection) -> bool {
         .is_ok()
 }
 
+/// Waits until a checkout answers PING again, failing the test after `limit`.
+async fn serving_within(pool: &Instrumented<deadpool_redis::Pool>, limit: Duration) {
+    let back = Instant::now();
+    loop {
+        if let Ok(mut conn) = pool.get().await
+            && ping(&mut conn).await
+        {
+            return;
+        }
+        assert!(back.elapsed() < limit, "not serving again within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A deadpool-redis pool of `max` connections, instrumented with a `wait` bound.
 fn redis_pool(
     server: &RedisServer,
@@ -58,19 +72,7 @@ async fn redis_killed_then_restarted() {
     drop(held);
 
     server.restart().unwrap();
-    let back = Instant::now();
-    loop {
-        if let Ok(mut conn) = pool.get().await
-            && ping(&mut conn).await
-        {
-            break;
-        }
-        assert!(
-            back.elapsed() < Duration::from_secs(1),
-            "not serving within 1 s of restart"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    serving_within(&pool, Duration::from_secs(1)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,16 +106,5 @@ async fn redis_paused_every_waiting_call_returns_within_its_bound() {
     }
 
     server.resume().unwrap();
-    let back = Instant::now();
-    loop {
-        if let Ok(mut conn) = pool.get().await
-            && ping(&mut conn).await
-        {
-            break;
-        }
-        assert!(
-            back.elapsed() < Duration::from_secs(2),
-            "not serving after resume"
-        );
-    }
+    serving_within(&pool, Duration::from_secs(2)).await;
 }
