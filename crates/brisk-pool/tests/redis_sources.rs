@@ -174,3 +174,33 @@ async fn bad_settings_are_errors() {
     let err = Multiplexed::connect("not a url").await.unwrap_err();
     assert!(matches!(err, SourceError::Connect { .. }));
 }
+
+#[cfg(feature = "tls")]
+mod tls {
+    use super::*;
+
+    #[tokio::test]
+    async fn rediss_trusting_the_servers_ca() {
+        let server = RedisServer::builder().tls().start().unwrap();
+        let url = server.url();
+        assert!(url.starts_with("rediss://"), "{url}");
+        let ca = std::fs::read(server.ca_certificate().unwrap()).unwrap();
+        let source = Multiplexed::builder(&url)
+            .root_certificate(ca)
+            .connect()
+            .await
+            .unwrap();
+        round_trip(&source, "over-tls").await;
+    }
+
+    #[tokio::test]
+    async fn rediss_refuses_a_server_it_does_not_trust() {
+        let server = RedisServer::builder().tls().start().unwrap();
+        // The test CA is not among the system's roots.
+        let err = Multiplexed::connect(&server.url()).await.unwrap_err();
+        assert!(matches!(err, SourceError::Connect { .. }), "{err:?}");
+        let chain = format!("{err} / {:?}", std::error::Error::source(&err));
+        assert!(chain.contains(&server.url()), "{chain}");
+        assert!(chain.to_lowercase().contains("certificate"), "{chain}");
+    }
+}

@@ -42,8 +42,10 @@ mod postgres;
 mod process;
 mod redis;
 mod resp;
+mod tls;
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 pub use cluster::RedisCluster;
@@ -160,6 +162,26 @@ pub(crate) fn free_port(bus: bool) -> Result<u16> {
             "no free port found in 100 tries",
         ),
     })
+}
+
+/// Runs a setup command to completion; a failure carries what it printed.
+pub(crate) fn run(command: &mut Command, what: &str) -> Result<Output> {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io_error(format!("running {what}")))?;
+    if output.status.success() {
+        Ok(output)
+    } else {
+        Err(Error::Setup {
+            what: format!("{what} ({})", output.status),
+            output: format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        })
+    }
 }
 
 /// The last `lines` lines of a log file, for error messages.

@@ -1,7 +1,7 @@
 //! A throwaway PostgreSQL cluster.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -205,22 +205,7 @@ fn as_user(command: &mut Command, run_as: Option<RunAs>) -> &mut Command {
 }
 
 fn run(command: &mut Command, run_as: Option<RunAs>, what: &str) -> Result<Output> {
-    let output = as_user(command, run_as)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(io_error(format!("running {what}")))?;
-    if output.status.success() {
-        Ok(output)
-    } else {
-        Err(Error::Setup {
-            what: format!("{what} ({})", output.status),
-            output: format!(
-                "{}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            ),
-        })
-    }
+    crate::run(as_user(command, run_as), what)
 }
 
 fn spawn(bin: &Path, dir: &Path, port: u16, run_as: Option<RunAs>) -> Result<Process> {

@@ -9,6 +9,7 @@ use tempfile::TempDir;
 use crate::handle::{Handle, Owned};
 use crate::process::Process;
 use crate::resp::{self, Listen};
+use crate::tls::Certificates;
 use crate::{Error, Result, free_port, io_error, log_tail, wait_until};
 
 const READY_WITHIN: Duration = Duration::from_secs(10);
@@ -25,10 +26,37 @@ pub struct RedisServer {
 struct Private {
     binary: PathBuf,
     listen: Listen,
+    tls: Option<Tls>,
     args: Vec<String>,
     process: Process,
     // Dropped last: the process is stopped before its directory goes.
     dir: TempDir,
+}
+
+/// A TLS listener beside the plain one (which the kit's own probes use).
+#[derive(Debug)]
+struct Tls {
+    port: u16,
+    certificates: Certificates,
+}
+
+impl Tls {
+    fn args(&self) -> Vec<String> {
+        let path = |p: &Path| p.display().to_string();
+        vec![
+            "--tls-port".into(),
+            self.port.to_string(),
+            "--tls-cert-file".into(),
+            path(&self.certificates.cert),
+            "--tls-key-file".into(),
+            path(&self.certificates.key),
+            "--tls-ca-cert-file".into(),
+            path(&self.certificates.ca),
+            // Clients prove nothing: the tests check server authentication and encryption.
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ]
+    }
 }
 
 /// Options for [`RedisServer`]. Every setter consumes and returns the builder.
@@ -38,6 +66,7 @@ pub struct RedisServerBuilder {
     private: bool,
     unix_socket: bool,
     port: Option<u16>,
+    tls: bool,
     args: Vec<String>,
 }
 
@@ -58,6 +87,15 @@ impl RedisServerBuilder {
     /// Listen on this TCP port instead of a free one. Implies private.
     pub fn port(mut self, port: u16) -> Self {
         self.port = Some(port);
+        self.private = true;
+        self
+    }
+
+    /// Also listen for TLS on a second free port, with a certificate for `127.0.0.1` and
+    /// `localhost` signed by a throwaway CA ([`RedisServer::ca_certificate`]); [`RedisServer::url`]
+    /// then gives the `rediss://` address. Needs the `openssl` command. Implies private.
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
         self.private = true;
         self
     }
@@ -91,6 +129,11 @@ impl RedisServerBuilder {
             .prefix("brisk-redis-")
             .tempdir()
             .map_err(io_error("creating a temp dir for redis-server"))?;
+        let certificates = if self.tls {
+            Some(Certificates::generate(dir.path())?)
+        } else {
+            None
+        };
         let mut last = None;
         // A free port can be taken between choosing and binding it; choose again.
         for _ in 0..START_TRIES {
@@ -99,13 +142,23 @@ impl RedisServerBuilder {
             } else {
                 Listen::Tcp(self.port.map_or_else(|| free_port(false), Ok)?)
             };
-            match spawn(&binary, dir.path(), &listen, &self.args) {
+            let tls = match &certificates {
+                Some(certificates) => Some(Tls {
+                    port: free_port(false)?,
+                    certificates: certificates.clone(),
+                }),
+                None => None,
+            };
+            let mut args = tls.as_ref().map(Tls::args).unwrap_or_default();
+            args.extend(self.args.iter().cloned());
+            match spawn(&binary, dir.path(), &listen, &args) {
                 Ok(process) => {
                     return Ok(RedisServer {
                         inner: Handle::Private(Private {
                             binary,
                             listen,
-                            args: self.args,
+                            tls,
+                            args,
                             process,
                             dir,
                         }),
@@ -189,11 +242,25 @@ impl RedisServer {
         RedisServerBuilder::default()
     }
 
-    /// The URL to connect to: `redis://127.0.0.1:PORT`, `redis+unix:///…/redis.sock`, or
-    /// `REDIS_URL` as given.
+    /// The URL to connect to: `redis://127.0.0.1:PORT`, `redis+unix:///…/redis.sock`,
+    /// `rediss://127.0.0.1:PORT` for a [TLS](RedisServerBuilder::tls) server, or `REDIS_URL` as
+    /// given.
     #[must_use]
     pub fn url(&self) -> String {
-        self.inner.url(|private| describe(&private.listen))
+        self.inner.url(|private| match &private.tls {
+            Some(tls) => format!("rediss://127.0.0.1:{}", tls.port),
+            None => describe(&private.listen),
+        })
+    }
+
+    /// The CA certificate (PEM) that signed a [TLS](RedisServerBuilder::tls) server's
+    /// certificate: what clients must trust to connect.
+    #[must_use]
+    pub fn ca_certificate(&self) -> Option<&Path> {
+        match &self.inner {
+            Handle::Private(Private { tls: Some(tls), .. }) => Some(&tls.certificates.ca),
+            _ => None,
+        }
     }
 
     /// The TCP port of a private server on TCP.

@@ -16,8 +16,8 @@
 //! A [`RedisSource`] hands out something that speaks redis-rs's
 //! [`ConnectionLike`], so callers run any command or pipeline with
 //! `query_async`. Three kinds of source:
-//! - [`Multiplexed`]: multiplexed connections that reconnect by themselves (redis-rs's
-//!   `ConnectionManager`), handed out round-robin. The default: no checkout, no pool to size.
+//! - [`Multiplexed`]: multiplexed connections that reconnect by themselves, handed out
+//!   round-robin. The default: no checkout, no pool to size.
 //! - any pool wrapped in [`Instrumented`] whose connection dereferences to
 //!   one (deadpool-redis and bb8-redis pools): checkouts are bounded, measured and diagnosed.
 //! - a Redis Cluster connection (`redis::cluster_async::ClusterConnection`), which routes each
@@ -37,7 +37,7 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::{Checkout, Instrumented, Pool};
 
-pub use self::multiplexed::{Multiplexed, MultiplexedBuilder};
+pub use self::multiplexed::{Connection, Multiplexed, MultiplexedBuilder};
 
 /// Hands out connections to run Redis commands on.
 pub trait RedisSource: Send + Sync + 'static {

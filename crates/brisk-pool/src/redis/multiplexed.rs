@@ -1,16 +1,28 @@
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use super::{RedactedUrl, RedisSource, SourceError};
 
+/// The first pause between reconnection attempts; it doubles up to [`RECONNECT_MAX_PAUSE`].
+const RECONNECT_FIRST_PAUSE: Duration = Duration::from_millis(25);
+const RECONNECT_MAX_PAUSE: Duration = Duration::from_millis(500);
+
 /// A set of multiplexed, self-reconnecting connections, handed out round-robin. Cloning is
 /// cheap and clones share the set. See the [module docs](super).
+///
+/// Each connection pipelines every concurrent command over one socket. When a command finds the
+/// socket broken (the server was killed, restarted, or the network cut it), that command fails
+/// at once and one background task reconnects, trying again with pauses from 25 ms doubling to
+/// 500 ms until it succeeds or the last clone is dropped; commands meanwhile fail fast rather
+/// than wait, so a cache can fall back to its loader. A paused server is a slow one, not a
+/// broken one: its commands fail with the response timeout and nothing reconnects.
 #[derive(Clone)]
 pub struct Multiplexed {
-    connections: Arc<[ConnectionManager]>,
+    slots: Arc<[Arc<Slot>]>,
     next: Arc<AtomicUsize>,
     url: RedactedUrl,
 }
@@ -19,8 +31,140 @@ impl std::fmt::Debug for Multiplexed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Multiplexed")
             .field("url", &self.url)
-            .field("connections", &self.connections.len())
+            .field("connections", &self.slots.len())
             .finish()
+    }
+}
+
+/// One multiplexed connection and what it takes to replace it.
+struct Slot {
+    current: RwLock<Current>,
+    reconnecting: AtomicBool,
+    client: redis::Client,
+    config: AsyncConnectionConfig,
+    url: RedactedUrl,
+}
+
+struct Current {
+    connection: MultiplexedConnection,
+    /// Bumped by each reconnection, so a failure seen on an old connection does not replace a
+    /// new one.
+    generation: u64,
+}
+
+impl Slot {
+    fn connection(self: &Arc<Self>) -> Connection {
+        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        Connection {
+            inner: current.connection.clone(),
+            generation: current.generation,
+            slot: Arc::clone(self),
+        }
+    }
+
+    /// Starts one background reconnection unless one runs already or the connection that failed
+    /// was replaced meanwhile.
+    fn reconnect(self: &Arc<Self>, failed: u64) {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .generation;
+        if current != failed || self.reconnecting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Not on a runtime: the next failure, on one, tries again.
+            self.reconnecting.store(false, Ordering::Release);
+            return;
+        };
+        tracing::warn!(url = %self.url, "Redis connection lost; reconnecting");
+        runtime.spawn(Self::reconnect_until_done(Arc::downgrade(self)));
+    }
+
+    async fn reconnect_until_done(slot: Weak<Self>) {
+        let mut pause = RECONNECT_FIRST_PAUSE;
+        loop {
+            // Stop once every `Multiplexed` clone and connection is gone.
+            let Some(slot) = slot.upgrade() else { return };
+            match slot
+                .client
+                .get_multiplexed_async_connection_with_config(&slot.config)
+                .await
+            {
+                Ok(connection) => {
+                    let mut current = slot.current.write().unwrap_or_else(PoisonError::into_inner);
+                    current.connection = connection;
+                    current.generation += 1;
+                    slot.reconnecting.store(false, Ordering::Release);
+                    tracing::info!(url = %slot.url, "Redis connection restored");
+                    return;
+                }
+                Err(err) => {
+                    tracing::debug!(url = %slot.url, error = %err, "Redis reconnection failed");
+                }
+            }
+            drop(slot);
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RECONNECT_MAX_PAUSE);
+        }
+    }
+}
+
+/// A handle on one of a [`Multiplexed`] set's connections: run commands and pipelines on it with
+/// `query_async`. A command that finds the socket broken starts the reconnection.
+pub struct Connection {
+    inner: MultiplexedConnection,
+    generation: u64,
+    slot: Arc<Slot>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("url", &self.slot.url)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    fn seen<T>(&self, result: RedisResult<T>) -> RedisResult<T> {
+        if let Err(err) = &result
+            && err.is_unrecoverable_error()
+        {
+            self.slot.reconnect(self.generation);
+        }
+        result
+    }
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        // One allocation, as redis-rs's own multiplexed connection makes.
+        Box::pin(async move {
+            let result = self.inner.send_packed_command(cmd).await;
+            self.seen(result)
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let result = self
+                .inner
+                .send_packed_commands(pipeline, offset, count)
+                .await;
+            self.seen(result)
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
     }
 }
 
@@ -32,6 +176,8 @@ pub struct MultiplexedBuilder {
     connections: usize,
     connect_timeout: Duration,
     response_timeout: Duration,
+    #[cfg(feature = "tls")]
+    tls: Option<redis::TlsCertificates>,
 }
 
 impl MultiplexedBuilder {
@@ -52,6 +198,42 @@ impl MultiplexedBuilder {
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
         self
+    }
+
+    /// Trust this CA certificate (PEM) for a `rediss://` server instead of the system's roots:
+    /// the usual case for a private CA.
+    #[cfg(feature = "tls")]
+    pub fn root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.get_or_insert_with(no_certificates).root_cert = Some(pem.into());
+        self
+    }
+
+    /// Authenticate to a `rediss://` server that asks for client certificates (mutual TLS) with
+    /// this certificate and private key (both PEM).
+    #[cfg(feature = "tls")]
+    pub fn client_certificate(mut self, cert: impl Into<Vec<u8>>, key: impl Into<Vec<u8>>) -> Self {
+        self.tls.get_or_insert_with(no_certificates).client_tls = Some(redis::ClientTlsConfig {
+            client_cert: cert.into(),
+            client_key: key.into(),
+        });
+        self
+    }
+
+    fn client(&self) -> redis::RedisResult<redis::Client> {
+        if self.url.starts_with("rediss://") {
+            #[cfg(not(feature = "tls"))]
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "rediss:// URLs need brisk-pool's `tls` feature",
+            )));
+            #[cfg(feature = "tls")]
+            install_crypto_provider();
+        }
+        #[cfg(feature = "tls")]
+        if let Some(certificates) = &self.tls {
+            return redis::Client::build_with_tls(self.url.as_str(), certificates.clone());
+        }
+        redis::Client::open(self.url.as_str())
     }
 
     /// Opens the connections.
@@ -75,20 +257,31 @@ impl MultiplexedBuilder {
             url: url.clone(),
             source,
         };
-        let client = redis::Client::open(self.url.as_str()).map_err(fail)?;
-        let config = ConnectionManagerConfig::new()
+        let client = self.client().map_err(fail)?;
+        let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.response_timeout));
-        let mut connections = Vec::with_capacity(self.connections);
+        let mut slots = Vec::with_capacity(self.connections);
         for _ in 0..self.connections {
-            let manager = client
-                .get_connection_manager_with_config(config.clone())
+            // The first connection is not retried: a wrong URL or an unreachable server is
+            // reported now, within the connect timeout.
+            let connection = client
+                .get_multiplexed_async_connection_with_config(&config)
                 .await
                 .map_err(fail)?;
-            connections.push(manager);
+            slots.push(Arc::new(Slot {
+                current: RwLock::new(Current {
+                    connection,
+                    generation: 0,
+                }),
+                reconnecting: AtomicBool::new(false),
+                client: client.clone(),
+                config: config.clone(),
+                url: url.clone(),
+            }));
         }
         Ok(Multiplexed {
-            connections: connections.into(),
+            slots: slots.into(),
             next: Arc::default(),
             url,
         })
@@ -112,6 +305,8 @@ impl Multiplexed {
             connections: 1,
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 
@@ -123,10 +318,29 @@ impl Multiplexed {
 }
 
 impl RedisSource for Multiplexed {
-    type Connection = ConnectionManager;
+    type Connection = Connection;
 
-    async fn connection(&self) -> Result<ConnectionManager, SourceError> {
-        let at = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
-        Ok(self.connections[at].clone())
+    async fn connection(&self) -> Result<Connection, SourceError> {
+        let at = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        Ok(self.slots[at].connection())
+    }
+}
+
+#[cfg(feature = "tls")]
+fn no_certificates() -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: None,
+        root_cert: None,
+    }
+}
+
+/// rustls needs a process-wide crypto provider. It picks one by itself only when exactly one is
+/// compiled in; an application whose other dependencies bring a second (aws-lc-rs, say) would
+/// panic on its first TLS connection. Install ring unless the application chose already.
+#[cfg(feature = "tls")]
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Err means another thread installed one meanwhile: that one serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
     }
 }
