@@ -1,5 +1,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Weak};
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
@@ -38,7 +40,9 @@ impl std::fmt::Debug for Multiplexed {
 
 /// One multiplexed connection and what it takes to replace it.
 struct Slot {
-    current: RwLock<Current>,
+    /// Read on every command without a shared write (unlike a lock's reader count, which two
+    /// cores would pass back and forth), replaced only on reconnection.
+    current: ArcSwap<Current>,
     reconnecting: AtomicBool,
     client: redis::Client,
     config: AsyncConnectionConfig,
@@ -54,7 +58,7 @@ struct Current {
 
 impl Slot {
     fn connection(self: &Arc<Self>) -> Connection {
-        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        let current = self.current.load();
         Connection {
             inner: current.connection.clone(),
             generation: current.generation,
@@ -65,11 +69,7 @@ impl Slot {
     /// Starts one background reconnection unless one runs already or the connection that failed
     /// was replaced meanwhile.
     fn reconnect(self: &Arc<Self>, failed: u64) {
-        let current = self
-            .current
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .generation;
+        let current = self.current.load().generation;
         if current != failed || self.reconnecting.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -93,9 +93,11 @@ impl Slot {
                 .await
             {
                 Ok(connection) => {
-                    let mut current = slot.current.write().unwrap_or_else(PoisonError::into_inner);
-                    current.connection = connection;
-                    current.generation += 1;
+                    let generation = slot.current.load().generation + 1;
+                    slot.current.store(Arc::new(Current {
+                        connection,
+                        generation,
+                    }));
                     slot.reconnecting.store(false, Ordering::Release);
                     tracing::info!(url = %slot.url, "Redis connection restored");
                     return;
@@ -270,7 +272,7 @@ impl MultiplexedBuilder {
                 .await
                 .map_err(fail)?;
             slots.push(Arc::new(Slot {
-                current: RwLock::new(Current {
+                current: ArcSwap::from_pointee(Current {
                     connection,
                     generation: 0,
                 }),
@@ -321,8 +323,12 @@ impl RedisSource for Multiplexed {
     type Connection = Connection;
 
     async fn connection(&self) -> Result<Connection, SourceError> {
-        let at = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        Ok(self.slots[at].connection())
+        let slot = match &*self.slots {
+            [only] => only,
+            // Round-robin costs a shared write per command: only when there is a choice.
+            slots => &slots[self.next.fetch_add(1, Ordering::Relaxed) % slots.len()],
+        };
+        Ok(slot.connection())
     }
 }
 
