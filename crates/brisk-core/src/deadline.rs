@@ -76,6 +76,8 @@ pub fn remaining() -> Option<Duration> {
 ///
 /// Without a deadline in scope, nothing reads the clock until `future` first has to wait, and
 /// the timeout runs from then: a wait that does not wait costs neither a clock read nor a timer.
+// Inlined so the wrapped future is built in place rather than copied in.
+#[inline]
 pub fn bounded<F: IntoFuture>(timeout: Duration, future: F) -> Bounded<F::IntoFuture> {
     let (until, bound, after) = match current() {
         None => (None, Bound::Timeout, timeout),

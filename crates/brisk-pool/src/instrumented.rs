@@ -17,6 +17,7 @@ use metrics::{Counter, Gauge, Histogram, Label};
 // calibrated TSC reads cost about half of `std::time::Instant::now` here (a checkout takes three).
 use quanta::Instant;
 
+use crate::holders::{Holders, NO_TASK, task_tag};
 use crate::{BuildError, CloseTimeout, Creations, Exhausted, GetError, Lifecycle, Pool, PoolError};
 
 /// Wraps a [`Pool`]: every checkout waits at most `min(wait_timeout, deadline::remaining())`,
@@ -53,11 +54,9 @@ struct Shared<P> {
     metrics: Metrics,
     waiting: AtomicUsize,
     in_use: AtomicUsize,
-    next_checkout: AtomicU64,
     /// Each connection now out: since when (to name the oldest in a diagnosis) and by which
-    /// task (to notice a task asking for a second one). At most the pool's size, so a scan is
-    /// cheaper than hashing.
-    checkouts: Mutex<Vec<Out>>,
+    /// task (to notice a task asking for a second one).
+    holders: Holders,
     last_error: Mutex<Option<String>>,
     /// Nanoseconds callers spent waiting for or holding a connection in the current window,
     /// and when that window began (ms since `created`): the demand behind the recommended size.
@@ -68,20 +67,14 @@ struct Shared<P> {
     closed: AtomicBool,
     /// Notified when the last checked-out connection comes back, for `close`.
     drained: tokio::sync::Notify,
-    /// When the idle and max gauges were last read from the pool, in ms since `created`.
-    refreshed_ms: AtomicU64,
+    /// When the idle and max gauges were last read from the pool, in ns since `created`.
+    refreshed_ns: AtomicU64,
     created: Instant,
 }
 
 /// The idle and max gauges come from the backend's status, which takes its lock: read it at
 /// most this often instead of on every checkout.
 const REFRESH_EVERY_MS: u64 = 100;
-
-struct Out {
-    id: u64,
-    since: Instant,
-    task: Option<tokio::task::Id>,
-}
 
 struct Metrics {
     nested: Counter,
@@ -182,6 +175,7 @@ impl<P> InstrumentedBuilder<P> {
         if self.recommend_every < Duration::from_millis(REFRESH_EVERY_MS) {
             return Err(BuildError("recommend_every must be at least 100 ms"));
         }
+        let holders = Holders::new(self.pool.status().max_size);
         let shared = Shared {
             metrics: Metrics::new(&self.name),
             pool: self.pool,
@@ -190,10 +184,9 @@ impl<P> InstrumentedBuilder<P> {
             wait_timeout: self.wait_timeout,
             waiting: AtomicUsize::new(0),
             in_use: AtomicUsize::new(0),
-            next_checkout: AtomicU64::new(0),
-            checkouts: Mutex::default(),
+            holders,
             last_error: Mutex::default(),
-            refreshed_ms: AtomicU64::new(0),
+            refreshed_ns: AtomicU64::new(0),
             created: Instant::now(),
             demand_ns: AtomicU64::new(0),
             window_start_ms: AtomicU64::new(0),
@@ -246,7 +239,7 @@ impl<P: Pool> Instrumented<P> {
             shared.metrics.closed.increment(1);
             return Err(PoolError::Closed);
         }
-        let task = tokio::task::try_id();
+        let task = tokio::task::try_id().map(task_tag);
         self.notice_nested(task);
         let mut wait = std::pin::pin!(deadline::bounded(shared.wait_timeout, shared.pool.get()));
         // Most checkouts find a connection at once: then nobody waits, and no clock is read and
@@ -267,15 +260,15 @@ impl<P: Pool> Instrumented<P> {
         match result {
             Ok(Ok(connection)) => {
                 shared.metrics.wait.record(waited.as_secs_f64());
-                let id = shared.next_checkout.fetch_add(1, Ordering::Relaxed);
                 let since = now;
-                lock(&shared.checkouts).push(Out { id, since, task });
-                shared.in_use.fetch_add(1, Ordering::AcqRel);
+                let since_ns = shared.nanos_at(since);
+                let out = shared.in_use.fetch_add(1, Ordering::AcqRel);
+                let slot = shared.holders.claim(task.unwrap_or(NO_TASK), since_ns, out);
                 shared.metrics.used.increment(1.0);
-                self.maybe_refresh_sizes(since);
+                self.maybe_refresh_sizes(since_ns);
                 Ok(Checkout {
                     connection: Some(connection),
-                    id,
+                    slot,
                     since,
                     owner: self.clone(),
                 })
@@ -336,13 +329,15 @@ impl<P: Pool> Instrumented<P> {
     /// closed to new checkouts either way.
     pub async fn close(&self, timeout: Duration) -> Result<(), CloseTimeout> {
         let shared = &self.shared;
-        shared.closed.store(true, Ordering::Release);
+        // SeqCst here and in `Checkout::drop`: either the last return sees `closed` and
+        // notifies, or this sees `in_use` at zero.
+        shared.closed.store(true, Ordering::SeqCst);
         let started = Instant::now();
         let drained = async {
             loop {
                 // Register before checking, so a return in between is not missed.
                 let notified = shared.drained.notified();
-                if shared.in_use.load(Ordering::Acquire) == 0 {
+                if shared.in_use.load(Ordering::SeqCst) == 0 {
                     return;
                 }
                 notified.await;
@@ -403,15 +398,12 @@ impl<P: Pool> Instrumented<P> {
     /// A task holding a connection that waits for another can deadlock the pool: when every
     /// connection is held by such a task, none is ever returned. Counted, and logged in debug
     /// builds, where it is cheap to find.
-    fn notice_nested(&self, task: Option<tokio::task::Id>) {
+    fn notice_nested(&self, task: Option<u64>) {
         let Some(task) = task else { return };
         if self.shared.in_use.load(Ordering::Acquire) == 0 {
             return;
         }
-        let nested = lock(&self.shared.checkouts)
-            .iter()
-            .any(|out| out.task == Some(task));
-        if nested {
+        if self.shared.holders.holds(task) {
             self.shared.metrics.nested.increment(1);
             #[cfg(debug_assertions)]
             tracing::warn!(
@@ -426,11 +418,11 @@ impl<P: Pool> Instrumented<P> {
         let shared = &self.shared;
         let status = self.status();
         self.refresh_sizes();
-        let oldest = lock(&shared.checkouts)
-            .iter()
-            .map(|out| out.since)
-            .min()
-            .map(|since| since.elapsed());
+        let now_ns = shared.nanos_at(Instant::now());
+        let oldest = shared
+            .holders
+            .oldest_ns()
+            .map(|since| Duration::from_nanos(now_ns.saturating_sub(since)));
         Exhausted {
             pool: shared.name.clone(),
             waited,
@@ -458,19 +450,17 @@ impl<P: Pool> Instrumented<P> {
     }
 
     /// [`Self::refresh_sizes`], at most every [`REFRESH_EVERY_MS`].
-    fn maybe_refresh_sizes(&self, now: Instant) {
+    fn maybe_refresh_sizes(&self, now_ns: u64) {
         let shared = &self.shared;
-        let now_ms =
-            u64::try_from(now.duration_since(shared.created).as_millis()).unwrap_or(u64::MAX);
-        let last = shared.refreshed_ms.load(Ordering::Relaxed);
-        if now_ms.saturating_sub(last) >= REFRESH_EVERY_MS
+        let last = shared.refreshed_ns.load(Ordering::Relaxed);
+        if now_ns.saturating_sub(last) >= REFRESH_EVERY_MS * 1_000_000
             && shared
-                .refreshed_ms
-                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .refreshed_ns
+                .compare_exchange(last, now_ns, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
             self.refresh_sizes();
-            self.maybe_recommend(now_ms);
+            self.maybe_recommend(now_ns / 1_000_000);
         }
     }
 
@@ -501,6 +491,11 @@ impl<P: Pool> Instrumented<P> {
 }
 
 impl<P> Shared<P> {
+    /// `at` as nanoseconds since the pool was wrapped.
+    fn nanos_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.duration_since(self.created).as_nanos()).unwrap_or(u64::MAX)
+    }
+
     fn add_demand(&self, time: Duration) {
         let ns = u64::try_from(time.as_nanos()).unwrap_or(u64::MAX);
         self.demand_ns.fetch_add(ns, Ordering::Relaxed);
@@ -534,7 +529,8 @@ impl<P> Drop for Waiting<'_, P> {
 /// dropped, recording how long it was used.
 pub struct Checkout<P: Pool> {
     connection: Option<P::Connection>,
-    id: u64,
+    /// Where this checkout is recorded in [`Holders`], unless it went untracked.
+    slot: Option<usize>,
     since: Instant,
     owner: Instrumented<P>,
 }
@@ -567,13 +563,12 @@ impl<P: Pool> Drop for Checkout<P> {
         // Return the connection first, so the gauges below see it back in the pool.
         drop(self.connection.take());
         let shared = &self.owner.shared;
-        {
-            let mut checkouts = lock(&shared.checkouts);
-            if let Some(at) = checkouts.iter().position(|out| out.id == self.id) {
-                checkouts.swap_remove(at);
-            }
+        if let Some(slot) = self.slot {
+            shared.holders.release(slot);
         }
-        if shared.in_use.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // Notify takes a lock: only when `close` may be waiting.
+        if shared.in_use.fetch_sub(1, Ordering::SeqCst) == 1 && shared.closed.load(Ordering::SeqCst)
+        {
             shared.drained.notify_waiters();
         }
         shared.metrics.used.decrement(1.0);
@@ -581,6 +576,6 @@ impl<P: Pool> Drop for Checkout<P> {
         let held = now.duration_since(self.since);
         shared.metrics.use_time.record(held.as_secs_f64());
         shared.add_demand(held);
-        self.owner.maybe_refresh_sizes(now);
+        self.owner.maybe_refresh_sizes(shared.nanos_at(now));
     }
 }

@@ -51,6 +51,7 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod error;
+mod holders;
 mod instrumented;
 mod lifecycle;
 mod measured;
