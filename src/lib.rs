@@ -10,10 +10,13 @@
 //! | `http` | no | [`metrics::http`]: the tower HTTP RED metrics layer |
 //! | `prometheus` | no | [`metrics::prometheus`]: one-call Prometheus exporter with real histograms |
 //! | `batch` | no | [`batch`]: the batching engine and DataLoader (`brisk-batch`) |
+//! | `pool` | no | [`pool`]: instrumented, bounded pooling over deadpool and bb8 (`brisk-pool`) |
+//! | `redis` | no | [`pool::redis`]: the Redis connection sources |
+//! | `tls` | no | `rediss://` for the Redis sources (rustls with ring) |
 //! | `full` | no | everything above |
 //!
-//! Blocks still to come (pooling, cache, guard layers, Axum and Actix glue) join this
-//! table as they land; the README lists their status.
+//! Blocks still to come (cache, guard layers, Axum and Actix glue) join this table as they
+//! land; the README lists their status.
 //!
 //! ```
 //! use std::time::Duration;
@@ -33,6 +36,8 @@ pub use brisk_batch as batch;
 pub use brisk_core::deadline;
 #[cfg(feature = "metrics")]
 pub use brisk_metrics as metrics;
+#[cfg(any(feature = "pool", feature = "redis"))]
+pub use brisk_pool as pool;
 
 /// The names most services use, in one import.
 pub mod prelude {
@@ -41,6 +46,10 @@ pub mod prelude {
     pub use crate::deadline;
     #[cfg(feature = "http")]
     pub use crate::metrics::http::{HttpMetricsLayer, RouteTemplate};
+    #[cfg(feature = "pool")]
+    pub use crate::pool::Instrumented;
+    #[cfg(feature = "redis")]
+    pub use crate::pool::redis::{Multiplexed, RedisSource};
 }
 
 /// The README's quickstart, compiled and run as a doc test.
