@@ -81,6 +81,14 @@ async fn multiplexed_reconnects_after_a_restart() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     round_trip(&source, "after").await;
+    assert!(generation(&source).await.contains("generation: 1"));
+    // The connection taken before the kill still holds the dead socket: its failure must not
+    // replace the new connection.
+    let stale: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+    assert!(stale.is_err());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(generation(&source).await.contains("generation: 1"));
+    round_trip(&source, "still").await;
 }
 
 #[tokio::test]
@@ -102,6 +110,14 @@ async fn multiplexed_bounds_commands_to_a_paused_server() {
         started.elapsed()
     );
     server.resume().unwrap();
+    // A slow server is not a broken one: the same connection serves again, none replaced it.
+    round_trip(&source, "resumed").await;
+    assert!(generation(&source).await.contains("generation: 0"));
+}
+
+/// The `Debug` text of a fresh connection, which names its generation (bumped per reconnection).
+async fn generation(source: &Multiplexed) -> String {
+    format!("{:?}", source.connection().await.unwrap())
 }
 
 #[tokio::test]
@@ -202,5 +218,16 @@ mod tls {
         let chain = format!("{err} / {:?}", std::error::Error::source(&err));
         assert!(chain.contains(&server.url()), "{chain}");
         assert!(chain.to_lowercase().contains("certificate"), "{chain}");
+    }
+
+    #[tokio::test]
+    async fn a_ca_that_is_not_pem_is_a_connect_error() {
+        let server = RedisServer::builder().tls().start().unwrap();
+        let err = Multiplexed::builder(&server.url())
+            .root_certificate(b"not a certificate".to_vec())
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SourceError::Connect { .. }), "{err:?}");
     }
 }
