@@ -59,7 +59,11 @@ impl Holders {
         self.slots[found]
             .since_ns
             .store(since_ns, Ordering::Release);
-        self.high_water.fetch_max(found + 1, Ordering::Relaxed);
+        // Read first: the high-water mark settles early, and a write per checkout would bounce
+        // its cache line between cores.
+        if self.high_water.load(Ordering::Relaxed) <= found {
+            self.high_water.fetch_max(found + 1, Ordering::Relaxed);
+        }
         Some(found)
     }
 
