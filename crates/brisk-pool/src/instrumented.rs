@@ -361,8 +361,9 @@ impl<P: Pool> Instrumented<P> {
         reaped
     }
 
-    /// Applies `lifecycle` every `reap_every` on a spawned tokio task: reaps, then tops the pool
-    /// up to `min_idle` idle connections. The task ends when the pool is closed or dropped.
+    /// Applies `lifecycle` on a spawned tokio task, at once and then every `reap_every`: reaps,
+    /// then tops the pool up to `min_idle` idle connections — so a pool is warm from its start.
+    /// The task ends when the pool is closed or dropped.
     ///
     /// # Errors
     /// [`BuildError`] if `lifecycle` is invalid.
@@ -377,20 +378,23 @@ impl<P: Pool> Instrumented<P> {
         let shared = Arc::downgrade(&self.shared);
         Ok(tokio::spawn(async move {
             loop {
+                {
+                    // Held only for this round: dropping the pool ends the task.
+                    let Some(shared) = shared.upgrade() else {
+                        return;
+                    };
+                    if shared.closed.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let pool = Instrumented { shared };
+                    pool.reap(&lifecycle);
+                    if pool.status().idle < lifecycle.min_idle {
+                        // A failure here shows in the checkout metrics; the next round tries
+                        // again.
+                        let _ = pool.warm_up(lifecycle.min_idle).await;
+                    }
+                }
                 tokio::time::sleep(lifecycle.reap_every).await;
-                let Some(shared) = shared.upgrade() else {
-                    return;
-                };
-                if shared.closed.load(Ordering::Acquire) {
-                    return;
-                }
-                let pool = Instrumented { shared };
-                pool.reap(&lifecycle);
-                let idle = pool.status().idle;
-                if idle < lifecycle.min_idle {
-                    // A failure here shows in the checkout metrics; the next round tries again.
-                    let _ = pool.warm_up(lifecycle.min_idle).await;
-                }
             }
         }))
     }

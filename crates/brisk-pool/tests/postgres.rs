@@ -542,6 +542,28 @@ async fn deadpool_idle_connections_are_reaped_busy_ones_kept() {
 }
 
 #[tokio::test]
+async fn the_lifecycle_task_warms_the_pool_at_once() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 4))
+        .build()
+        .unwrap();
+    let mut lifecycle = lifecycle(None, None);
+    lifecycle.min_idle = 3;
+    // Far longer than the test: only the first round can warm the pool.
+    lifecycle.reap_every = Duration::from_secs(3600);
+    let task = pool.spawn_lifecycle(lifecycle).unwrap();
+    let started = Instant::now();
+    while pool.status().idle < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not warmed before the first reap interval"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    task.abort();
+}
+
+#[tokio::test]
 async fn the_lifecycle_task_reaps_and_keeps_min_idle() {
     let pg = Postgres::start().unwrap();
     let pool = Instrumented::builder(deadpool(&pg.url(), 4))
