@@ -13,6 +13,7 @@
 //! | `pool` | no | [`pool`]: instrumented, bounded pooling over deadpool and bb8 (`brisk-pool`) |
 //! | `redis` | no | [`pool::redis`]: the Redis connection sources |
 //! | `tls` | no | `rediss://` for the Redis sources (rustls with ring) |
+//! | `serde` | no | configuration types (the pool `Lifecycle`) through serde |
 //! | `full` | no | everything above |
 //!
 //! Blocks still to come (cache, guard layers, Axum and Actix glue) join this table as they

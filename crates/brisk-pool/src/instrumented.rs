@@ -159,7 +159,8 @@ impl<P> InstrumentedBuilder<P> {
     /// Checks the settings and wraps the pool.
     ///
     /// # Errors
-    /// [`BuildError`] for a zero wait timeout or an empty name.
+    /// [`BuildError`] for a zero wait timeout, an empty name, or a pool whose maximum size is
+    /// zero (it could never hand out a connection).
     pub fn build(self) -> Result<Instrumented<P>, BuildError>
     where
         P: Pool,
@@ -171,6 +172,11 @@ impl<P> InstrumentedBuilder<P> {
         }
         if self.name.is_empty() {
             return Err(BuildError("name must not be empty"));
+        }
+        if self.pool.status().max_size == Some(0) {
+            return Err(BuildError(
+                "the pool's max size is 0: it could never hand out a connection",
+            ));
         }
         if self.recommend_every < Duration::from_millis(REFRESH_EVERY_MS) {
             return Err(BuildError("recommend_every must be at least 100 ms"));
@@ -366,7 +372,8 @@ impl<P: Pool> Instrumented<P> {
     /// The task ends when the pool is closed or dropped.
     ///
     /// # Errors
-    /// [`BuildError`] if `lifecycle` is invalid.
+    /// [`BuildError`] if `lifecycle` is invalid, or asks for more idle connections than the
+    /// pool's maximum size.
     ///
     /// # Panics
     /// Outside a tokio runtime.
@@ -375,6 +382,13 @@ impl<P: Pool> Instrumented<P> {
         lifecycle: Lifecycle,
     ) -> Result<tokio::task::JoinHandle<()>, BuildError> {
         lifecycle.validate()?;
+        if self
+            .status()
+            .max_size
+            .is_some_and(|max| lifecycle.min_idle > max)
+        {
+            return Err(BuildError("min_idle must not exceed the pool's max size"));
+        }
         let shared = Arc::downgrade(&self.shared);
         Ok(tokio::spawn(async move {
             loop {

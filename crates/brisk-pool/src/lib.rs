@@ -52,6 +52,7 @@
 //! | `bb8` | yes | [`Pool`] for `bb8::Pool` |
 //! | `redis` | no | [`redis::RedisSource`] and [`redis::Multiplexed`] |
 //! | `tls` | no | `rediss://` for [`redis::Multiplexed`] (rustls with ring) |
+//! | `serde` | no | [`Lifecycle`] from configuration |
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod error;

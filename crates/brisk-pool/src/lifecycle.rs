@@ -17,7 +17,12 @@ use crate::BuildError;
 ///
 /// Over deadpool, [`Instrumented::spawn_lifecycle`](crate::Instrumented::spawn_lifecycle)
 /// applies it every `reap_every`; bb8 reaps by itself, configured by [`Lifecycle::bb8`].
+///
+/// Plain data with defaults; with the `serde` feature it reads from configuration, every field
+/// optional (durations as `{ secs, nanos }`, serde's form).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
 #[non_exhaustive]
 pub struct Lifecycle {
     /// Close connections older than this (minus their jitter). Default 30 minutes.

@@ -295,6 +295,43 @@ fn bad_settings_are_build_errors() {
     );
     let err = Instrumented::builder(pool()).name("").build().unwrap_err();
     assert!(err.to_string().contains("name"), "{err}");
+    let empty =
+        deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(config.clone(), NoTls))
+            .max_size(0)
+            .build()
+            .unwrap();
+    let err = Instrumented::builder(empty).build().unwrap_err();
+    assert!(err.to_string().contains("max size is 0"), "{err}");
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let small = Instrumented::builder(pool()).build().unwrap();
+    let mut greedy = brisk_pool::Lifecycle::default();
+    greedy.min_idle = 1_000;
+    let err = small.spawn_lifecycle(greedy).unwrap_err();
+    assert!(err.to_string().contains("min_idle"), "{err}");
+}
+
+#[cfg(feature = "serde")]
+#[test]
+fn a_lifecycle_reads_from_configuration() {
+    let lifecycle: brisk_pool::Lifecycle =
+        serde_json::from_str(r#"{ "min_idle": 2, "idle_timeout": null }"#).unwrap();
+    assert_eq!(lifecycle.min_idle, 2);
+    assert_eq!(lifecycle.idle_timeout, None);
+    assert_eq!(
+        lifecycle.max_lifetime,
+        brisk_pool::Lifecycle::default().max_lifetime,
+        "unset fields keep their defaults"
+    );
+    let back: brisk_pool::Lifecycle =
+        serde_json::from_str(&serde_json::to_string(&lifecycle).unwrap()).unwrap();
+    assert_eq!(back, lifecycle);
+    let typo = serde_json::from_str::<brisk_pool::Lifecycle>(r#"{ "min_idel": 2 }"#);
+    assert!(typo.unwrap_err().to_string().contains("min_idel"));
 }
 
 #[tokio::test]
