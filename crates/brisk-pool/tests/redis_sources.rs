@@ -46,6 +46,15 @@ async fn multiplexed_runs_commands_over_every_connection() {
 }
 
 #[tokio::test]
+async fn multiplexed_connects_over_a_unix_socket() {
+    let server = RedisServer::builder().unix_socket().start().unwrap();
+    let url = server.url();
+    assert!(url.starts_with("redis+unix://"), "{url}");
+    let source = Multiplexed::connect(&url).await.unwrap();
+    round_trip(&source, "over-unix").await;
+}
+
+#[tokio::test]
 async fn multiplexed_reconnects_after_a_restart() {
     let mut server = RedisServer::builder().private().start().unwrap();
     let source = Multiplexed::builder(&server.url())
