@@ -336,6 +336,18 @@ pub const POOL_CREATE_ERRORS: MetricDef = MetricDef {
     buckets: &[],
 };
 
+/// Redis connections found broken and reconnected.
+pub const REDIS_RECONNECTS: MetricDef = MetricDef {
+    name: "brisk_redis_reconnects_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["server"],
+    help: "Times a multiplexed Redis connection was found broken and a reconnection began; server is the URL without credentials.",
+    emitted_by: "brisk-pool",
+    otel: None,
+    buckets: &[],
+};
+
 /// Rate limiter decisions by limiter and decision.
 pub const RATELIMIT_DECISIONS: MetricDef = MetricDef {
     name: "brisk_ratelimit_decisions_total",
@@ -371,6 +383,7 @@ pub const CATALOG: &[MetricDef] = &[
     POOL_RECOMMENDED,
     POOL_CREATE_TIME,
     POOL_CREATE_ERRORS,
+    REDIS_RECONNECTS,
     RATELIMIT_DECISIONS,
 ];
 

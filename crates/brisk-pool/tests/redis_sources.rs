@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use brisk_metrics::catalog::REDIS_RECONNECTS;
+use brisk_metrics::testing::Capture;
 use brisk_pool::Instrumented;
 use brisk_pool::redis::{Multiplexed, RedisSource, SourceError};
 use brisk_testkit::{RedisCluster, RedisServer};
@@ -57,12 +59,19 @@ async fn multiplexed_connects_over_a_unix_socket() {
 #[tokio::test]
 async fn multiplexed_reconnects_after_a_restart() {
     let mut server = RedisServer::builder().private().start().unwrap();
-    let source = Multiplexed::builder(&server.url())
-        .response_timeout(Duration::from_millis(200))
-        .connect()
+    let capture = Capture::new();
+    let source = capture
+        .scope(
+            Multiplexed::builder(&server.url())
+                .response_timeout(Duration::from_millis(200))
+                .connect(),
+        )
         .await
         .unwrap();
+    let url = server.url();
+    let reconnects = || capture.counter(REDIS_RECONNECTS.name, &[("server", &url)]);
     round_trip(&source, "before").await;
+    assert_eq!(reconnects(), 0);
     server.kill().unwrap();
     let mut conn = source.connection().await.unwrap();
     let started = Instant::now();
@@ -98,6 +107,7 @@ async fn multiplexed_reconnects_after_a_restart() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(generation(&source).await.contains("generation: 1"));
     round_trip(&source, "still").await;
+    assert_eq!(reconnects(), 1, "one loss, one reconnection, counted once");
 }
 
 #[tokio::test]

@@ -75,22 +75,26 @@ impl RedactedUrl {
     /// Redacts the user information of `url` (`scheme://user:password@host` → `scheme://***:***@host`).
     #[must_use]
     pub fn new(url: &str) -> Self {
-        let Some((scheme, rest)) = url.split_once("://") else {
-            return Self(url.to_owned());
-        };
-        // Credentials end at the last '@' before the path.
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        match rest[..authority_end].rfind('@') {
-            Some(at) => {
-                let user = &rest[..at];
+        match split_credentials(url) {
+            Some((scheme, user, server)) => {
                 let masked = match user.split_once(':') {
-                    Some(("", _)) => ":***".to_owned(),
-                    Some(_) => "***:***".to_owned(),
-                    None => "***".to_owned(),
+                    Some(("", _)) => ":***",
+                    Some(_) => "***:***",
+                    None => "***",
                 };
-                Self(format!("{scheme}://{masked}@{}", &rest[at + 1..]))
+                Self(format!("{scheme}://{masked}@{server}"))
             }
             None => Self(url.to_owned()),
+        }
+    }
+
+    /// The URL with no user information at all (`rediss://host:6380/0`): what metric labels
+    /// carry.
+    #[must_use]
+    pub fn server(&self) -> String {
+        match split_credentials(&self.0) {
+            Some((scheme, _, server)) => format!("{scheme}://{server}"),
+            None => self.0.clone(),
         }
     }
 
@@ -99,6 +103,15 @@ impl RedactedUrl {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// `scheme://user@server` → `(scheme, user, server)`; `None` without user information.
+/// Credentials end at the last '@' before the path.
+fn split_credentials(url: &str) -> Option<(&str, &str, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let at = rest[..authority_end].rfind('@')?;
+    Some((scheme, &rest[..at], &rest[at + 1..]))
 }
 
 impl fmt::Display for RedactedUrl {
@@ -187,6 +200,8 @@ mod tests {
             let redacted = RedactedUrl::new(url);
             assert_eq!(redacted.as_str(), shown);
             assert!(!format!("{redacted} {redacted:?}").contains("secret"));
+            assert!(!redacted.server().contains("***"), "{}", redacted.server());
+            assert!(!redacted.server().contains("secret"));
         }
     }
 }

@@ -8,6 +8,7 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use super::{RedactedUrl, RedisSource, SourceError};
+use brisk_metrics::catalog::REDIS_RECONNECTS;
 
 /// The first pause between reconnection attempts; it doubles up to [`RECONNECT_MAX_PAUSE`].
 const RECONNECT_FIRST_PAUSE: Duration = Duration::from_millis(25);
@@ -44,6 +45,7 @@ struct Slot {
     /// cores would pass back and forth), replaced only on reconnection.
     current: ArcSwap<Current>,
     reconnecting: AtomicBool,
+    reconnects: metrics::Counter,
     client: redis::Client,
     config: AsyncConnectionConfig,
     url: RedactedUrl,
@@ -79,6 +81,7 @@ impl Slot {
             return;
         };
         tracing::warn!(url = %self.url, "Redis connection lost; reconnecting");
+        self.reconnects.increment(1);
         runtime.spawn(Self::reconnect_until_done(Arc::downgrade(self)));
     }
 
@@ -263,6 +266,8 @@ impl MultiplexedBuilder {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.response_timeout));
+        let reconnects =
+            REDIS_RECONNECTS.counter(vec![metrics::Label::new("server", url.server())]);
         let mut slots = Vec::with_capacity(self.connections);
         for _ in 0..self.connections {
             // The first connection is not retried: a wrong URL or an unreachable server is
@@ -277,6 +282,7 @@ impl MultiplexedBuilder {
                     generation: 0,
                 }),
                 reconnecting: AtomicBool::new(false),
+                reconnects: reconnects.clone(),
                 client: client.clone(),
                 config: config.clone(),
                 url: url.clone(),
