@@ -110,6 +110,55 @@ async fn multiplexed_reconnects_after_a_restart() {
     assert_eq!(reconnects(), 1, "one loss, one reconnection, counted once");
 }
 
+/// A runtime shut down in the middle of a reconnection (a test's runtime, a service's
+/// restarted worker pool) must not leave the connection unable to reconnect on another one.
+#[test]
+fn a_reconnection_cut_short_by_its_runtime_does_not_stop_the_next() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let mut server = RedisServer::builder().private().start().unwrap();
+    let first = runtime();
+    let source = first
+        .block_on(
+            Multiplexed::builder(&server.url())
+                .response_timeout(Duration::from_millis(200))
+                .connect(),
+        )
+        .unwrap();
+    server.kill().unwrap();
+    first.block_on(async {
+        let mut conn = source.connection().await.unwrap();
+        let down: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+        assert!(down.is_err());
+        // The reconnection now retries against the dead server, on this runtime.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    });
+    drop(first);
+    server.restart().unwrap();
+    runtime().block_on(async {
+        let back = Instant::now();
+        loop {
+            let mut conn = source.connection().await.unwrap();
+            if redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            assert!(
+                back.elapsed() < Duration::from_secs(2),
+                "no reconnection on the second runtime"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+
 #[tokio::test]
 async fn multiplexed_bounds_commands_to_a_paused_server() {
     let mut server = RedisServer::builder().private().start().unwrap();

@@ -86,6 +86,7 @@ impl Slot {
     }
 
     async fn reconnect_until_done(slot: Weak<Self>) {
+        let _running = Reconnecting(slot.clone());
         let mut pause = RECONNECT_FIRST_PAUSE;
         loop {
             // Stop once every `Multiplexed` clone and connection is gone.
@@ -101,7 +102,6 @@ impl Slot {
                         connection,
                         generation,
                     }));
-                    slot.reconnecting.store(false, Ordering::Release);
                     tracing::info!(url = %slot.url, "Redis connection restored");
                     return;
                 }
@@ -112,6 +112,18 @@ impl Slot {
             drop(slot);
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(RECONNECT_MAX_PAUSE);
+        }
+    }
+}
+
+/// Clears `reconnecting` however the reconnection task ends — done, or dropped with the runtime
+/// it ran on — so that a later failure, on another runtime, can start another.
+struct Reconnecting(Weak<Slot>);
+
+impl Drop for Reconnecting {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0.upgrade() {
+            slot.reconnecting.store(false, Ordering::Release);
         }
     }
 }
