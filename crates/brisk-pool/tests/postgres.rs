@@ -742,3 +742,22 @@ async fn over_bb8_the_diagnosis_names_the_connection_error_bb8_keeps_to_itself()
     let errors = brisk_metrics::catalog::POOL_CREATE_ERRORS.name;
     assert!(capture.counter(errors, &POOL) >= 1);
 }
+
+#[tokio::test]
+async fn a_pool_grown_past_its_wrapped_size_still_hands_out_and_takes_back() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 2))
+        .build()
+        .unwrap();
+    // Two holder slots were made at wrapping; the two extra checkouts go untracked.
+    pool.get_ref().resize(4);
+    let held: Vec<_> = futures_util::future::join_all((0..4).map(|_| pool.get()))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(pool.status().in_use(), 4);
+    drop(held);
+    assert_eq!(pool.status().in_use(), 0);
+    pool.close(Duration::from_secs(1)).await.unwrap();
+}
