@@ -76,6 +76,7 @@ pub fn remaining() -> Option<Duration> {
 ///
 /// Without a deadline in scope, nothing reads the clock until `future` first has to wait, and
 /// the timeout runs from then: a wait that does not wait costs neither a clock read nor a timer.
+/// A `Duration::MAX` timeout means "only the deadline": without one in scope, no timer is made.
 // Inlined so the wrapped future is built in place rather than copied in.
 #[inline]
 pub fn bounded<F: IntoFuture>(timeout: Duration, future: F) -> Bounded<F::IntoFuture> {
@@ -160,6 +161,12 @@ impl<F: Future> Future for Bounded<F> {
             return Poll::Ready(Ok(output));
         }
         let (until, after) = (*this.until, this.elapsed.after);
+        if until.is_none() && after == Duration::MAX {
+            // No deadline and no timeout of its own (a loader waiting for its batch): nothing
+            // can fire, so no timer — a thirty-year one would still cost a trip through
+            // tokio's timer wheel per wait.
+            return Poll::Pending;
+        }
         let sleep = this.sleep.get_or_insert_with(|| {
             let until = until.unwrap_or_else(|| far_add(Instant::now(), after));
             Box::pin(tokio::time::sleep_until(until))

@@ -188,3 +188,26 @@ async fn huge_timeout_does_not_overflow() {
     let out = deadline::bounded(Duration::MAX, async { 1 }).await;
     assert_eq!(out, Ok(1));
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_endless_timeout_still_obeys_the_deadline() {
+    let start = Instant::now();
+    let err = deadline::scope(start + 5 * MS, async {
+        deadline::bounded(Duration::MAX, pending::<()>()).await
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.bound(), Bound::Deadline);
+    assert_eq!(start.elapsed(), 5 * MS);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_endless_timeout_without_a_deadline_waits_for_the_future() {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        sleep(Duration::from_secs(3600)).await;
+        tx.send(7).unwrap();
+    });
+    let out = deadline::bounded(Duration::MAX, rx).await;
+    assert_eq!(out.unwrap().unwrap(), 7);
+}
