@@ -82,22 +82,7 @@ async fn multiplexed_reconnects_after_a_restart() {
         "a dead server fails fast"
     );
     server.restart().unwrap();
-    let back = Instant::now();
-    loop {
-        let mut conn = source.connection().await.unwrap();
-        if redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        assert!(
-            back.elapsed() < Duration::from_secs(2),
-            "no reconnection after restart"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    serving_within(&source, Duration::from_secs(2)).await;
     round_trip(&source, "after").await;
     assert!(generation(&source).await.contains("generation: 1"));
     // The connection taken before the kill still holds the dead socket: its failure must not
@@ -139,24 +124,7 @@ fn a_reconnection_cut_short_by_its_runtime_does_not_stop_the_next() {
     });
     drop(first);
     server.restart().unwrap();
-    runtime().block_on(async {
-        let back = Instant::now();
-        loop {
-            let mut conn = source.connection().await.unwrap();
-            if redis::cmd("PING")
-                .query_async::<String>(&mut conn)
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            assert!(
-                back.elapsed() < Duration::from_secs(2),
-                "no reconnection on the second runtime"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    });
+    runtime().block_on(serving_within(&source, Duration::from_secs(2)));
 }
 
 #[tokio::test]
@@ -181,6 +149,23 @@ async fn multiplexed_bounds_commands_to_a_paused_server() {
     // A slow server is not a broken one: the same connection serves again, none replaced it.
     round_trip(&source, "resumed").await;
     assert!(generation(&source).await.contains("generation: 0"));
+}
+
+/// Waits until a connection from `source` answers PING again, failing the test after `limit`.
+async fn serving_within(source: &Multiplexed, limit: Duration) {
+    let back = Instant::now();
+    loop {
+        let mut conn = source.connection().await.unwrap();
+        if redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        assert!(back.elapsed() < limit, "not serving again within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The `Debug` text of a fresh connection, which names its generation (bumped per reconnection).
