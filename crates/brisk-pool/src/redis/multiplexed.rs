@@ -1,14 +1,13 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-
-use arc_swap::ArcSwap;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use brisk_metrics::catalog::REDIS_RECONNECTS;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use super::{RedactedUrl, RedisSource, SourceError};
-use brisk_metrics::catalog::REDIS_RECONNECTS;
 
 /// The first pause between reconnection attempts; it doubles up to [`RECONNECT_MAX_PAUSE`].
 const RECONNECT_FIRST_PAUSE: Duration = Duration::from_millis(25);
@@ -71,14 +70,19 @@ impl Slot {
     /// Starts one background reconnection unless one runs already or the connection that failed
     /// was replaced meanwhile.
     fn reconnect(self: &Arc<Self>, failed: u64) {
-        let current = self.current.load().generation;
-        if current != failed || self.reconnecting.swap(true, Ordering::AcqRel) {
+        let replaced = || self.current.load().generation != failed;
+        if replaced() || self.reconnecting.swap(true, Ordering::AcqRel) {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // Not on a runtime: the next failure, on one, tries again.
-            self.reconnecting.store(false, Ordering::Release);
-            return;
+        // Checked again now that this call owns the flag: a reconnection may have finished
+        // between the first check and the swap.
+        let runtime = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if !replaced() => runtime,
+            // Replaced meanwhile, or not on a runtime (the next failure, on one, tries again).
+            _ => {
+                self.reconnecting.store(false, Ordering::Release);
+                return;
+            }
         };
         tracing::warn!(url = %self.url, "Redis connection lost; reconnecting");
         self.reconnects.increment(1);
