@@ -49,8 +49,9 @@ impl<K: Hash + Eq + Clone, V> Cache<K, V> {
                 self.map.remove(&oldest);
             }
         }
-        // Overwrites and removals leave stale entries behind; keep the queue proportional.
-        if self.order.len() > 2 * self.capacity + 16 {
+        // Overwrites and removals leave stale entries behind; keep the queue proportional to
+        // the live entries (not to the capacity, which may be near `usize::MAX`).
+        if self.order.len() > self.map.len().saturating_mul(2).saturating_add(16) {
             let map = &self.map;
             self.order
                 .retain(|(key, generation)| map.get(key).is_some_and(|(_, g)| g == generation));
@@ -113,7 +114,17 @@ mod tests {
         for i in 0..10_000 {
             cache.insert(i % 3, i);
         }
-        assert!(cache.order.len() <= 2 * 4 + 16 + 1);
+        assert!(cache.order.len() <= 2 * 3 + 16 + 1);
+        assert_eq!(cache.len(), 3);
+    }
+
+    #[test]
+    fn a_capacity_near_usize_max_neither_overflows_nor_lets_the_queue_grow() {
+        let mut cache = Cache::new(usize::MAX);
+        for i in 0..10_000 {
+            cache.insert(i % 3, i);
+        }
+        assert!(cache.order.len() <= 2 * 3 + 16 + 1);
         assert_eq!(cache.len(), 3);
     }
 }

@@ -1,40 +1,43 @@
 //! The batching engine shared by [`Loader`](crate::Loader) and the tower batch layer.
 //!
-//! A batch is first *collecting*: its owner (the loader) adds items under its own lock. It is
-//! *sealed* when it is full, when its window closes, or on `flush()`; sealing turns its items
-//! into one future, wrapped in [`Shared`] so that every waiter of the batch polls the same
-//! future. There is no leader task and no spawn: any waiter's poll makes progress, a dropped
-//! waiter leaves the others polling, and when the last waiter goes the owner forgets the batch
-//! (cancelling it, or finishing it in the background, by policy).
+//! Every batch runs on its own tokio task, spawned when its first item arrives: the task waits
+//! for the collection window (one scheduler turn by default, or a duration) unless the batch is
+//! sealed sooner (full, `flush()`, a near deadline), takes a concurrency slot, runs the batch and
+//! sends its outcome to the waiters through a shared one-shot channel.
 //!
-//! The collection window is closed by the batch's first waiter (its *creator*): by default it
-//! yields once — so every task that was ready gets its turn to add keys — and seals on its next
-//! poll; with a duration it seals when that much time has passed. If the creator is dropped
-//! while collecting it seals on the way out, so the others never wait for it.
+//! Why a task and not the waiters themselves (the design before 0.1 landed): a batch driven by
+//! whichever waiter polls it runs under that waiter's task-locals (its deadline became the whole
+//! batch's), needs its first waiter to be polled (a never-polled first call hung the layer), and
+//! a panic there poisoned the shared future for everyone. On its own task a batch has no
+//! caller's task-locals, progresses whether or not anyone polls, and a panic anywhere in it
+//! becomes an error for its waiters. The price is one spawn per *batch* (not per load), which
+//! the benchmarks in `docs/performance.md` measure.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::future::{BoxFuture, FutureExt, Shared};
+use futures_util::future::{self, Either, FutureExt, Shared};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
 
-use crate::BuildError;
-use tokio::time::{Instant, Sleep};
-
-/// The shared future of a sealed batch.
-pub(crate) type Job<O> = Shared<BoxFuture<'static, O>>;
+use crate::error::Setting;
+use crate::{BuildError, LoadError};
 
 /// What happens to a batch whose every waiter has gone before it finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Abandoned {
-    /// Drop the batch's future: the batch function is cancelled at its next await. The default.
+    /// Cancel the batch's task: the batch function is dropped at its next await. The default.
     #[default]
     Cancel,
-    /// Finish it on a spawned tokio task (when a runtime is present), so the work already sent
-    /// to the database is not wasted and its results reach the cache.
+    /// Let it finish, so the work already sent to the database is not wasted and its results
+    /// reach the cache.
     Finish,
 }
 
@@ -59,298 +62,346 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// A zero size or limit, or a zero window, is a build error.
+    /// A zero size or limit, or a zero window, is a build error. Large values are fine: every
+    /// use of them saturates.
     pub(crate) fn validate(&self) -> Result<(), BuildError> {
-        for (value, why) in [
-            (self.max_batch_size, "max_batch_size must be at least 1"),
-            (
-                self.max_concurrent_batches,
-                "max_concurrent_batches must be at least 1",
-            ),
-            (
-                self.max_queued_batches,
-                "max_queued_batches must be at least 1",
-            ),
+        for (value, setting) in [
+            (self.max_batch_size, Setting::MaxBatchSize),
+            (self.max_concurrent_batches, Setting::MaxConcurrentBatches),
+            (self.max_queued_batches, Setting::MaxQueuedBatches),
         ] {
             if value == 0 {
-                return Err(BuildError(why));
+                return Err(BuildError::Zero(setting));
             }
         }
         if self.window.is_some_and(|window| window.is_zero()) {
-            return Err(BuildError(
-                "window must be positive; leave it unset to batch per scheduler turn",
-            ));
+            return Err(BuildError::Zero(Setting::Window));
         }
         Ok(())
     }
 
-    /// The semaphore that bounds batches in flight.
-    pub(crate) fn slots(&self) -> Arc<tokio::sync::Semaphore> {
-        let permits = self
-            .max_concurrent_batches
-            .min(tokio::sync::Semaphore::MAX_PERMITS);
-        Arc::new(tokio::sync::Semaphore::new(permits))
-    }
-
-    pub(crate) fn settings(&self, abandoned: Abandoned) -> Settings {
-        Settings {
+    pub(crate) fn engine(&self, abandoned: Abandoned) -> Engine {
+        let permits = self.max_concurrent_batches.min(Semaphore::MAX_PERMITS);
+        Engine {
             max_batch_size: self.max_batch_size,
             window: self.window,
             abandoned,
+            slots: Arc::new(Semaphore::new(permits)),
+            max_queued: self.max_queued_batches,
+            queued: Arc::new(AtomicUsize::new(0)),
+            next_id: AtomicU64::new(0),
         }
     }
 }
 
-/// Engine settings that do not depend on what is batched.
-#[derive(Debug, Clone)]
-pub(crate) struct Settings {
+/// What every owner of batches keeps: its settings and the bounds on its batches.
+#[derive(Debug)]
+pub(crate) struct Engine {
     pub(crate) max_batch_size: usize,
     pub(crate) window: Option<Duration>,
     pub(crate) abandoned: Abandoned,
+    slots: Arc<Semaphore>,
+    max_queued: usize,
+    /// Batches created and not yet holding a slot.
+    queued: Arc<AtomicUsize>,
+    next_id: AtomicU64,
 }
 
-/// The owner of batches: it keeps the collecting batch and its items under its own lock.
+/// The shared outcome of one batch.
+pub(crate) type Outcome<T, E> = Arc<Result<T, LoadError<E>>>;
+
+/// The owner of batches (a loader, a batch layer): it keeps the collecting batch under its own
+/// lock and knows how to run one.
 pub(crate) trait Owner: Send + Sync + Sized + 'static {
     type Item: Send + 'static;
-    type Output: Clone + Send + Sync + 'static;
+    type Done: Send + Sync + 'static;
+    type Error: Send + Sync + 'static;
 
-    /// If `batch` is still collecting, detaches it and returns its items.
-    fn take_items(&self, batch: &Batch<Self::Output>) -> Option<Vec<Self::Item>>;
+    fn engine(&self) -> &Engine;
 
-    /// The future that runs one batch.
+    /// If `batch` is still the collecting one, detaches it and moves its items into it.
+    fn detach(&self, batch: &OwnedBatch<Self>);
+
+    /// Runs a sealed batch, on the batch's own task. A panic anywhere inside, including before
+    /// the future is returned, fails the batch with [`LoadError::Panicked`].
     fn run(
         self: &Arc<Self>,
-        batch: &Batch<Self::Output>,
+        batch: &Arc<OwnedBatch<Self>>,
         items: Vec<Self::Item>,
-    ) -> BoxFuture<'static, Self::Output>;
+    ) -> impl Future<Output = Result<Self::Done, LoadError<Self::Error>>> + Send + 'static;
 
-    /// Every waiter of `batch` left: drop whatever still points at it. Called with no lock held.
-    fn forget(&self, batch: &Arc<Batch<Self::Output>>);
+    /// Every waiter of `batch` left before it finished (called only under
+    /// [`Abandoned::Cancel`], with no lock held, from a waiter's `Drop`: must not panic).
+    fn forget(&self, batch: &Arc<OwnedBatch<Self>>);
 
-    fn settings(&self) -> &Settings;
+    /// The task of `batch` ended before running it (cancelled while collecting or waiting for
+    /// a slot): `items` never reached the batch function. Runs inside the task's drop.
+    fn unrun(&self, batch: &OwnedBatch<Self>, items: Vec<Self::Item>);
 }
 
-impl Settings {
-    /// Whether a batch holding `len` items must be sealed now: it is full, or the caller's
-    /// deadline is nearer than the rest of the window.
-    pub(crate) fn seal_now<O: Clone>(&self, batch: &Batch<O>, len: usize) -> bool {
-        len >= self.max_batch_size
-            || self.window.is_some_and(|window| {
-                brisk_core::deadline::remaining()
-                    .is_some_and(|left| left < window.saturating_sub(batch.created.elapsed()))
-            })
-    }
-}
+/// A batch of an owner `W`.
+pub(crate) type OwnedBatch<W> =
+    Batch<<W as Owner>::Item, Outcome<<W as Owner>::Done, <W as Owner>::Error>>;
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Nothing panics while one of our locks is held, so a poisoned lock still holds valid state.
+    // Our locks guard no user code that could leave them half-updated (user callbacks that run
+    // under one are contained with `catch_unwind`), so a poisoned lock still holds valid state.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Runs `f`, turning a panic into [`LoadError::Panicked`].
+pub(crate) fn contain<T, E>(f: impl FnOnce() -> T) -> Result<T, LoadError<E>> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|panic| LoadError::panicked(&*panic))
+}
+
 /// One batch.
-pub(crate) struct Batch<O> {
+pub(crate) struct Batch<I, O> {
     pub(crate) id: u64,
-    pub(crate) created: Instant,
-    inner: Mutex<Inner<O>>,
+    created: Instant,
+    /// Filled when the batch is sealed; emptied by its task.
+    items: Mutex<Vec<I>>,
+    /// Sealed early (full, flushed, a waiter's deadline near): the task stops waiting.
+    sealed: Notify,
+    /// A load from inside a batch function of the same chain joined: skip the slot.
+    nested: AtomicBool,
+    nested_notify: Notify,
+    /// Loader ids of the batch functions this batch was requested from (see `crate::loader`).
+    pub(crate) chain: Mutex<Vec<u64>>,
+    /// Forgotten by its owner: a new request must not join it.
+    abandoned: AtomicBool,
+    output: Shared<oneshot::Receiver<O>>,
     waiters: AtomicUsize,
+    task: OnceLock<AbortHandle>,
 }
 
-enum Inner<O> {
-    Collecting { wakers: Vec<Waker> },
-    Sealed(Job<O>),
-    Forgotten,
-}
-
-impl<O: Clone> Batch<O> {
-    pub(crate) fn new(id: u64) -> Self {
-        Self {
-            id,
-            created: Instant::now(),
-            inner: Mutex::new(Inner::Collecting { wakers: Vec::new() }),
-            waiters: AtomicUsize::new(0),
-        }
-    }
-
+impl<I, O: Clone> Batch<I, O> {
     /// How many waiters hold this batch.
     pub(crate) fn waiters(&self) -> usize {
         self.waiters.load(Ordering::Acquire)
     }
 
-    /// True once the batch's future has produced its output.
-    pub(crate) fn finished(&self) -> bool {
-        matches!(&*lock(&self.inner), Inner::Sealed(job) if job.peek().is_some())
+    /// False once its owner gave it up: requests must start a new batch instead of joining.
+    pub(crate) fn joinable(&self) -> bool {
+        !self.abandoned.load(Ordering::Acquire)
     }
 
-    /// Drops (or, by policy, spawns) the job of a batch nobody waits for any more.
-    pub(crate) fn abandon(&self, policy: Abandoned)
-    where
-        O: Send + Sync + 'static,
-    {
-        let previous = std::mem::replace(&mut *lock(&self.inner), Inner::Forgotten);
-        if let (Inner::Sealed(job), Abandoned::Finish) = (previous, policy)
-            && job.peek().is_none()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(job);
+    /// Hands the batch its items and tells its task to stop collecting.
+    pub(crate) fn seal(&self, items: Vec<I>) {
+        *lock(&self.items) = items;
+        self.sealed.notify_one();
+    }
+
+    /// A request from inside a batch function of this batch's chain waits for it: the batch
+    /// must not wait for a slot that its own ancestor may hold.
+    pub(crate) fn make_nested(&self) {
+        if !self.nested.swap(true, Ordering::AcqRel) {
+            self.nested_notify.notify_one();
+        }
+    }
+
+    /// Marks the batch given up and cancels its task.
+    pub(crate) fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Release);
+        if let Some(task) = self.task.get() {
+            task.abort();
+        }
+    }
+
+    /// Waits for the collection window to close, or for an early seal.
+    async fn window(&self, window: Option<Duration>) {
+        let sealed = std::pin::pin!(self.sealed.notified());
+        let closed = match window {
+            None => Either::Left(YieldOnce(false)),
+            Some(window) => Either::Right(tokio::time::sleep(window)),
+        };
+        future::select(sealed, std::pin::pin!(closed)).await;
+    }
+
+    /// A concurrency slot, or none for a nested batch.
+    async fn slot(&self, slots: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+        if self.nested.load(Ordering::Acquire) {
+            return None;
+        }
+        let acquire = std::pin::pin!(Arc::clone(slots).acquire_owned());
+        let nested = std::pin::pin!(self.nested_notify.notified());
+        match future::select(acquire, nested).await {
+            // The semaphore is never closed.
+            Either::Left((permit, _)) => permit.ok(),
+            Either::Right(_) => None,
         }
     }
 }
 
-/// Seals `batch` if it is still collecting.
-pub(crate) fn seal<W: Owner>(owner: &Arc<W>, batch: &Batch<W::Output>) {
-    if let Some(items) = owner.take_items(batch) {
-        seal_with(owner, batch, items);
+/// Ready on its second poll, after one trip through the scheduler's run queue: every task that
+/// was ready when the batch started gets its turn to add keys. (`tokio::task::yield_now` would
+/// also wait for the I/O driver, a system call per batch.)
+struct YieldOnce(bool);
+
+impl Future for YieldOnce {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
-/// Seals `batch` with `items` already taken from it, and wakes its waiters.
-pub(crate) fn seal_with<W: Owner>(owner: &Arc<W>, batch: &Batch<W::Output>, items: Vec<W::Item>) {
-    let job = owner.run(batch, items).shared();
-    let wakers = {
-        let mut inner = lock(&batch.inner);
-        match std::mem::replace(&mut *inner, Inner::Sealed(job)) {
-            Inner::Collecting { wakers } => wakers,
-            // Sealed twice cannot happen (items are taken once); keep what was there.
-            other => {
-                *inner = other;
-                Vec::new()
-            }
-        }
+/// A new batch, and what starts its task.
+pub(crate) type Created<W> = (Arc<OwnedBatch<W>>, Starter<W>);
+
+/// Creates a batch, counting it as queued. Fails when `max_queued_batches` are waiting.
+pub(crate) fn create<W: Owner>(owner: &W) -> Result<Created<W>, LoadError<W::Error>> {
+    let engine = owner.engine();
+    if engine.queued.load(Ordering::Acquire) >= engine.max_queued {
+        return Err(LoadError::Overloaded);
+    }
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| LoadError::NoRuntime)?;
+    let (sender, receiver) = oneshot::channel();
+    let batch = Arc::new(Batch {
+        id: engine.next_id.fetch_add(1, Ordering::Relaxed),
+        created: Instant::now(),
+        items: Mutex::new(Vec::new()),
+        sealed: Notify::new(),
+        nested: AtomicBool::new(false),
+        nested_notify: Notify::new(),
+        chain: Mutex::new(Vec::new()),
+        abandoned: AtomicBool::new(false),
+        output: receiver.shared(),
+        waiters: AtomicUsize::new(0),
+        task: OnceLock::new(),
+    });
+    let starter = Starter {
+        runtime,
+        sender,
+        queued: Queued::new(&engine.queued),
     };
-    wakers.into_iter().for_each(Waker::wake);
+    Ok((batch, starter))
 }
 
-/// A waiter of one batch: resolves to the batch's shared output, `O` (always `W::Output`;
-/// spelled apart so that public futures can hold a `Wait` without naming this crate's traits).
-pub(crate) struct Wait<W, O> {
+/// Starts a created batch's task; call it once the owner's lock is released.
+pub(crate) struct Starter<W: Owner> {
+    runtime: tokio::runtime::Handle,
+    sender: oneshot::Sender<Outcome<W::Done, W::Error>>,
+    queued: Queued,
+}
+
+impl<W: Owner> Starter<W> {
+    pub(crate) fn start(self, owner: &Arc<W>, batch: &Arc<OwnedBatch<W>>) {
+        let task = self.runtime.spawn(drive(
+            Arc::clone(owner),
+            Arc::clone(batch),
+            self.sender,
+            self.queued,
+        ));
+        // Set once, here; the batch's creator still waits on it, so nobody can have abandoned
+        // it yet.
+        let _ = batch.task.set(task.abort_handle());
+    }
+}
+
+/// The life of one batch, on its own task.
+async fn drive<W: Owner>(
     owner: Arc<W>,
-    batch: Arc<Batch<O>>,
-    state: State<O>,
-    /// `release::<W, O>`: `Drop` cannot ask for `W: Owner`, so `new` (which can) stores it.
-    release: fn(&Arc<W>, &Arc<Batch<O>>, &State<O>),
+    batch: Arc<OwnedBatch<W>>,
+    sender: oneshot::Sender<Outcome<W::Done, W::Error>>,
+    queued: Queued,
+) {
+    let engine = owner.engine();
+    // Until the items reach `run`, a cancelled task hands them back to the owner.
+    let unrun = Unrun {
+        owner: &owner,
+        batch: &batch,
+    };
+    batch.window(engine.window).await;
+    owner.detach(&batch);
+    let slot = batch.slot(&engine.slots).await;
+    drop(queued);
+    let items = std::mem::take(&mut *lock(&batch.items));
+    unrun.disarm();
+    let outcome = AssertUnwindSafe(async { owner.run(&batch, items).await })
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| Err(LoadError::panicked(&*panic)));
+    drop(slot);
+    // Every waiter may be gone; nothing to do then.
+    let _ = sender.send(Arc::new(outcome));
 }
 
-enum State<O> {
-    Collecting {
-        creator: bool,
-        yielded: bool,
-        sleep: Option<Pin<Box<Sleep>>>,
-    },
-    Running(Job<O>),
-    Done,
+/// Gives a cancelled batch's items back to its owner.
+struct Unrun<'a, W: Owner> {
+    owner: &'a Arc<W>,
+    batch: &'a Arc<OwnedBatch<W>>,
 }
 
-impl<W: Owner<Output = O>, O: Clone> Wait<W, O> {
-    /// Registers a waiter; `creator` is the one that closes the collection window.
-    pub(crate) fn new(owner: Arc<W>, batch: Arc<Batch<O>>, creator: bool) -> Self {
+impl<W: Owner> Unrun<'_, W> {
+    fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl<W: Owner> Drop for Unrun<'_, W> {
+    fn drop(&mut self) {
+        self.owner.detach(self.batch);
+        let items = std::mem::take(&mut *lock(&self.batch.items));
+        self.owner.unrun(self.batch, items);
+    }
+}
+
+/// A waiter of one batch: resolves to the batch's shared outcome.
+pub(crate) struct Wait<W: Owner> {
+    owner: Arc<W>,
+    batch: Arc<OwnedBatch<W>>,
+    output: Shared<oneshot::Receiver<Outcome<W::Done, W::Error>>>,
+    done: bool,
+}
+
+impl<W: Owner> Wait<W> {
+    /// Registers a waiter of `batch`. Call it under the owner's lock, where `forget` checks the
+    /// count.
+    pub(crate) fn new(owner: &Arc<W>, batch: &Arc<OwnedBatch<W>>) -> Self {
         batch.waiters.fetch_add(1, Ordering::AcqRel);
         Self {
-            release: release::<W, O>,
-            owner,
-            batch,
-            state: State::Collecting {
-                creator,
-                yielded: false,
-                sleep: None,
-            },
+            owner: Arc::clone(owner),
+            output: batch.output.clone(),
+            batch: Arc::clone(batch),
+            done: false,
         }
     }
 }
 
-impl<W, O> Unpin for Wait<W, O> {}
+impl<W: Owner> Unpin for Wait<W> {}
 
-impl<W: Owner<Output = O>, O: Clone> std::future::Future for Wait<W, O> {
-    type Output = O;
+impl<W: Owner> Future for Wait<W> {
+    type Output = Outcome<W::Done, W::Error>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<O> {
-        let this = &mut *self;
-        loop {
-            match &mut this.state {
-                State::Collecting {
-                    creator,
-                    yielded,
-                    sleep,
-                } => {
-                    {
-                        let mut inner = lock(&this.batch.inner);
-                        match &mut *inner {
-                            Inner::Sealed(job) => {
-                                let job = job.clone();
-                                drop(inner);
-                                this.state = State::Running(job);
-                                continue;
-                            }
-                            Inner::Collecting { wakers } if !*creator => {
-                                wakers.push(cx.waker().clone());
-                                return Poll::Pending;
-                            }
-                            Inner::Collecting { .. } => {}
-                            // A batch is forgotten only when it has no waiter, and we are one.
-                            Inner::Forgotten => {
-                                unreachable!("a batch with a waiter is never forgotten")
-                            }
-                        }
-                    }
-                    let due = match this.owner.settings().window {
-                        // Yield once so every ready task gets its turn, then seal: a wake from
-                        // inside poll puts this task at the back of tokio's run queue.
-                        None if *yielded => true,
-                        None => {
-                            *yielded = true;
-                            cx.waker().wake_by_ref();
-                            false
-                        }
-                        Some(window) => {
-                            let at = this.batch.created + window;
-                            let sleep =
-                                sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
-                            sleep.as_mut().poll(cx).is_ready()
-                        }
-                    };
-                    if !due {
-                        return Poll::Pending;
-                    }
-                    seal(&this.owner, &this.batch);
-                }
-                State::Running(job) => {
-                    let output = std::task::ready!(Pin::new(job).poll(cx));
-                    this.state = State::Done;
-                    return Poll::Ready(output);
-                }
-                State::Done => panic!("a batch wait was polled after it completed"),
-            }
-        }
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let output = std::task::ready!(Pin::new(&mut self.output).poll(cx));
+        self.done = true;
+        // The sender is dropped without sending only when the task ended early: its runtime
+        // shut down, or it was abandoned while this waiter raced in.
+        Poll::Ready(output.unwrap_or_else(|_| Arc::new(Err(LoadError::Cancelled))))
     }
 }
 
-impl<W, O> Drop for Wait<W, O> {
+impl<W: Owner> Drop for Wait<W> {
     fn drop(&mut self) {
-        (self.release)(&self.owner, &self.batch, &self.state);
+        let last = self.batch.waiters.fetch_sub(1, Ordering::AcqRel) == 1;
+        // A waiter that got its output saw the batch finish: there is nothing left to forget.
+        if last && !self.done && self.owner.engine().abandoned == Abandoned::Cancel {
+            self.owner.forget(&self.batch);
+        }
     }
 }
 
-/// A waiter leaves its batch.
-fn release<W: Owner<Output = O>, O: Clone>(
-    owner: &Arc<W>,
-    batch: &Arc<Batch<O>>,
-    state: &State<O>,
-) {
-    if let State::Collecting { creator: true, .. } = state {
-        // The window is ours to close: close it now so the others are not left waiting.
-        seal(owner, batch);
-    }
-    let last = batch.waiters.fetch_sub(1, Ordering::AcqRel) == 1;
-    // A waiter that got its output saw the batch finish: there is nothing left to forget.
-    if last && !matches!(state, State::Done) {
-        owner.forget(batch);
-    }
-}
-
-/// Counts a sealed batch as queued until it gets a slot or is dropped.
-pub(crate) struct Queued(Arc<AtomicUsize>);
+/// Counts a batch as queued until it gets a slot or is dropped.
+struct Queued(Arc<AtomicUsize>);
 
 impl Queued {
-    pub(crate) fn new(count: &Arc<AtomicUsize>) -> Self {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
         count.fetch_add(1, Ordering::AcqRel);
         Self(Arc::clone(count))
     }
@@ -362,11 +413,19 @@ impl Drop for Queued {
     }
 }
 
-/// The text of a panic payload, when it has one.
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".to_owned())
+impl Engine {
+    /// Whether a batch holding `len` items must be sealed now: it is full, or the caller's
+    /// deadline is nearer than the rest of the window.
+    pub(crate) fn seal_now<I, O>(&self, batch: &Batch<I, O>, len: usize) -> bool {
+        len >= self.max_batch_size
+            || self.window.is_some_and(|window| {
+                brisk_core::deadline::remaining()
+                    .is_some_and(|left| left < window.saturating_sub(batch.created.elapsed()))
+            })
+    }
+
+    /// When the batch was created, for the queue-wait metric.
+    pub(crate) fn age<I, O>(batch: &Batch<I, O>) -> Duration {
+        batch.created.elapsed()
+    }
 }

@@ -78,5 +78,5 @@ mod metrics;
 
 pub use batch_fn::BatchFn;
 pub use engine::Abandoned;
-pub use error::{BuildError, LoadError};
-pub use loader::{Load, Loader, LoaderBuilder, MissingKey};
+pub use error::{BuildError, LoadError, Setting};
+pub use loader::{Load, LoadMany, Loader, LoaderBuilder, MissingKey, WeakLoader};

@@ -6,22 +6,20 @@ use std::future::Future;
 use std::hash::Hash;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use brisk_core::deadline;
 use foldhash::quality::RandomState;
-use futures_util::future::{BoxFuture, FutureExt, join_all};
-use tokio::sync::Semaphore;
+use futures_util::future::{BoxFuture, FutureExt};
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::cache::Cache;
-use crate::engine::{
-    self, Abandoned, Batch, Limits, Owner, Queued, Settings, Wait, lock, panic_message,
-};
+use crate::engine::{self, Abandoned, Batch, Engine, Limits, Outcome, Owner, Wait, contain, lock};
+use crate::error::Setting;
 use crate::metrics::Metrics;
 use crate::{BatchFn, BuildError, LoadError};
 
@@ -36,14 +34,28 @@ pub enum MissingKey {
     Error,
 }
 
-/// The shared result of one batch.
-type Outcome<K, V, E> = Arc<Result<HashMap<K, V>, LoadError<E>>>;
-
-/// A waiter of one of a loader's batches.
-type LoaderWait<K, V, F> = Wait<Shared<K, V, F>, Outcome<K, V, <F as BatchFn<K, V>>::Error>>;
+/// A loader's batch outcome: the batch function's answer, or why there is none.
+type Answer<K, V, E> = Outcome<HashMap<K, V>, E>;
 
 /// One of a loader's batches.
-type LoaderBatch<K, V, E> = Arc<Batch<Outcome<K, V, E>>>;
+type LoaderBatch<K, V, E> = Arc<Batch<K, Answer<K, V, E>>>;
+
+/// A waiter of one of a loader's batches.
+type LoaderWait<K, V, F> = Wait<Shared<K, V, F>>;
+
+/// The result of one load.
+type Loaded<V, E> = Result<Option<V>, LoadError<E>>;
+
+/// Loader ids, to tell a loader's own nested loads (see [`CHAIN`]).
+static NEXT_LOADER: AtomicU64 = AtomicU64::new(0);
+
+tokio::task_local! {
+    /// The ids of the loaders whose batch functions the current task runs inside. A load made
+    /// from inside a batch function of the same loader (a recursive loader, or a cycle through
+    /// others) must not wait for a concurrency slot: its ancestor batch holds one and waits for
+    /// it, so with every slot held that way nothing would ever progress.
+    static CHAIN: Arc<[u64]>;
+}
 
 /// Batches concurrent loads of single keys into calls of a [`BatchFn`]. See the
 /// [crate docs](crate) for the rules.
@@ -65,21 +77,47 @@ impl<K, V, F: BatchFn<K, V>> fmt::Debug for Loader<K, V, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Loader")
             .field("name", &self.shared.name)
-            .field("max_batch_size", &self.shared.settings.max_batch_size)
-            .field("window", &self.shared.settings.window)
+            .field("max_batch_size", &self.shared.engine.max_batch_size)
+            .field("window", &self.shared.engine.window)
             .finish_non_exhaustive()
     }
 }
 
+/// A loader that does not keep its batch function alive: what a batch function holds to load
+/// from its own loader (a tree, a graph) without a reference cycle. Made by
+/// [`LoaderBuilder::build_cyclic`].
+pub struct WeakLoader<K, V, F: BatchFn<K, V>> {
+    shared: Weak<Shared<K, V, F>>,
+}
+
+impl<K, V, F: BatchFn<K, V>> WeakLoader<K, V, F> {
+    /// The loader, unless it was dropped.
+    #[must_use]
+    pub fn upgrade(&self) -> Option<Loader<K, V, F>> {
+        self.shared.upgrade().map(|shared| Loader { shared })
+    }
+}
+
+impl<K, V, F: BatchFn<K, V>> Clone for WeakLoader<K, V, F> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Weak::clone(&self.shared),
+        }
+    }
+}
+
+impl<K, V, F: BatchFn<K, V>> fmt::Debug for WeakLoader<K, V, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WeakLoader").finish_non_exhaustive()
+    }
+}
+
 struct Shared<K, V, F: BatchFn<K, V>> {
+    id: u64,
     name: Arc<str>,
     batch_fn: F,
-    settings: Settings,
+    engine: Engine,
     missing: MissingKey,
-    slots: Arc<Semaphore>,
-    max_queued: usize,
-    queued: Arc<AtomicUsize>,
-    next_id: AtomicU64,
     metrics: Metrics,
     state: Mutex<State<K, V, F::Error>>,
 }
@@ -98,6 +136,12 @@ struct State<K, V, E> {
 #[must_use]
 pub struct LoaderBuilder<F> {
     batch_fn: F,
+    settings: Settings,
+}
+
+/// What a builder sets, apart from the batch function.
+#[derive(Debug)]
+struct Settings {
     name: String,
     limits: Limits,
     cache: Option<usize>,
@@ -108,98 +152,178 @@ pub struct LoaderBuilder<F> {
 impl<F> fmt::Debug for LoaderBuilder<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LoaderBuilder")
-            .field("name", &self.name)
-            .field("limits", &self.limits)
-            .field("cache", &self.cache)
+            .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
 }
 
+impl LoaderBuilder<()> {
+    /// A builder for a loader whose batch function loads from the loader itself (a tree, a
+    /// graph); finish it with [`build_cyclic`](Self::build_cyclic).
+    pub fn cyclic() -> Self {
+        Self::with(())
+    }
+
+    /// Checks the settings and builds the loader, giving `make` a [`WeakLoader`] of it to keep
+    /// in the batch function.
+    ///
+    /// ```
+    /// use std::collections::HashMap;
+    /// use brisk_batch::{BatchFn, LoaderBuilder, WeakLoader};
+    ///
+    /// /// The sum of a node and everything below it, in a tree where node `n` has children
+    /// /// `2n` and `2n + 1` up to 15.
+    /// struct Sums(WeakLoader<u32, u64, Sums>);
+    ///
+    /// impl BatchFn<u32, u64> for Sums {
+    ///     type Error = brisk_batch::LoadError<std::convert::Infallible>;
+    ///     async fn load(&self, nodes: &[u32]) -> Result<HashMap<u32, u64>, Self::Error> {
+    ///         let loader = self.0.upgrade().expect("the loader outlives its batches");
+    ///         let children = nodes.iter().flat_map(|n| [2 * n, 2 * n + 1]).filter(|c| *c <= 15);
+    ///         let below = loader.load_many(children).await; // one batch per tree level
+    ///         let below: HashMap<u32, u64> = below.into_iter().flatten().flatten().collect();
+    ///         Ok(nodes
+    ///             .iter()
+    ///             .map(|n| (*n, u64::from(*n) + below.get(&(2 * n)).unwrap_or(&0) + below.get(&(2 * n + 1)).unwrap_or(&0)))
+    ///             .collect())
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let sums = LoaderBuilder::cyclic().name("sums").build_cyclic(Sums).expect("valid settings");
+    /// assert_eq!(sums.load(1).await.unwrap(), Some((1..=15).sum()));
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`BuildError`], as [`build`](Self::build).
+    pub fn build_cyclic<K, V, F: BatchFn<K, V>>(
+        self,
+        make: impl FnOnce(WeakLoader<K, V, F>) -> F,
+    ) -> Result<Loader<K, V, F>, BuildError> {
+        self.settings.validate()?;
+        let shared = Arc::new_cyclic(|weak| {
+            self.settings.shared(make(WeakLoader {
+                shared: Weak::clone(weak),
+            }))
+        });
+        Ok(Loader { shared })
+    }
+}
+
 impl<F> LoaderBuilder<F> {
+    fn with(batch_fn: F) -> Self {
+        Self {
+            batch_fn,
+            settings: Settings {
+                name: "loader".to_owned(),
+                limits: Limits::default(),
+                cache: None,
+                missing: MissingKey::None,
+                abandoned: Abandoned::Cancel,
+            },
+        }
+    }
+
     /// The `loader` label of this loader's metrics and spans. Default: `"loader"`.
     pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.name = name.into();
+        self.settings.name = name.into();
         self
     }
 
     /// The most keys in one batch; a larger demand is split. Default: 500.
     pub fn max_batch_size(mut self, max: usize) -> Self {
-        self.limits.max_batch_size = max;
+        self.settings.limits.max_batch_size = max;
         self
     }
 
     /// Collect keys for this long after a batch's first key, instead of one scheduler turn.
     /// Larger batches, higher latency. A waiter whose deadline is nearer than the window makes
-    /// its batch dispatch at once.
+    /// its batch dispatch at once, and [`Loader::flush`] dispatches it at any time, so a very
+    /// long window (up to `Duration::MAX`) with explicit flushes is manual dispatch.
     pub fn window(mut self, window: Duration) -> Self {
-        self.limits.window = Some(window);
+        self.settings.limits.window = Some(window);
         self
     }
 
-    /// The most batches running at once; more wait for a slot. Default: 10.
+    /// The most batches running at once; more wait for a slot. Default: 10. Batches made by
+    /// loads from inside a batch function of the same loader (directly or through other
+    /// loaders) take no slot, so a recursive loader cannot deadlock on this bound.
     pub fn max_concurrent_batches(mut self, max: usize) -> Self {
-        self.limits.max_concurrent_batches = max;
+        self.settings.limits.max_concurrent_batches = max;
         self
     }
 
-    /// The most sealed batches waiting for a slot; a load that would start another fails with
-    /// [`LoadError::Overloaded`]. Default: 1,000.
+    /// The most batches collecting or waiting for a slot; a load that would start another
+    /// fails with [`LoadError::Overloaded`]. Default: 1,000.
     pub fn max_queued_batches(mut self, max: usize) -> Self {
-        self.limits.max_queued_batches = max;
+        self.settings.limits.max_queued_batches = max;
         self
     }
 
     /// Keep up to `capacity` loaded values, oldest evicted first. Off by default: a loader
     /// made per request can turn it on freely, a shared one should think about staleness.
     pub fn cache(mut self, capacity: usize) -> Self {
-        self.cache = Some(capacity);
+        self.settings.cache = Some(capacity);
         self
     }
 
     /// What a key absent from the batch function's answer gives. Default: `Ok(None)`.
     pub fn missing(mut self, policy: MissingKey) -> Self {
-        self.missing = policy;
+        self.settings.missing = policy;
         self
     }
 
     /// What happens to a batch all of whose callers went away. Default: cancel it.
     pub fn abandoned(mut self, policy: Abandoned) -> Self {
-        self.abandoned = policy;
+        self.settings.abandoned = policy;
         self
     }
 
     /// Checks the settings and builds the loader.
     ///
     /// # Errors
-    /// [`BuildError`] if a size, limit or capacity is zero, or the window is zero.
+    /// [`BuildError::Zero`] if a size, limit, capacity or the window is zero.
     pub fn build<K, V>(self) -> Result<Loader<K, V, F>, BuildError>
     where
         F: BatchFn<K, V>,
     {
-        self.limits.validate()?;
-        if self.cache == Some(0) {
-            return Err(BuildError("cache capacity must be at least 1"));
-        }
+        self.settings.validate()?;
         Ok(Loader {
-            shared: Arc::new(Shared {
-                metrics: Metrics::new(&self.name),
-                name: self.name.into(),
-                batch_fn: self.batch_fn,
-                settings: self.limits.settings(self.abandoned),
-                missing: self.missing,
-                slots: self.limits.slots(),
-                max_queued: self.limits.max_queued_batches,
-                queued: Arc::new(AtomicUsize::new(0)),
-                next_id: AtomicU64::new(0),
-                state: Mutex::new(State {
-                    collecting: None,
-                    in_flight: HashMap::default(),
-                    cache: self.cache.map(Cache::new),
-                }),
-            }),
+            shared: Arc::new(self.settings.shared(self.batch_fn)),
         })
     }
 }
+
+impl Settings {
+    fn validate(&self) -> Result<(), BuildError> {
+        self.limits.validate()?;
+        if self.cache == Some(0) {
+            return Err(BuildError::Zero(Setting::CacheCapacity));
+        }
+        Ok(())
+    }
+
+    fn shared<K, V, F: BatchFn<K, V>>(self, batch_fn: F) -> Shared<K, V, F> {
+        Shared {
+            id: NEXT_LOADER.fetch_add(1, Ordering::Relaxed),
+            metrics: Metrics::new(&self.name),
+            name: self.name.into(),
+            batch_fn,
+            engine: self.limits.engine(self.abandoned),
+            missing: self.missing,
+            state: Mutex::new(State {
+                collecting: None,
+                in_flight: HashMap::default(),
+                cache: self.cache.map(Cache::new),
+            }),
+        }
+    }
+}
+
+/// The key back, and what `enqueue` found for it.
+type Found<K, V, F> = Result<(K, Enqueued<K, V, F>), LoadError<<F as BatchFn<K, V>>::Error>>;
 
 /// What `enqueue` found for a key: a cached value, or a batch to wait for.
 enum Enqueued<K, V, F>
@@ -227,20 +351,22 @@ where
 
     /// Starts a builder with the defaults.
     pub fn builder(batch_fn: F) -> LoaderBuilder<F> {
-        LoaderBuilder {
-            batch_fn,
-            name: "loader".to_owned(),
-            limits: Limits::default(),
-            cache: None,
-            missing: MissingKey::None,
-            abandoned: Abandoned::Cancel,
+        LoaderBuilder::with(batch_fn)
+    }
+
+    /// A handle that does not keep the loader alive.
+    #[must_use]
+    pub fn downgrade(&self) -> WeakLoader<K, V, F> {
+        WeakLoader {
+            shared: Arc::downgrade(&self.shared),
         }
     }
 
     /// Loads one key, batched with every other load of the moment.
     ///
     /// `Ok(None)` when the batch function did not return the key (see [`MissingKey`]). Waits at
-    /// most until the caller's deadline, if a `brisk_core::deadline::scope` set one.
+    /// most until the caller's deadline, if a `brisk_core::deadline::scope` set one; the batch
+    /// itself runs under no caller's deadline.
     ///
     /// # Errors
     /// [`LoadError`]: the batch failed or panicked, the deadline passed, the key was missing
@@ -253,58 +379,93 @@ where
         }
     }
 
-    /// Loads many keys; the result holds the ones found. Duplicates are loaded once; an empty
-    /// list returns at once without a batch. Larger demands than `max_batch_size` are split.
+    /// Loads many keys: one result per key, in the order given, each as [`load`](Self::load)
+    /// would give it (so one key's error does not hide the others' values). Repeated keys are
+    /// loaded once; more keys than `max_batch_size` are split into several batches; an empty
+    /// list returns at once. Past the caller's deadline every key still waiting gets
+    /// [`LoadError::Deadline`].
     ///
-    /// # Errors
-    /// The first [`LoadError`] of any of its batches.
-    pub async fn load_many(
-        &self,
-        keys: impl IntoIterator<Item = K>,
-    ) -> Result<HashMap<K, V>, LoadError<F::Error>> {
-        let mut found = HashMap::new();
-        let mut waits = Vec::new();
-        for key in keys {
-            if found.contains_key(&key) {
-                continue;
-            }
-            match self.enqueue(key.clone())? {
-                Enqueued::Cached(value) => {
-                    found.insert(key, value);
-                }
-                Enqueued::Wait(wait) => waits.push((key, wait)),
-            }
+    /// The keys are collected when this is called and enqueued when the future is first polled.
+    pub fn load_many(&self, keys: impl IntoIterator<Item = K>) -> LoadMany<'_, V, F::Error> {
+        let keys: Vec<K> = keys.into_iter().collect();
+        LoadMany {
+            inner: Box::pin(self.collect(keys)),
         }
-        let (keys, waits): (Vec<K>, Vec<_>) = waits.into_iter().unzip();
-        let outcomes = within_deadline(join_all(waits)).await?;
-        for (key, outcome) in keys.into_iter().zip(outcomes) {
-            if let Some(value) = self.pick(&outcome, &key)? {
-                found.insert(key, value);
-            }
-        }
-        Ok(found)
     }
 
-    /// Puts a value in the cache unless the key is cached already; true if it was stored.
-    /// Without a cache (the default) nothing is stored and this returns false.
+    async fn collect(&self, keys: Vec<K>) -> Vec<Loaded<V, F::Error>> {
+        let mut results: Vec<Option<Loaded<V, F::Error>>> = Vec::with_capacity(keys.len());
+        let mut waits = Vec::new();
+        for (index, key) in keys.into_iter().enumerate() {
+            match self.shared.enqueue(key) {
+                Ok((key, Enqueued::Wait(wait))) => {
+                    waits.push((index, key, wait));
+                    results.push(None);
+                }
+                Ok((_, Enqueued::Cached(value))) => results.push(Some(Ok(Some(value)))),
+                Err(err) => results.push(Some(Err(err))),
+            }
+        }
+        let answered = async {
+            // Each batch runs on its own task, so waiting for them one after another waits
+            // only as long as the slowest.
+            for (index, key, wait) in &mut waits {
+                let outcome = wait.await;
+                results[*index] = Some(self.shared.pick(&outcome, key));
+            }
+        };
+        if deadline::current().is_some() {
+            if let Err(elapsed) = Box::pin(deadline::bounded(Duration::MAX, answered)).await {
+                for result in results.iter_mut().filter(|result| result.is_none()) {
+                    *result = Some(Err(LoadError::Deadline(elapsed)));
+                }
+            }
+        } else {
+            answered.await;
+        }
+        drop(waits);
+        results
+            .into_iter()
+            .map(|result| result.unwrap_or(Err(LoadError::Cancelled)))
+            .collect()
+    }
+
+    /// Puts a value in the cache unless the key is cached already; true if it was stored. A
+    /// batch already loading the key does not overwrite a primed value. Without a cache (the
+    /// default) nothing is stored and this returns false.
     pub fn prime(&self, key: K, value: V) -> bool {
         let mut state = lock(&self.shared.state);
-        state
-            .cache
-            .as_mut()
-            .is_some_and(|cache| cache.insert_if_absent(key, value))
+        let state = &mut *state;
+        let Some(cache) = state.cache.as_mut() else {
+            return false;
+        };
+        contain::<_, ()>(|| {
+            // Whatever a batch in flight fetched is older than this value.
+            state.in_flight.remove(&key);
+            cache.insert_if_absent(key, value)
+        })
+        .unwrap_or(false)
     }
 
-    /// Forgets the cached value of `key`, so the next load fetches it again.
+    /// Forgets the cached value of `key`, and detaches it from any batch already loading it:
+    /// the next load fetches it in a new batch, so it sees every write made before the clear.
     pub fn clear(&self, key: &K) {
-        if let Some(cache) = lock(&self.shared.state).cache.as_mut() {
-            cache.remove(key);
-        }
+        let mut state = lock(&self.shared.state);
+        let state = &mut *state;
+        let _ = contain::<_, ()>(|| {
+            state.in_flight.remove(key);
+            if let Some(cache) = state.cache.as_mut() {
+                cache.remove(key);
+            }
+        });
     }
 
-    /// Forgets every cached value.
+    /// Forgets every cached value and detaches every key from the batches loading it, as
+    /// [`clear`](Self::clear) does for one.
     pub fn clear_all(&self) {
-        if let Some(cache) = lock(&self.shared.state).cache.as_mut() {
+        let mut state = lock(&self.shared.state);
+        state.in_flight.clear();
+        if let Some(cache) = state.cache.as_mut() {
             cache.clear();
         }
     }
@@ -313,66 +474,30 @@ where
     pub fn flush(&self) {
         let taken = lock(&self.shared.state).collecting.take();
         if let Some((batch, keys)) = taken {
-            engine::seal_with(&self.shared, &batch, keys);
+            batch.seal(keys);
         }
     }
+}
 
-    fn enqueue(&self, key: K) -> Result<Enqueued<K, V, F>, LoadError<F::Error>> {
-        let shared = &self.shared;
-        shared.metrics.requested.increment(1);
-        let mut state = lock(&shared.state);
-        if let Some(value) = state.cache.as_ref().and_then(|cache| cache.get(&key)) {
-            shared.metrics.cached.increment(1);
-            return Ok(Enqueued::Cached(value.clone()));
-        }
-        if let Some(batch) = state.in_flight.get(&key) {
-            shared.metrics.deduplicated.increment(1);
-            let wait = Wait::new(Arc::clone(shared), Arc::clone(batch), false);
-            return Ok(Enqueued::Wait(wait));
-        }
-        let (batch, creator) = match &mut state.collecting {
-            Some((batch, keys)) => {
-                keys.push(key.clone());
-                (Arc::clone(batch), false)
-            }
-            None => {
-                if shared.queued.load(Ordering::Acquire) >= shared.max_queued {
-                    return Err(LoadError::Overloaded);
-                }
-                let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-                let batch = Arc::new(Batch::new(id));
-                state.collecting = Some((Arc::clone(&batch), vec![key.clone()]));
-                (batch, true)
-            }
-        };
-        let wait = Wait::new(Arc::clone(shared), Arc::clone(&batch), creator);
-        state.in_flight.insert(key, Arc::clone(&batch));
-        let len = state.collecting.as_ref().map_or(0, |(_, keys)| keys.len());
-        let sealed = if shared.settings.seal_now(&batch, len) {
-            state.collecting.take().map(|(_, keys)| keys)
-        } else {
-            None
-        };
-        drop(state);
-        if let Some(keys) = sealed {
-            engine::seal_with(shared, &batch, keys);
-        }
-        Ok(Enqueued::Wait(wait))
+/// The future of [`Loader::load_many`]: one result per key, in the order given.
+#[must_use = "futures do nothing unless polled"]
+pub struct LoadMany<'a, V, E> {
+    // Boxed, so that the future is `Send` whatever the keys borrowed when it was made (a batch
+    // function loading `keys.iter().map(..)` from another loader).
+    inner: BoxFuture<'a, Vec<Loaded<V, E>>>,
+}
+
+impl<V, E> Future for LoadMany<'_, V, E> {
+    type Output = Vec<Loaded<V, E>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
     }
+}
 
-    fn pick(
-        &self,
-        outcome: &Outcome<K, V, F::Error>,
-        key: &K,
-    ) -> Result<Option<V>, LoadError<F::Error>> {
-        match &**outcome {
-            Ok(values) => match (values.get(key), self.shared.missing) {
-                (Some(value), _) => Ok(Some(value.clone())),
-                (None, MissingKey::None) => Ok(None),
-                (None, MissingKey::Error) => Err(LoadError::NotFound),
-            },
-            Err(err) => Err(err.clone()),
-        }
+impl<V, E> fmt::Debug for LoadMany<'_, V, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadMany").finish_non_exhaustive()
     }
 }
 
@@ -386,7 +511,7 @@ where
     F: BatchFn<K, V>,
 {
     loader: &'a Loader<K, V, F>,
-    /// Taken when the result is picked.
+    /// Moved into the loader while waiting; back for picking the result.
     key: Option<K>,
     state: LoadState<K, V, F>,
 }
@@ -418,24 +543,27 @@ where
     V: Clone + Send + Sync + 'static,
     F: BatchFn<K, V>,
 {
-    type Output = Result<Option<V>, LoadError<F::Error>>;
+    type Output = Loaded<V, F::Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         loop {
             let outcome = match &mut this.state {
                 LoadState::Start => {
-                    let key = this
-                        .key
-                        .clone()
-                        .expect("the key stays until the result is picked");
-                    this.state = match this.loader.enqueue(key) {
+                    let Some(key) = this.key.take() else {
+                        return this.finish(Err(LoadError::Cancelled));
+                    };
+                    this.state = match this.loader.shared.enqueue(key) {
                         Err(err) => return this.finish(Err(err)),
-                        Ok(Enqueued::Cached(value)) => return this.finish(Ok(Some(value))),
-                        Ok(Enqueued::Wait(wait)) if deadline::current().is_some() => {
-                            LoadState::Bounded(Box::pin(deadline::bounded(Duration::MAX, wait)))
+                        Ok((_, Enqueued::Cached(value))) => return this.finish(Ok(Some(value))),
+                        Ok((key, Enqueued::Wait(wait))) => {
+                            this.key = Some(key);
+                            if deadline::current().is_some() {
+                                LoadState::Bounded(Box::pin(deadline::bounded(Duration::MAX, wait)))
+                            } else {
+                                LoadState::Waiting(wait)
+                            }
                         }
-                        Ok(Enqueued::Wait(wait)) => LoadState::Waiting(wait),
                     };
                     continue;
                 }
@@ -446,11 +574,10 @@ where
                 },
                 LoadState::Done => panic!("a load was polled after it completed"),
             };
-            let key = this
-                .key
-                .take()
-                .expect("the key stays until the result is picked");
-            let picked = this.loader.pick(&outcome, &key);
+            let picked = match &this.key {
+                Some(key) => this.loader.shared.pick(&outcome, key),
+                None => Err(LoadError::Cancelled),
+            };
             return this.finish(picked);
         }
     }
@@ -480,15 +607,189 @@ where
     }
 }
 
-/// Bounds a wait by the caller's deadline, when there is one. The deadline's timer is boxed so
-/// that loads without a deadline (most) keep a small future.
-async fn within_deadline<T, E>(wait: impl Future<Output = T>) -> Result<T, LoadError<E>> {
-    if deadline::current().is_none() {
-        return Ok(wait.await);
+impl<K, V, F> Shared<K, V, F>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    F: BatchFn<K, V>,
+{
+    /// Finds `key` in the cache, in a batch in flight, or adds it to the collecting batch
+    /// (starting one). Gives the key back for picking the result. A panic in the key's `Hash`,
+    /// `Eq` or `Clone` fails this load alone and leaves the loader consistent.
+    fn enqueue(self: &Arc<Self>, key: K) -> Found<K, V, F> {
+        self.metrics.requested.increment(1);
+        let chain = CHAIN.try_with(Arc::clone).ok();
+        let mut state = lock(&self.state);
+        let step = contain(|| self.enqueue_locked(&mut state, key, chain.as_deref()));
+        drop(state);
+        let (key, enqueued, started) = step??;
+        if let (Some((batch, starter)), Enqueued::Wait(_)) = (started, &enqueued) {
+            starter.start(self, &batch);
+        }
+        Ok((key, enqueued))
     }
-    Box::pin(deadline::bounded(Duration::MAX, wait))
-        .await
-        .map_err(LoadError::Deadline)
+
+    #[allow(clippy::type_complexity)]
+    fn enqueue_locked(
+        self: &Arc<Self>,
+        state: &mut State<K, V, F::Error>,
+        key: K,
+        chain: Option<&[u64]>,
+    ) -> Result<
+        (
+            K,
+            Enqueued<K, V, F>,
+            Option<(LoaderBatch<K, V, F::Error>, engine::Starter<Self>)>,
+        ),
+        LoadError<F::Error>,
+    > {
+        if let Some(value) = state.cache.as_ref().and_then(|cache| cache.get(&key)) {
+            self.metrics.cached.increment(1);
+            let value = value.clone();
+            return Ok((key, Enqueued::Cached(value), None));
+        }
+        if let Some(batch) = state.in_flight.get(&key).filter(|batch| batch.joinable()) {
+            self.metrics.deduplicated.increment(1);
+            self.join(batch, chain);
+            let wait = Wait::new(self, batch);
+            return Ok((key, Enqueued::Wait(wait), None));
+        }
+        // User code (`Clone`, `Hash`, `Eq`) runs before anything changes, so a panic in it
+        // leaves the state as it was.
+        let (kept, batched) = (key.clone(), key.clone());
+        let (batch, started) = match &state.collecting {
+            Some((batch, _)) => (Arc::clone(batch), None),
+            None => {
+                let (batch, starter) = engine::create(&**self)?;
+                (batch, Some(starter))
+            }
+        };
+        state.in_flight.insert(key, Arc::clone(&batch));
+        // No user code from here on.
+        let keys = match &mut state.collecting {
+            Some((_, keys)) => {
+                keys.push(batched);
+                keys.len()
+            }
+            None => {
+                state.collecting = Some((Arc::clone(&batch), vec![batched]));
+                1
+            }
+        };
+        self.join(&batch, chain);
+        let wait = Wait::new(self, &batch);
+        if self.engine.seal_now(&batch, keys)
+            && let Some((_, keys)) = state.collecting.take()
+        {
+            batch.seal(keys);
+        }
+        Ok((
+            kept,
+            Enqueued::Wait(wait),
+            started.map(|starter| (batch, starter)),
+        ))
+    }
+
+    /// Records that a load from inside the batch functions `chain` waits for `batch`.
+    fn join(&self, batch: &LoaderBatch<K, V, F::Error>, chain: Option<&[u64]>) {
+        let Some(chain) = chain else { return };
+        if chain.contains(&self.id) {
+            batch.make_nested();
+        }
+        let mut known = lock(&batch.chain);
+        for id in chain {
+            if !known.contains(id) {
+                known.push(*id);
+            }
+        }
+    }
+
+    /// The result of one key from its batch's outcome. A panic in the key's `Hash`/`Eq` or the
+    /// value's `Clone` fails this load alone.
+    fn pick(&self, outcome: &Answer<K, V, F::Error>, key: &K) -> Loaded<V, F::Error> {
+        match &**outcome {
+            Ok(values) => match (contain(|| values.get(key).cloned())?, self.missing) {
+                (Some(value), _) => Ok(Some(value)),
+                (None, MissingKey::None) => Ok(None),
+                (None, MissingKey::Error) => Err(LoadError::NotFound),
+            },
+            Err(err) => Err(err.clone()),
+        }
+    }
+
+    /// Takes `keys` of batch `id` out of the in-flight map, except where a newer batch or a
+    /// `clear` replaced them; with `values`, caches what the batch found for the keys still its
+    /// own. Contains panics of user `Hash`/`Eq`/`Clone`: if one fires, every entry of the batch
+    /// is removed by a scan that runs no user code, and nothing more is cached.
+    fn release(&self, id: u64, keys: &[K], values: Option<&HashMap<K, V>>) -> u64 {
+        let mut state = lock(&self.state);
+        let state = &mut *state;
+        let released = contain::<_, ()>(|| {
+            let mut missing = 0;
+            for key in keys {
+                let ours = state.in_flight.get(key).is_some_and(|batch| batch.id == id);
+                if ours {
+                    state.in_flight.remove(key);
+                }
+                let Some(values) = values else { continue };
+                match values.get(key) {
+                    Some(value) if ours => {
+                        if let Some(cache) = state.cache.as_mut() {
+                            cache.insert(key.clone(), value.clone());
+                        }
+                    }
+                    Some(_) => {}
+                    None => missing += 1,
+                }
+            }
+            missing
+        });
+        released.unwrap_or_else(|_| {
+            state.in_flight.retain(|_, batch| batch.id != id);
+            0
+        })
+    }
+}
+
+/// Releases a running batch's keys however its future ends: finished, cancelled or panicked.
+struct Running<'a, K, V, F>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    F: BatchFn<K, V>,
+{
+    shared: &'a Shared<K, V, F>,
+    id: u64,
+    keys: Vec<K>,
+    released: bool,
+}
+
+impl<K, V, F> Running<'_, K, V, F>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    F: BatchFn<K, V>,
+{
+    fn finish(&mut self, values: Option<&HashMap<K, V>>) {
+        self.released = true;
+        let missing = self.shared.release(self.id, &self.keys, values);
+        if missing > 0 {
+            self.shared.metrics.missing.increment(missing);
+        }
+    }
+}
+
+impl<K, V, F> Drop for Running<'_, K, V, F>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    F: BatchFn<K, V>,
+{
+    fn drop(&mut self) {
+        if !self.released {
+            self.shared.release(self.id, &self.keys, None);
+        }
+    }
 }
 
 impl<K, V, F> Owner for Shared<K, V, F>
@@ -498,40 +799,49 @@ where
     F: BatchFn<K, V>,
 {
     type Item = K;
-    type Output = Outcome<K, V, F::Error>;
+    type Done = HashMap<K, V>;
+    type Error = F::Error;
 
-    fn take_items(&self, batch: &Batch<Self::Output>) -> Option<Vec<K>> {
+    fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn detach(&self, batch: &Batch<K, Answer<K, V, F::Error>>) {
         let mut state = lock(&self.state);
-        match &state.collecting {
-            Some((current, _)) if current.id == batch.id => {
-                state.collecting.take().map(|(_, keys)| keys)
-            }
-            _ => None,
+        if let Some((current, _)) = &state.collecting
+            && current.id == batch.id
+            && let Some((_, keys)) = state.collecting.take()
+        {
+            batch.seal(keys);
         }
     }
 
     fn run(
         self: &Arc<Self>,
-        batch: &Batch<Self::Output>,
+        batch: &Arc<Batch<K, Answer<K, V, F::Error>>>,
         keys: Vec<K>,
-    ) -> BoxFuture<'static, Self::Output> {
+    ) -> impl Future<Output = Result<HashMap<K, V>, LoadError<F::Error>>> + Send + 'static {
         let this = Arc::clone(self);
-        let (id, created) = (batch.id, batch.created);
-        let queued = Queued::new(&self.queued);
-        Box::pin(async move {
-            let slot = Arc::clone(&this.slots)
-                .acquire_owned()
-                .await
-                .expect("the loader never closes its semaphore");
-            drop(queued);
-            this.metrics.dispatched(keys.len(), created.elapsed());
+        let id = batch.id;
+        let waited = Engine::age(batch);
+        let mut chain = lock(&batch.chain).clone();
+        chain.push(self.id);
+        let chain: Arc<[u64]> = chain.into();
+        async move {
+            let mut running = Running {
+                shared: &this,
+                id,
+                keys,
+                released: false,
+            };
+            let keys = &running.keys;
+            this.metrics.dispatched(keys.len(), waited);
             let span = tracing::debug_span!("brisk.batch.dispatch", loader = %this.name, keys = keys.len());
             let started = Instant::now();
-            let result = AssertUnwindSafe(this.batch_fn.load(&keys))
-                .catch_unwind()
-                .instrument(span)
-                .await;
-            drop(slot);
+            // The batch function runs with this loader in its chain; `load` is called inside
+            // the future, so a panic before it returns its own future is caught too.
+            let load = AssertUnwindSafe(async { this.batch_fn.load(keys).await }).catch_unwind();
+            let result = CHAIN.scope(chain, load).instrument(span).await;
             this.metrics
                 .duration
                 .record(started.elapsed().as_secs_f64());
@@ -543,60 +853,33 @@ where
                 }
                 Err(panic) => {
                     this.metrics.panics.increment(1);
-                    Err(LoadError::Panicked(panic_message(&*panic).into()))
+                    Err(LoadError::panicked(&*panic))
                 }
             };
-            this.finish(id, &keys, &outcome);
-            Arc::new(outcome)
-        })
-    }
-
-    fn forget(&self, batch: &Arc<Batch<Self::Output>>) {
-        {
-            let mut state = lock(&self.state);
-            // A new waiter may have joined since the count reached zero, or the batch finished.
-            if batch.waiters() > 0 || batch.finished() {
-                return;
-            }
-            state.in_flight.retain(|_, b| b.id != batch.id);
+            running.finish(outcome.as_ref().ok());
+            outcome
         }
-        batch.abandon(self.settings.abandoned);
     }
 
-    fn settings(&self) -> &Settings {
-        &self.settings
-    }
-}
-
-impl<K, V, F> Shared<K, V, F>
-where
-    K: Hash + Eq + Clone,
-    V: Clone,
-    F: BatchFn<K, V>,
-{
-    /// A batch ended: its keys leave the in-flight map, found values enter the cache.
-    fn finish(&self, id: u64, keys: &[K], outcome: &Result<HashMap<K, V>, LoadError<F::Error>>) {
+    fn forget(&self, batch: &Arc<Batch<K, Answer<K, V, F::Error>>>) {
         let mut state = lock(&self.state);
-        for key in keys {
-            if state.in_flight.get(key).is_some_and(|batch| batch.id == id) {
-                state.in_flight.remove(key);
-            }
+        // A new waiter may have joined since the count reached zero.
+        if batch.waiters() > 0 {
+            return;
         }
-        let Ok(values) = outcome else { return };
-        let mut missing = 0;
-        for key in keys {
-            match values.get(key) {
-                Some(value) => {
-                    if let Some(cache) = state.cache.as_mut() {
-                        cache.insert(key.clone(), value.clone());
-                    }
-                }
-                None => missing += 1,
-            }
+        // Its keys go with it; its task, cancelled, releases them (no user code runs here, in
+        // a waiter's `Drop`).
+        if let Some((current, _)) = &state.collecting
+            && current.id == batch.id
+            && let Some((_, keys)) = state.collecting.take()
+        {
+            batch.seal(keys);
         }
         drop(state);
-        if missing > 0 {
-            self.metrics.missing.increment(missing);
-        }
+        batch.abandon();
+    }
+
+    fn unrun(&self, batch: &Batch<K, Answer<K, V, F::Error>>, keys: Vec<K>) {
+        self.release(batch.id, &keys, None);
     }
 }

@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use brisk_batch::layer::{BatchError, BatchLayer, BatchLayerBuilder};
+use brisk_batch::LoadError;
+use brisk_batch::layer::{BatchLayer, BatchLayerBuilder};
 use brisk_core::deadline;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt, service_fn};
@@ -60,7 +61,7 @@ async fn a_wrong_length_response_fails_the_batch_clearly() {
         assert!(
             matches!(
                 err,
-                BatchError::WrongLength {
+                LoadError::WrongLength {
                     expected: 2,
                     got: 1
                 }
@@ -69,7 +70,7 @@ async fn a_wrong_length_response_fails_the_batch_clearly() {
         );
         assert_eq!(
             err.to_string(),
-            "batched service answered 2 requests with 1 responses"
+            "the batched service answered 2 requests with 1 responses"
         );
     }
 }
@@ -80,7 +81,7 @@ async fn a_service_error_reaches_every_request_as_one_arc() {
     let svc = BatchLayer::new().layer(failing);
     let (a, b) = tokio::join!(svc.clone().oneshot(1), svc.clone().oneshot(2));
     match (a.unwrap_err(), b.unwrap_err()) {
-        (BatchError::Service(a), BatchError::Service(b)) => {
+        (LoadError::Batch(a), LoadError::Batch(b)) => {
             assert!(Arc::ptr_eq(&a, &b));
             assert_eq!(*a, "db down");
         }
@@ -96,7 +97,7 @@ async fn a_panicking_service_fails_its_batch_and_the_next_works() {
     }));
     assert!(matches!(
         svc.clone().oneshot(13).await,
-        Err(BatchError::Panicked(_))
+        Err(LoadError::Panicked { .. })
     ));
     assert_eq!(svc.clone().oneshot(12).await.unwrap(), 12);
 }
@@ -146,10 +147,7 @@ async fn past_the_queue_bound_calls_are_overloaded() {
     let running = svc.call(1);
     let queued = svc.call(2);
     let refused = svc.call(3).await;
-    assert!(
-        matches!(refused, Err(BatchError::Overloaded)),
-        "{refused:?}"
-    );
+    assert!(matches!(refused, Err(LoadError::Overloaded)), "{refused:?}");
     drop((running, queued));
 }
 
@@ -161,7 +159,7 @@ async fn a_request_past_its_deadline_gets_a_deadline_error() {
     let err = deadline::scope(start + Duration::from_millis(30), svc.oneshot(1))
         .await
         .unwrap_err();
-    assert!(matches!(err, BatchError::Deadline(_)), "{err:?}");
+    assert!(matches!(err, LoadError::Deadline(_)), "{err:?}");
     assert_eq!(start.elapsed(), Duration::from_millis(30));
 }
 

@@ -3,22 +3,26 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use brisk_core::deadline::{self, Bounded};
-use tower_service::Service;
 
-use super::{BatchError, BatchWait, BulkService};
+use super::{BatchWait, BulkService};
+use crate::LoadError;
 
 /// The response future of [`Batch`](super::Batch).
 #[must_use = "futures do nothing unless polled"]
 pub struct ResponseFuture<S, Req, Resp>
 where
-    S: Service<Vec<Req>, Response = Vec<Resp>>,
+    S: BulkService<Req, Resp>,
+    Req: Send + 'static,
+    Resp: Send + 'static,
 {
     state: State<S, Req, Resp>,
 }
 
 enum State<S, Req, Resp>
 where
-    S: Service<Vec<Req>, Response = Vec<Resp>>,
+    S: BulkService<Req, Resp>,
+    Req: Send + 'static,
+    Resp: Send + 'static,
 {
     Waiting {
         wait: BatchWait<S, Req, Resp>,
@@ -29,7 +33,7 @@ where
         wait: Pin<Box<Bounded<BatchWait<S, Req, Resp>>>>,
         index: usize,
     },
-    Failed(Option<BatchError<S::Error>>),
+    Failed(Option<LoadError<S::Error>>),
 }
 
 impl<S, Req, Resp> ResponseFuture<S, Req, Resp>
@@ -48,15 +52,18 @@ where
         Self { state }
     }
 
-    pub(crate) fn failed(err: BatchError<S::Error>) -> Self {
+    pub(crate) fn failed(err: LoadError<S::Error>) -> Self {
         Self {
             state: State::Failed(Some(err)),
         }
     }
 }
 
-impl<S, Req, Resp> Unpin for ResponseFuture<S, Req, Resp> where
-    S: Service<Vec<Req>, Response = Vec<Resp>>
+impl<S, Req, Resp> Unpin for ResponseFuture<S, Req, Resp>
+where
+    S: BulkService<Req, Resp>,
+    Req: Send + 'static,
+    Resp: Send + 'static,
 {
 }
 
@@ -66,7 +73,7 @@ where
     Req: Send + 'static,
     Resp: Send + 'static,
 {
-    type Output = Result<Resp, BatchError<S::Error>>;
+    type Output = Result<Resp, LoadError<S::Error>>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let (outcome, index) = match &mut self.state {
@@ -76,14 +83,12 @@ where
             State::Waiting { wait, index } => (std::task::ready!(Pin::new(wait).poll(cx)), *index),
             State::Bounded { wait, index } => match std::task::ready!(wait.as_mut().poll(cx)) {
                 Ok(outcome) => (outcome, *index),
-                Err(elapsed) => return Poll::Ready(Err(BatchError::Deadline(elapsed))),
+                Err(elapsed) => return Poll::Ready(Err(LoadError::Deadline(elapsed))),
             },
         };
         Poll::Ready(match &*outcome {
             // Each index belongs to one request, which takes its response once.
-            Ok(responses) => Ok(responses
-                .take(index)
-                .expect("a response is taken once, by its request")),
+            Ok(responses) => responses.take(index).ok_or(LoadError::Cancelled),
             Err(err) => Err(err.clone()),
         })
     }
@@ -91,7 +96,9 @@ where
 
 impl<S, Req, Resp> std::fmt::Debug for ResponseFuture<S, Req, Resp>
 where
-    S: Service<Vec<Req>, Response = Vec<Resp>>,
+    S: BulkService<Req, Resp>,
+    Req: Send + 'static,
+    Resp: Send + 'static,
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()

@@ -20,30 +20,28 @@
 //! ```
 //!
 //! Response `i` answers request `i`; a response vector of the wrong length fails every request
-//! of that batch with [`BatchError::WrongLength`]. Requests are admitted in `call` (`poll_ready`
+//! of that batch with [`LoadError::WrongLength`]. Requests are admitted in `call` (`poll_ready`
 //! is always ready) and batches beyond `max_queued_batches` fail with
-//! [`BatchError::Overloaded`]. The service is `Clone` over shared state: clones feed the same
+//! [`LoadError::Overloaded`]. Each batch runs on its own task, so a batch completes whether or
+//! not the future of its first request is ever polled, and the inner service runs under no
+//! caller's deadline; each caller still stops waiting at its own. The service is `Clone` over shared state: clones feed the same
 //! batches. Each batch calls a clone of the inner service, so the inner service must be
 //! `Clone` (wrap it in `tower::buffer::Buffer` if it is not).
 
-mod error;
 mod future;
 #[allow(clippy::module_inception)] // tower's layout: a middleware's layer lives in layer.rs
 mod layer;
 
-use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use futures_util::future::{BoxFuture, FutureExt};
-use tokio::sync::Semaphore;
 use tower_service::Service;
 
-pub use self::error::BatchError;
 pub use self::future::ResponseFuture;
 pub use self::layer::{BatchLayer, BatchLayerBuilder};
-use crate::engine::{self, Abandoned, Limits, Owner, Queued, Settings, Wait, lock, panic_message};
+use crate::LoadError;
+use crate::engine::{self, Abandoned, Engine, Limits, OwnedBatch, Owner, Wait, lock};
 
 /// What [`Batch`] needs of the service it batches into, named once: a cloneable bulk service
 /// whose future and error can cross threads. Every such service has it.
@@ -74,9 +72,6 @@ impl<Resp> Responses<Resp> {
     }
 }
 
-/// The shared result of one batch.
-pub(crate) type Outcome<Resp, E> = Arc<Result<Responses<Resp>, BatchError<E>>>;
-
 /// Batches requests into calls of the inner bulk service. See the [module docs](self).
 ///
 /// `Resp` is the element type of the inner service's response vector.
@@ -104,34 +99,29 @@ where
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Batch")
-            .field("max_batch_size", &self.shared.settings.max_batch_size)
-            .field("window", &self.shared.settings.window)
+            .field("max_batch_size", &self.shared.engine.max_batch_size)
+            .field("window", &self.shared.engine.window)
             .finish_non_exhaustive()
     }
 }
 
 /// A batch of requests through `S`.
-type Round<S, Req, Resp> = engine::Batch<Outcome<Resp, <S as Service<Vec<Req>>>::Error>>;
-
-/// The batch taking requests now, and its requests.
-type Collecting<S, Req, Resp> = (Arc<Round<S, Req, Resp>>, Vec<Req>);
-
-/// A request's place in a batch, or why it has none.
-type Enqueued<S, Req, Resp> =
-    Result<(BatchWait<S, Req, Resp>, usize), BatchError<<S as Service<Vec<Req>>>::Error>>;
+type Round<S, Req, Resp> = OwnedBatch<Shared<S, Req, Resp>>;
 
 pub(crate) struct Shared<S, Req, Resp>
 where
     S: Service<Vec<Req>, Response = Vec<Resp>>,
 {
     service: S,
-    settings: Settings,
-    slots: Arc<Semaphore>,
-    max_queued: usize,
-    queued: Arc<AtomicUsize>,
-    next_id: AtomicU64,
+    engine: Engine,
     /// The batch taking requests now, with its requests; each waiter knows its index.
-    collecting: Mutex<Option<Collecting<S, Req, Resp>>>,
+    #[allow(clippy::type_complexity)]
+    collecting: Mutex<
+        Option<(
+            Arc<engine::Batch<Req, engine::Outcome<Responses<Resp>, S::Error>>>,
+            Vec<Req>,
+        )>,
+    >,
 }
 
 impl<S, Req, Resp> Batch<S, Req, Resp>
@@ -147,11 +137,7 @@ where
         Self {
             shared: Arc::new(Shared {
                 service: inner,
-                settings: limits.settings(Abandoned::Cancel),
-                slots: limits.slots(),
-                max_queued: limits.max_queued_batches,
-                queued: Arc::new(AtomicUsize::new(0)),
-                next_id: AtomicU64::new(0),
+                engine: limits.engine(Abandoned::Cancel),
                 collecting: Mutex::new(None),
             }),
         }
@@ -165,7 +151,7 @@ where
     Resp: Send + 'static,
 {
     type Response = Resp;
-    type Error = BatchError<S::Error>;
+    type Error = LoadError<S::Error>;
     type Future = ResponseFuture<S, Req, Resp>;
 
     /// Always ready: requests are admitted (or refused as overloaded) in `call`.
@@ -182,8 +168,7 @@ where
 }
 
 /// A waiter of one of this service's batches.
-pub(crate) type BatchWait<S, Req, Resp> =
-    Wait<Shared<S, Req, Resp>, Outcome<Resp, <S as Service<Vec<Req>>>::Error>>;
+pub(crate) type BatchWait<S, Req, Resp> = Wait<Shared<S, Req, Resp>>;
 
 impl<S, Req, Resp> Batch<S, Req, Resp>
 where
@@ -191,34 +176,36 @@ where
     Req: Send + 'static,
     Resp: Send + 'static,
 {
-    fn enqueue(&self, request: Req) -> Enqueued<S, Req, Resp> {
+    /// Adds `request` to the collecting batch (starting one). No user code runs here.
+    #[allow(clippy::type_complexity)]
+    fn enqueue(
+        &self,
+        request: Req,
+    ) -> Result<(BatchWait<S, Req, Resp>, usize), LoadError<S::Error>> {
         let shared = &self.shared;
         let mut collecting = lock(&shared.collecting);
-        let (batch, index, creator) = match &mut *collecting {
+        let mut started = None;
+        let (batch, index) = match &mut *collecting {
             Some((batch, requests)) => {
                 requests.push(request);
-                (Arc::clone(batch), requests.len() - 1, false)
+                (Arc::clone(batch), requests.len() - 1)
             }
             None => {
-                if shared.queued.load(Ordering::Acquire) >= shared.max_queued {
-                    return Err(BatchError::Overloaded);
-                }
-                let batch = Arc::new(Round::<S, Req, Resp>::new(
-                    shared.next_id.fetch_add(1, Ordering::Relaxed),
-                ));
+                let (batch, starter) = engine::create(&**shared)?;
                 *collecting = Some((Arc::clone(&batch), vec![request]));
-                (batch, 0, true)
+                started = Some(starter);
+                (batch, 0)
             }
         };
-        let wait = Wait::new(Arc::clone(shared), Arc::clone(&batch), creator);
-        let sealed = if shared.settings.seal_now(&batch, index + 1) {
-            collecting.take().map(|(_, requests)| requests)
-        } else {
-            None
-        };
+        let wait = Wait::new(shared, &batch);
+        if shared.engine.seal_now(&batch, index + 1)
+            && let Some((_, requests)) = collecting.take()
+        {
+            batch.seal(requests);
+        }
         drop(collecting);
-        if let Some(requests) = sealed {
-            engine::seal_with(shared, &batch, requests);
+        if let Some(starter) = started {
+            starter.start(shared, &batch);
         }
         Ok((wait, index))
     }
@@ -231,60 +218,66 @@ where
     Resp: Send + 'static,
 {
     type Item = Req;
-    type Output = Outcome<Resp, S::Error>;
+    type Done = Responses<Resp>;
+    type Error = S::Error;
 
-    fn take_items(&self, batch: &engine::Batch<Self::Output>) -> Option<Vec<Req>> {
+    fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn detach(&self, batch: &Round<S, Req, Resp>) {
         let mut collecting = lock(&self.collecting);
-        match &*collecting {
-            Some((current, _)) if current.id == batch.id => {
-                collecting.take().map(|(_, requests)| requests)
-            }
-            _ => None,
+        if let Some((current, _)) = &*collecting
+            && current.id == batch.id
+            && let Some((_, requests)) = collecting.take()
+        {
+            batch.seal(requests);
         }
     }
 
     fn run(
         self: &Arc<Self>,
-        _: &engine::Batch<Self::Output>,
+        _: &Arc<Round<S, Req, Resp>>,
         requests: Vec<Req>,
-    ) -> BoxFuture<'static, Self::Output> {
+    ) -> impl Future<Output = Result<Responses<Resp>, LoadError<S::Error>>> + Send + 'static {
         let mut service = self.service.clone();
-        let slots = Arc::clone(&self.slots);
-        let queued = Queued::new(&self.queued);
-        Box::pin(async move {
-            let _slot = slots
-                .acquire_owned()
-                .await
-                .expect("the layer never closes its semaphore");
-            drop(queued);
+        async move {
             let expected = requests.len();
-            let call = async move {
-                std::future::poll_fn(|cx| service.poll_ready(cx)).await?;
-                service.call(requests).await
-            };
-            let outcome = match AssertUnwindSafe(call).catch_unwind().await {
-                Ok(Ok(responses)) if responses.len() == expected => Ok(Responses(Mutex::new(
-                    responses.into_iter().map(Some).collect(),
-                ))),
-                Ok(Ok(responses)) => Err(BatchError::WrongLength {
+            std::future::poll_fn(|cx| service.poll_ready(cx))
+                .await
+                .map_err(|err| LoadError::Batch(Arc::new(err)))?;
+            let responses = service
+                .call(requests)
+                .await
+                .map_err(|err| LoadError::Batch(Arc::new(err)))?;
+            if responses.len() != expected {
+                return Err(LoadError::WrongLength {
                     expected,
                     got: responses.len(),
-                }),
-                Ok(Err(err)) => Err(BatchError::Service(Arc::new(err))),
-                Err(panic) => Err(BatchError::Panicked(panic_message(&*panic).into())),
-            };
-            Arc::new(outcome)
-        })
-    }
-
-    fn forget(&self, batch: &Arc<engine::Batch<Self::Output>>) {
-        // Sealed batches take no new waiters here, so a batch with none left stays that way.
-        if batch.waiters() == 0 && !batch.finished() {
-            batch.abandon(self.settings.abandoned);
+                });
+            }
+            Ok(Responses(Mutex::new(
+                responses.into_iter().map(Some).collect(),
+            )))
         }
     }
 
-    fn settings(&self) -> &Settings {
-        &self.settings
+    fn forget(&self, batch: &Arc<Round<S, Req, Resp>>) {
+        let mut collecting = lock(&self.collecting);
+        if batch.waiters() > 0 {
+            return;
+        }
+        if let Some((current, _)) = &*collecting
+            && current.id == batch.id
+            && let Some((_, requests)) = collecting.take()
+        {
+            batch.seal(requests);
+        }
+        drop(collecting);
+        batch.abandon();
+    }
+
+    fn unrun(&self, _: &Round<S, Req, Resp>, requests: Vec<Req>) {
+        drop(requests);
     }
 }
