@@ -171,28 +171,32 @@ impl LoaderBuilder<()> {
     /// use std::collections::HashMap;
     /// use brisk_batch::{BatchFn, LoaderBuilder, WeakLoader};
     ///
-    /// /// The sum of a node and everything below it, in a tree where node `n` has children
-    /// /// `2n` and `2n + 1` up to 15.
-    /// struct Sums(WeakLoader<u32, u64, Sums>);
+    /// /// The size of the subtree under each node, in a tree where node `n` has the children
+    /// /// `2n` and `2n + 1`, up to node 15.
+    /// struct Subtrees(WeakLoader<u32, u32, Subtrees>);
     ///
-    /// impl BatchFn<u32, u64> for Sums {
-    ///     type Error = brisk_batch::LoadError<std::convert::Infallible>;
-    ///     async fn load(&self, nodes: &[u32]) -> Result<HashMap<u32, u64>, Self::Error> {
-    ///         let loader = self.0.upgrade().expect("the loader outlives its batches");
-    ///         let children = nodes.iter().flat_map(|n| [2 * n, 2 * n + 1]).filter(|c| *c <= 15);
-    ///         let below = loader.load_many(children).await; // one batch per tree level
-    ///         let below: HashMap<u32, u64> = below.into_iter().flatten().flatten().collect();
-    ///         Ok(nodes
-    ///             .iter()
-    ///             .map(|n| (*n, u64::from(*n) + below.get(&(2 * n)).unwrap_or(&0) + below.get(&(2 * n + 1)).unwrap_or(&0)))
-    ///             .collect())
+    /// impl BatchFn<u32, u32> for Subtrees {
+    ///     type Error = String;
+    ///     async fn load(&self, nodes: &[u32]) -> Result<HashMap<u32, u32>, String> {
+    ///         let loader = self.0.upgrade().ok_or("the loader was dropped")?;
+    ///         let children: Vec<u32> =
+    ///             nodes.iter().flat_map(|n| [2 * n, 2 * n + 1]).filter(|c| *c <= 15).collect();
+    ///         // One batch per level of the tree, however many nodes it has.
+    ///         let sizes = loader.load_many(children.iter().copied()).await;
+    ///         let mut below: HashMap<u32, u32> = HashMap::new();
+    ///         for (child, size) in children.iter().zip(sizes) {
+    ///             let size = size.map_err(|e| e.to_string())?.unwrap_or(0);
+    ///             *below.entry(child / 2).or_default() += size;
+    ///         }
+    ///         Ok(nodes.iter().map(|n| (*n, 1 + below.get(n).unwrap_or(&0))).collect())
     ///     }
     /// }
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() {
-    /// let sums = LoaderBuilder::cyclic().name("sums").build_cyclic(Sums).expect("valid settings");
-    /// assert_eq!(sums.load(1).await.unwrap(), Some((1..=15).sum()));
+    /// let subtrees = LoaderBuilder::cyclic().name("subtrees").build_cyclic(Subtrees).expect("valid");
+    /// assert_eq!(subtrees.load(1).await.unwrap(), Some(15));
+    /// assert_eq!(subtrees.load(2).await.unwrap(), Some(7));
     /// # }
     /// ```
     ///

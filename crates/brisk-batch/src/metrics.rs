@@ -4,7 +4,8 @@ use brisk_metrics::catalog::{
     BATCH_BATCHES, BATCH_DURATION, BATCH_FAILURES, BATCH_KEYS, BATCH_QUEUE_WAIT, BATCH_SINGLETONS,
     BATCH_SIZE,
 };
-use metrics::{Counter, Histogram, Label};
+use brisk_metrics::{Counter, Histogram};
+use metrics::Label;
 
 pub(crate) struct Metrics {
     pub(crate) batches: Counter,

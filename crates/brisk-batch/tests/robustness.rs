@@ -4,66 +4,15 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use brisk_batch::{Abandoned, BatchFn, LoadError, Loader};
 use brisk_core::deadline;
 use brisk_metrics::catalog::{BATCH_BATCHES, BATCH_KEYS, BATCH_SINGLETONS, BATCH_SIZE};
 use brisk_metrics::testing::Capture;
-use common::{Boom, Echo, taken};
-use tokio::sync::Semaphore;
+use common::{Boom, Echo, Gated, taken, until};
 use tokio::time::Instant;
-
-/// Waits for a permit before answering, so a test decides when a batch finishes; counts
-/// batches running at once.
-#[derive(Clone)]
-struct Gated {
-    gate: Arc<Semaphore>,
-    batches: Arc<Mutex<Vec<Vec<u32>>>>,
-    running: Arc<AtomicUsize>,
-    most_running: Arc<AtomicUsize>,
-    finished: Arc<AtomicUsize>,
-}
-
-impl Gated {
-    fn new() -> Self {
-        Self {
-            gate: Arc::new(Semaphore::new(0)),
-            batches: Arc::default(),
-            running: Arc::default(),
-            most_running: Arc::default(),
-            finished: Arc::default(),
-        }
-    }
-}
-
-impl BatchFn<u32, u32> for Gated {
-    type Error = Boom;
-    async fn load(&self, keys: &[u32]) -> Result<HashMap<u32, u32>, Boom> {
-        self.batches.lock().unwrap().push(keys.to_vec());
-        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
-        self.most_running.fetch_max(now, Ordering::SeqCst);
-        self.gate.acquire().await.unwrap().forget();
-        self.running.fetch_sub(1, Ordering::SeqCst);
-        self.finished.fetch_add(1, Ordering::SeqCst);
-        Ok(keys.iter().map(|k| (*k, k * 2)).collect())
-    }
-}
-
-/// Waits until `done`, yielding (and, on a multi-thread runtime, letting other workers run);
-/// gives up after ten seconds so a broken test fails instead of hanging.
-async fn until(mut done: impl FnMut() -> bool) {
-    let start = std::time::Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "condition not reached in 10 s"
-        );
-        tokio::task::yield_now().await;
-    }
-}
 
 #[tokio::test]
 async fn dropping_the_first_caller_mid_batch_leaves_the_others_served() {
@@ -203,18 +152,24 @@ async fn a_thousand_concurrent_loads_of_one_key_make_one_batch_of_one_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_concurrent_batches_one_never_runs_two() {
-    let gated = Gated::new();
-    let loader = Loader::builder(gated.clone())
-        .max_batch_size(2)
-        .max_concurrent_batches(1)
-        .build()
-        .unwrap();
-    gated.gate.add_permits(1_000);
-    let many = loader.load_many(0..40).await;
-    assert!(many.iter().all(Result::is_ok));
-    assert_eq!(many.len(), 40);
-    assert_eq!(gated.batches.lock().unwrap().len(), 20);
-    assert_eq!(gated.most_running.load(Ordering::SeqCst), 1);
+    // On a worker thread, as a server runs its handlers (the test's own body is not on one).
+    tokio::spawn(async {
+        let gated = Gated::new();
+        let loader = Loader::builder(gated.clone())
+            .max_batch_size(2)
+            .max_concurrent_batches(1)
+            .build()
+            .unwrap();
+        gated.gate.add_permits(1_000);
+        let many = loader.load_many(0..40).await;
+        assert!(many.iter().all(Result::is_ok));
+        assert_eq!(many.len(), 40);
+        let batches = gated.batches.lock().unwrap().clone();
+        assert_eq!(batches.len(), 20, "{batches:?}");
+        assert_eq!(gated.most_running.load(Ordering::SeqCst), 1);
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]

@@ -19,7 +19,9 @@
 
 use std::fmt::Write as _;
 
-use metrics::{Counter, Gauge, Histogram, IntoLabels, Unit};
+use metrics::{IntoLabels, Key, Unit};
+
+use crate::{Counter, Gauge, Histogram};
 
 /// What kind of series a metric is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -388,28 +390,26 @@ pub const CATALOG: &[MetricDef] = &[
 ];
 
 impl MetricDef {
-    /// Registers a counter series of this metric with the current recorder.
+    /// A counter series of this metric, registered with the current recorder, or with the
+    /// first one in place when it is used (see [`crate::handle`]).
     ///
     /// Call once and keep the handle: that is what keeps the hot path free of registry lookups.
     /// In debug builds, a wrong kind or wrong label names panic, so a mistake shows in tests.
     pub fn counter(&self, labels: impl IntoLabels) -> Counter {
-        let labels = self.checked(Kind::Counter, labels);
-        metrics::counter!(self.name, labels)
+        Counter::new(self.key(Kind::Counter, labels))
     }
 
     /// Registers a gauge series of this metric; see [`MetricDef::counter`].
     pub fn gauge(&self, labels: impl IntoLabels) -> Gauge {
-        let labels = self.checked(Kind::Gauge, labels);
-        metrics::gauge!(self.name, labels)
+        Gauge::new(self.key(Kind::Gauge, labels))
     }
 
     /// Registers a histogram series of this metric; see [`MetricDef::counter`].
     pub fn histogram(&self, labels: impl IntoLabels) -> Histogram {
-        let labels = self.checked(Kind::Histogram, labels);
-        metrics::histogram!(self.name, labels)
+        Histogram::new(self.key(Kind::Histogram, labels))
     }
 
-    fn checked(&self, kind: Kind, labels: impl IntoLabels) -> Vec<metrics::Label> {
+    fn key(&self, kind: Kind, labels: impl IntoLabels) -> Key {
         let labels = labels.into_labels();
         debug_assert_eq!(self.kind, kind, "{} is a {}", self.name, self.kind.as_str());
         debug_assert!(
@@ -421,7 +421,7 @@ impl MetricDef {
             self.name,
             self.labels
         );
-        labels
+        Key::from_parts(self.name, labels)
     }
 
     /// Tells the current recorder this metric's unit and help text.

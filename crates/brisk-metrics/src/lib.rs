@@ -25,6 +25,7 @@
 
 pub mod catalog;
 mod error;
+pub mod handle;
 #[cfg(feature = "http")]
 pub mod http;
 #[cfg(feature = "prometheus")]
@@ -33,3 +34,4 @@ pub mod prometheus;
 pub mod testing;
 
 pub use error::Error;
+pub use handle::{Counter, Gauge, Histogram};

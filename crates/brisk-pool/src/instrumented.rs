@@ -12,7 +12,8 @@ use brisk_metrics::catalog::{
     POOL_CONNECTIONS, POOL_ERRORS, POOL_MAX, POOL_NESTED, POOL_PENDING, POOL_RECOMMENDED,
     POOL_TIMEOUTS, POOL_USE_TIME, POOL_WAIT_TIME,
 };
-use metrics::{Counter, Gauge, Histogram, Label};
+use brisk_metrics::{Counter, Gauge, Histogram};
+use metrics::Label;
 // Measurements, not timers: real time even when a test pauses tokio's clock, and quanta's
 // calibrated TSC reads cost about half of `std::time::Instant::now` here (a checkout takes three).
 use quanta::Instant;

@@ -4,7 +4,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use brisk_metrics::catalog::{POOL_CREATE_ERRORS, POOL_CREATE_TIME};
-use metrics::{Counter, Histogram, Label};
+use brisk_metrics::{Counter, Histogram};
+use metrics::Label;
 
 /// Wraps a deadpool `Manager` or a bb8 `ManageConnection`: every connection the pool opens is
 /// timed (`db_client_connection_create_time_seconds`), every failure counted

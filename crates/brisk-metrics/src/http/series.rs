@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Instant;
 
 use http::{Extensions, Method, StatusCode};
-use metrics::{Gauge, Histogram, Label};
+use metrics::Label;
+
+use crate::{Gauge, Histogram};
 
 use super::RouteFn;
 use super::layer::HttpMetricsLayerBuilder;

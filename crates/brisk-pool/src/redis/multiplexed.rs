@@ -44,7 +44,7 @@ struct Slot {
     /// cores would pass back and forth), replaced only on reconnection.
     current: ArcSwap<Current>,
     reconnecting: AtomicBool,
-    reconnects: metrics::Counter,
+    reconnects: brisk_metrics::Counter,
     client: redis::Client,
     config: AsyncConnectionConfig,
     url: RedactedUrl,
