@@ -51,35 +51,29 @@ async fn a_batch_function_panicking_before_its_future_fails_its_waiters_only() {
     );
 }
 
-/// A key whose `Hash` panics while its flag is up.
-#[derive(Clone, Debug)]
-struct Touchy(u32, &'static AtomicBool);
+/// While up, every `Touchy` key's `Hash` panics.
+static HOSTILE: AtomicBool = AtomicBool::new(false);
 
-impl PartialEq for Touchy {
-    fn eq(&self, other: &Self) -> bool {
-        self.0 == other.0
-    }
-}
-
-impl Eq for Touchy {}
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Touchy(u32);
 
 impl Hash for Touchy {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        assert!(!self.1.load(Ordering::SeqCst), "hostile Hash");
+        assert!(!HOSTILE.load(Ordering::SeqCst), "hostile Hash");
         self.0.hash(state);
     }
 }
 
-/// Raises the keys' panic flag in its first batch, so handing out that batch's results panics.
-struct RaisesFlag(&'static AtomicBool, AtomicBool);
+/// Raises `HOSTILE` in its first batch, so handing out that batch's results panics.
+struct RaisesFlag(AtomicBool);
 
 impl BatchFn<Touchy, u32> for RaisesFlag {
     type Error = Boom;
     async fn load(&self, keys: &[Touchy]) -> Result<HashMap<Touchy, u32>, Boom> {
         // Built before the flag goes up; from then on, every hash of these keys panics.
         let answer = keys.iter().map(|k| (k.clone(), k.0)).collect();
-        if self.1.swap(false, Ordering::SeqCst) {
-            self.0.store(true, Ordering::SeqCst);
+        if self.0.swap(false, Ordering::SeqCst) {
+            HOSTILE.store(true, Ordering::SeqCst);
         }
         Ok(answer)
     }
@@ -87,29 +81,28 @@ impl BatchFn<Touchy, u32> for RaisesFlag {
 
 #[tokio::test]
 async fn a_panicking_key_hash_while_results_are_handed_out_fails_those_loads_only() {
-    static FLAG: AtomicBool = AtomicBool::new(false);
-    let loader = Loader::builder(RaisesFlag(&FLAG, AtomicBool::new(true)))
+    let loader = Loader::builder(RaisesFlag(AtomicBool::new(true)))
         .cache(16)
         .build()
         .unwrap();
-    let (a, b) = tokio::join!(loader.load(Touchy(1, &FLAG)), loader.load(Touchy(2, &FLAG)));
+    let (a, b) = tokio::join!(loader.load(Touchy(1)), loader.load(Touchy(2)));
     for result in [a, b] {
         assert!(
             matches!(&result, Err(LoadError::Panicked { message }) if message.contains("hostile")),
             "{result:?}"
         );
     }
-    FLAG.store(false, Ordering::SeqCst);
+    HOSTILE.store(false, Ordering::SeqCst);
     // Nothing stuck in flight or half-cached: the keys load again in a new batch.
-    assert_eq!(loader.load(Touchy(1, &FLAG)).await.unwrap(), Some(1));
+    assert_eq!(loader.load(Touchy(1)).await.unwrap(), Some(1));
     // A hostile key at enqueue fails that load alone.
-    FLAG.store(true, Ordering::SeqCst);
+    HOSTILE.store(true, Ordering::SeqCst);
     assert!(matches!(
-        loader.load(Touchy(3, &FLAG)).await,
+        loader.load(Touchy(3)).await,
         Err(LoadError::Panicked { .. })
     ));
-    FLAG.store(false, Ordering::SeqCst);
-    assert_eq!(loader.load(Touchy(4, &FLAG)).await.unwrap(), Some(4));
+    HOSTILE.store(false, Ordering::SeqCst);
+    assert_eq!(loader.load(Touchy(4)).await.unwrap(), Some(4));
 }
 
 /// A value whose `Clone` panics.
