@@ -7,6 +7,10 @@
 //!   contender answers from a previous iteration's cache. Default settings for every contender
 //!   (`async_graphql_delay0`: async-graphql with its 1 ms delay set to zero). `bare` spawns the
 //!   same tasks answering without a loader: the floor every contender stands on.
+//! - `batch/join_storm`: the same 10,000 loads joined inside one task (`join_all`), as a
+//!   GraphQL executor resolves a list: no task per load, so what is measured is the loader's
+//!   own cost. The task is spawned on the two-worker runtime, as a server runs a request.
+//!   `bare` joins the same 10,000 futures answering without a loader.
 //! - `batch/single_load_latency`: one load, from call to result, with an instant batch
 //!   function, on a current-thread runtime. `dataloader` is its non-cached loader.
 //! - `batch/layer`: 1,000 concurrent requests to a bulk service whose every call costs a fixed
@@ -142,6 +146,72 @@ fn load_storm(c: &mut Criterion) {
     group.finish();
 }
 
+/// Joins one load per key (`$load` with `$l` the loader and `$k` the key) inside one task spawned on `$rt`, with a
+/// loader made by `$make` inside that task, and checks every answer. A macro, as the load
+/// futures borrow the loader.
+macro_rules! join_in_one_task {
+    ($rt:expr, $keys:expr, $make:expr, |$l:ident, $k:ident| $load:expr) => {{
+        let keys = Arc::clone($keys);
+        let task = $rt.spawn(async move {
+            let loader = $make;
+            let $l = &loader;
+            let answers = futures_util::future::join_all(keys.iter().map(|&$k| $load)).await;
+            for (answer, &key) in answers.into_iter().zip(keys.iter()) {
+                assert_eq!(answer, value(key));
+            }
+        });
+        $rt.block_on(task).expect("join task");
+    }};
+}
+
+fn join_storm(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let keys = storm_keys();
+    let mut group = c.benchmark_group("batch/join_storm");
+    group.throughput(Throughput::Elements(LOADS as u64));
+    group.sample_size(30);
+    group.bench_function("bare", |b| {
+        b.iter(|| join_in_one_task!(rt, &keys, (), |_l, k| async move { value(k) }));
+    });
+    group.bench_function("brisk", |b| {
+        b.iter(|| {
+            join_in_one_task!(
+                rt,
+                &keys,
+                brisk_batch::Loader::new(BriskFn),
+                |l, k| async move { l.load(k).await.unwrap().unwrap() }
+            );
+        });
+    });
+    group.bench_function("dataloader", |b| {
+        b.iter(|| {
+            join_in_one_task!(
+                rt,
+                &keys,
+                dataloader::cached::Loader::new(DataloaderFn),
+                |l, k| l.load(k)
+            );
+        });
+    });
+    for (id, delay) in [
+        ("async_graphql", None),
+        ("async_graphql_delay0", Some(Duration::ZERO)),
+    ] {
+        group.bench_function(BenchmarkId::from_parameter(id), |b| {
+            b.iter(|| {
+                join_in_one_task!(rt, &keys, graphql_loader(delay), |l, k| async move {
+                    l.load_one(k).await.unwrap().unwrap()
+                });
+            });
+        });
+    }
+    group.finish();
+}
+
 fn single_load_latency(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -229,5 +299,5 @@ fn layer(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, load_storm, single_load_latency, layer);
+criterion_group!(benches, load_storm, join_storm, single_load_latency, layer);
 criterion_main!(benches);

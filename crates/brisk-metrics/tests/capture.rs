@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Barrier};
 
-use brisk_metrics::catalog::{BATCH_SIZE, CACHE_REQUESTS};
+use brisk_metrics::catalog::{BATCH_SIZE, CACHE_REQUESTS, POOL_MAX};
 use brisk_metrics::testing::Capture;
 
 const HIT: [(&str, &str); 3] = [("cache", "c"), ("tier", "local"), ("outcome", "hit")];
@@ -65,4 +65,25 @@ async fn handles_made_in_scope_keep_recording_from_spawned_tasks() {
         Vec::<f64>::new()
     );
     assert_eq!(capture.gauge("absent", &[]), None);
+}
+
+#[test]
+fn handles_made_before_any_recorder_register_on_first_use_with_one() {
+    let histogram = BATCH_SIZE.histogram(&[("loader", "late")]);
+    let gauge = POOL_MAX.gauge(&[("db_client_connection_pool_name", "late")]);
+    histogram.record(1.0); // no recorder: nothing to record into
+    let capture = Capture::new();
+    capture.run(|| {
+        histogram.record(2.0);
+        gauge.set(4.0);
+    });
+    histogram.record(3.0); // registered now: records into the capture from anywhere
+    assert_eq!(
+        capture.histogram(BATCH_SIZE.name, &[("loader", "late")]),
+        vec![2.0, 3.0]
+    );
+    assert_eq!(
+        capture.gauge(POOL_MAX.name, &[("db_client_connection_pool_name", "late")]),
+        Some(4.0)
+    );
 }
