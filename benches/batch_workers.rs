@@ -89,7 +89,7 @@ fn report(setup: &str, counts: &Counts, took: Duration) {
         keys as f64 / batches as f64,
     );
     println!(
-        "{setup:<34} batches {batches:>7}  single-key {share:>5.1}%  mean size {mean:>5.1}  {took:>8.1?}"
+        "{setup:<40} batches {batches:>7}  single-key {share:>5.1}%  mean size {mean:>5.1}  {took:>8.1?}"
     );
 }
 

@@ -9,6 +9,10 @@
 //! cargo run --example dataloader --features batch                      # SQLite file in a temp dir
 //! DATABASE_URL=postgres://postgres@127.0.0.1/test cargo run --example dataloader --features batch
 //! ```
+//!
+//! What it creates: two *temporary* tables, `brisk_example_authors` and `brisk_example_posts`,
+//! private to its own connection and dropped by the database when it disconnects. It never
+//! drops, alters or reads a table it did not create, so any `DATABASE_URL` is safe to give it.
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -77,22 +81,22 @@ impl Store {
         })
     }
 
-    /// Creates `authors` authors and `posts` posts, replacing what was there.
+    /// Creates `authors` authors and `posts` posts in two temporary tables of this connection
+    /// (once per connection: a second call fails, it replaces nothing).
     pub async fn seed(&self, authors: i64, posts: i64) -> Result<(), DbError> {
         let mut script = String::from(
-            "DROP TABLE IF EXISTS posts; DROP TABLE IF EXISTS authors;
-             CREATE TABLE authors (id BIGINT PRIMARY KEY, name TEXT NOT NULL);
-             CREATE TABLE posts (id BIGINT PRIMARY KEY, title TEXT NOT NULL, author_id BIGINT NOT NULL);",
+            "CREATE TEMPORARY TABLE brisk_example_authors (id BIGINT PRIMARY KEY, name TEXT NOT NULL);
+             CREATE TEMPORARY TABLE brisk_example_posts (id BIGINT PRIMARY KEY, title TEXT NOT NULL, author_id BIGINT NOT NULL);",
         );
         for id in 1..=authors {
             script.push_str(&format!(
-                "INSERT INTO authors VALUES ({id}, 'author {id}');"
+                "INSERT INTO brisk_example_authors VALUES ({id}, 'author {id}');"
             ));
         }
         for id in 1..=posts {
             let author = (id * 7) % authors + 1;
             script.push_str(&format!(
-                "INSERT INTO posts VALUES ({id}, 'post {id}', {author});"
+                "INSERT INTO brisk_example_posts VALUES ({id}, 'post {id}', {author});"
             ));
         }
         match &self.db {
@@ -115,7 +119,7 @@ impl Store {
     /// The first `limit` posts: one query.
     pub async fn posts(&self, limit: i64) -> Result<Vec<Post>, DbError> {
         self.queries.fetch_add(1, Ordering::SeqCst);
-        let sql = "SELECT id, title, author_id FROM posts ORDER BY id LIMIT $1";
+        let sql = "SELECT id, title, author_id FROM brisk_example_posts ORDER BY id LIMIT $1";
         match &self.db {
             Db::Postgres(client) => Ok(client
                 .query(sql, &[&limit])
@@ -147,7 +151,10 @@ impl Store {
         self.queries.fetch_add(1, Ordering::SeqCst);
         let authors: Vec<Author> = match &self.db {
             Db::Postgres(client) => client
-                .query("SELECT id, name FROM authors WHERE id = ANY($1)", &[&ids])
+                .query(
+                    "SELECT id, name FROM brisk_example_authors WHERE id = ANY($1)",
+                    &[&ids],
+                )
                 .await?
                 .iter()
                 .map(|row| Author {
@@ -159,7 +166,7 @@ impl Store {
                 let conn = conn.lock().expect("sqlite lock");
                 let marks = vec!["?"; ids.len()].join(",");
                 let mut stmt = conn.prepare(&format!(
-                    "SELECT id, name FROM authors WHERE id IN ({marks})"
+                    "SELECT id, name FROM brisk_example_authors WHERE id IN ({marks})"
                 ))?;
                 let rows = stmt.query_map(rusqlite::params_from_iter(ids), |row| {
                     Ok(Author {

@@ -35,13 +35,45 @@ async fn check(store: Arc<Store>) {
 }
 
 #[tokio::test]
-async fn loader_turns_101_queries_into_2_on_postgres() {
+async fn loader_turns_101_queries_into_2_on_postgres_and_leaves_the_users_tables_alone() {
     let pg = Postgres::start().unwrap();
+    // The user's own tables, with the names an earlier version of the example dropped.
+    let (user, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    user.batch_execute(
+        "CREATE TABLE posts (id BIGINT PRIMARY KEY, body TEXT);
+         CREATE TABLE authors (id BIGINT PRIMARY KEY, email TEXT);
+         INSERT INTO posts VALUES (1, 'mine'); INSERT INTO authors VALUES (1, 'me@example.com');",
+    )
+    .await
+    .unwrap();
+
     let dir = tempfile::tempdir().unwrap();
     let store = Store::connect(Some(&pg.url()), &dir.path().join("unused"))
         .await
         .unwrap();
     check(Arc::new(store)).await;
+
+    let mine: String = user
+        .query_one("SELECT body FROM posts WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(mine, "mine");
+    let tables: i64 = user
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name LIKE 'brisk_example_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        tables, 0,
+        "the example's tables are private to its connection"
+    );
 }
 
 #[tokio::test]

@@ -17,12 +17,12 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use futures_util::future::{self, Either, FutureExt, Shared};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
+use futures_util::future::{self, Either, FutureExt};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -86,7 +86,7 @@ impl Limits {
             max_batch_size: self.max_batch_size,
             window: self.window,
             abandoned,
-            slots: Arc::new(Semaphore::new(permits)),
+            slots: Semaphore::new(permits),
             max_queued: self.max_queued_batches,
             queued: Arc::new(AtomicUsize::new(0)),
             next_id: AtomicU64::new(0),
@@ -100,7 +100,7 @@ pub(crate) struct Engine {
     pub(crate) max_batch_size: usize,
     pub(crate) window: Option<Duration>,
     pub(crate) abandoned: Abandoned,
-    slots: Arc<Semaphore>,
+    slots: Semaphore,
     max_queued: usize,
     /// Batches created and not yet holding a slot.
     queued: Arc<AtomicUsize>,
@@ -119,8 +119,14 @@ pub(crate) trait Owner: Send + Sync + Sized + 'static {
 
     fn engine(&self) -> &Engine;
 
-    /// If `batch` is still the collecting one, detaches it and moves its items into it.
-    fn detach(&self, batch: &OwnedBatch<Self>);
+    /// Whether a batch's age is wanted (a queue-wait metric with a recorder to record into).
+    fn timed(&self) -> bool {
+        false
+    }
+
+    /// If `batch` is still the collecting one, detaches it and returns its items. (If not, it
+    /// was sealed with its items, under the owner's lock.)
+    fn detach(&self, batch: &OwnedBatch<Self>) -> Option<Vec<Self::Item>>;
 
     /// Runs a sealed batch, on the batch's own task. A panic anywhere inside, including before
     /// the future is returned, fails the batch with [`LoadError::Panicked`].
@@ -157,11 +163,17 @@ pub(crate) fn contain<T, E>(f: impl FnOnce() -> T) -> Result<T, LoadError<E>> {
 /// One batch.
 pub(crate) struct Batch<I, O> {
     pub(crate) id: u64,
-    created: Instant,
-    /// Filled when the batch is sealed; emptied by its task.
-    items: Mutex<Vec<I>>,
+    /// When it was created: read only when a window or a metric needs it.
+    created: Option<Instant>,
+    /// Yield once before sealing: on a multi-thread runtime the task may run right after its
+    /// creator (tokio's LIFO slot), before the tasks that were ready; on a current-thread one a
+    /// spawned task already runs after them.
+    yield_first: bool,
+    /// Items, outcome, waiters' wakers and the task: one lock for all of a batch's hand-offs.
+    slot: Mutex<Slot<I, O>>,
     /// Sealed early (full, flushed, a waiter's deadline near): the task stops waiting.
-    sealed: Notify,
+    sealed: AtomicBool,
+    sealed_notify: Notify,
     /// A load from inside a batch function of the same chain joined: skip the slot.
     nested: AtomicBool,
     nested_notify: Notify,
@@ -169,9 +181,19 @@ pub(crate) struct Batch<I, O> {
     pub(crate) chain: Mutex<Vec<u64>>,
     /// Forgotten by its owner: a new request must not join it.
     abandoned: AtomicBool,
-    output: Shared<oneshot::Receiver<O>>,
     waiters: AtomicUsize,
-    task: OnceLock<AbortHandle>,
+}
+
+struct Slot<I, O> {
+    /// Filled when the batch is sealed; emptied by its task.
+    items: Vec<I>,
+    /// The outcome, once the task sent it.
+    output: Option<O>,
+    /// The task ended without an outcome (cancelled).
+    ended: bool,
+    /// Waiters to wake with the outcome; a waiter keeps its index.
+    wakers: Vec<Waker>,
+    task: Option<AbortHandle>,
 }
 
 impl<I, O: Clone> Batch<I, O> {
@@ -187,8 +209,9 @@ impl<I, O: Clone> Batch<I, O> {
 
     /// Hands the batch its items and tells its task to stop collecting.
     pub(crate) fn seal(&self, items: Vec<I>) {
-        *lock(&self.items) = items;
-        self.sealed.notify_one();
+        lock(&self.slot).items = items;
+        self.sealed.store(true, Ordering::Release);
+        self.sealed_notify.notify_one();
     }
 
     /// A request from inside a batch function of this batch's chain waits for it: the batch
@@ -202,27 +225,53 @@ impl<I, O: Clone> Batch<I, O> {
     /// Marks the batch given up and cancels its task.
     pub(crate) fn abandon(&self) {
         self.abandoned.store(true, Ordering::Release);
-        if let Some(task) = self.task.get() {
+        if let Some(task) = lock(&self.slot).task.take() {
             task.abort();
         }
     }
 
+    fn take_items(&self) -> Vec<I> {
+        std::mem::take(&mut lock(&self.slot).items)
+    }
+
+    /// Ends the batch: stores its outcome (none if cancelled) and wakes every waiter.
+    fn end(&self, output: Option<O>) {
+        let wakers = {
+            let mut slot = lock(&self.slot);
+            slot.ended = true;
+            slot.output = output;
+            slot.task = None;
+            std::mem::take(&mut slot.wakers)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
     /// Waits for the collection window to close, or for an early seal.
     async fn window(&self, window: Option<Duration>) {
-        let sealed = std::pin::pin!(self.sealed.notified());
-        let closed = match window {
-            None => Either::Left(YieldOnce(false)),
-            Some(window) => Either::Right(tokio::time::sleep(window)),
-        };
-        future::select(sealed, std::pin::pin!(closed)).await;
+        if self.sealed.load(Ordering::Acquire) {
+            return;
+        }
+        match window {
+            // One turn is as short as a wait gets: nothing to cut short.
+            None if self.yield_first => YieldOnce(false).await,
+            None => {}
+            Some(window) => {
+                let sealed = std::pin::pin!(self.sealed_notify.notified());
+                let closed = std::pin::pin!(tokio::time::sleep(window));
+                future::select(sealed, closed).await;
+            }
+        }
     }
 
     /// A concurrency slot, or none for a nested batch.
-    async fn slot(&self, slots: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+    async fn slot<'a>(&self, slots: &'a Semaphore) -> Option<SemaphorePermit<'a>> {
         if self.nested.load(Ordering::Acquire) {
             return None;
         }
-        let acquire = std::pin::pin!(Arc::clone(slots).acquire_owned());
+        if let Ok(permit) = slots.try_acquire() {
+            return Some(permit);
+        }
+        let acquire = std::pin::pin!(slots.acquire());
         let nested = std::pin::pin!(self.nested_notify.notified());
         match future::select(acquire, nested).await {
             // The semaphore is never closed.
@@ -260,24 +309,31 @@ pub(crate) fn create<W: Owner>(owner: &W) -> Result<Created<W>, LoadError<W::Err
         return Err(LoadError::Overloaded);
     }
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| LoadError::NoRuntime)?;
-    let (sender, receiver) = oneshot::channel();
+    let yield_first = runtime.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread;
+    let created = (engine.window.is_some() || owner.timed()).then(Instant::now);
     let batch = Arc::new(Batch {
         id: engine.next_id.fetch_add(1, Ordering::Relaxed),
-        created: Instant::now(),
-        items: Mutex::new(Vec::new()),
-        sealed: Notify::new(),
+        created,
+        yield_first,
+        slot: Mutex::new(Slot {
+            items: Vec::new(),
+            output: None,
+            ended: false,
+            wakers: Vec::new(),
+            task: None,
+        }),
+        sealed: AtomicBool::new(false),
+        sealed_notify: Notify::new(),
         nested: AtomicBool::new(false),
         nested_notify: Notify::new(),
         chain: Mutex::new(Vec::new()),
         abandoned: AtomicBool::new(false),
-        output: receiver.shared(),
         waiters: AtomicUsize::new(0),
-        task: OnceLock::new(),
     });
     let starter = Starter {
         runtime,
-        sender,
         queued: Queued::new(&engine.queued),
+        _owner: std::marker::PhantomData,
     };
     Ok((batch, starter))
 }
@@ -285,69 +341,70 @@ pub(crate) fn create<W: Owner>(owner: &W) -> Result<Created<W>, LoadError<W::Err
 /// Starts a created batch's task; call it once the owner's lock is released.
 pub(crate) struct Starter<W: Owner> {
     runtime: tokio::runtime::Handle,
-    sender: oneshot::Sender<Outcome<W::Done, W::Error>>,
     queued: Queued,
+    _owner: std::marker::PhantomData<fn(W)>,
 }
 
 impl<W: Owner> Starter<W> {
     pub(crate) fn start(self, owner: &Arc<W>, batch: &Arc<OwnedBatch<W>>) {
-        let task = self.runtime.spawn(drive(
-            Arc::clone(owner),
-            Arc::clone(batch),
-            self.sender,
-            self.queued,
-        ));
-        // Set once, here; the batch's creator still waits on it, so nobody can have abandoned
-        // it yet.
-        let _ = batch.task.set(task.abort_handle());
+        let task = self
+            .runtime
+            .spawn(drive(Arc::clone(owner), Arc::clone(batch), self.queued));
+        let mut slot = lock(&batch.slot);
+        // The task may have ended already (it cannot have been abandoned: its creator still
+        // waits on it); then there is nothing to abort.
+        if !slot.ended {
+            slot.task = Some(task.abort_handle());
+        }
     }
 }
 
 /// The life of one batch, on its own task.
-async fn drive<W: Owner>(
-    owner: Arc<W>,
-    batch: Arc<OwnedBatch<W>>,
-    sender: oneshot::Sender<Outcome<W::Done, W::Error>>,
-    queued: Queued,
-) {
+async fn drive<W: Owner>(owner: Arc<W>, batch: Arc<OwnedBatch<W>>, queued: Queued) {
     let engine = owner.engine();
     // Until the items reach `run`, a cancelled task hands them back to the owner.
-    let unrun = Unrun {
+    let mut unrun = Unrun {
         owner: &owner,
         batch: &batch,
+        items: None,
     };
     batch.window(engine.window).await;
-    owner.detach(&batch);
+    unrun.items = Some(owner.detach(&batch).unwrap_or_else(|| batch.take_items()));
     let slot = batch.slot(&engine.slots).await;
     drop(queued);
-    let items = std::mem::take(&mut *lock(&batch.items));
-    unrun.disarm();
+    let items = unrun.disarm();
     let outcome = AssertUnwindSafe(async { owner.run(&batch, items).await })
         .catch_unwind()
         .await
         .unwrap_or_else(|panic| Err(LoadError::panicked(&*panic)));
     drop(slot);
-    // Every waiter may be gone; nothing to do then.
-    let _ = sender.send(Arc::new(outcome));
+    batch.end(Some(Arc::new(outcome)));
 }
 
-/// Gives a cancelled batch's items back to its owner.
+/// Gives a cancelled batch's items back to its owner, and ends the batch for its waiters.
 struct Unrun<'a, W: Owner> {
     owner: &'a Arc<W>,
     batch: &'a Arc<OwnedBatch<W>>,
+    /// The items, once taken from the owner.
+    items: Option<Vec<W::Item>>,
 }
 
 impl<W: Owner> Unrun<'_, W> {
-    fn disarm(self) {
+    fn disarm(mut self) -> Vec<W::Item> {
+        let items = self.items.take().unwrap_or_default();
         std::mem::forget(self);
+        items
     }
 }
 
 impl<W: Owner> Drop for Unrun<'_, W> {
     fn drop(&mut self) {
-        self.owner.detach(self.batch);
-        let items = std::mem::take(&mut *lock(&self.batch.items));
+        let items = match self.items.take() {
+            Some(items) => items,
+            None => (self.owner.detach(self.batch)).unwrap_or_else(|| self.batch.take_items()),
+        };
         self.owner.unrun(self.batch, items);
+        self.batch.end(None);
     }
 }
 
@@ -355,7 +412,8 @@ impl<W: Owner> Drop for Unrun<'_, W> {
 pub(crate) struct Wait<W: Owner> {
     owner: Arc<W>,
     batch: Arc<OwnedBatch<W>>,
-    output: Shared<oneshot::Receiver<Outcome<W::Done, W::Error>>>,
+    /// This waiter's place in the batch's wakers, once it waited.
+    waker: Option<usize>,
     done: bool,
 }
 
@@ -366,8 +424,8 @@ impl<W: Owner> Wait<W> {
         batch.waiters.fetch_add(1, Ordering::AcqRel);
         Self {
             owner: Arc::clone(owner),
-            output: batch.output.clone(),
             batch: Arc::clone(batch),
+            waker: None,
             done: false,
         }
     }
@@ -379,11 +437,30 @@ impl<W: Owner> Future for Wait<W> {
     type Output = Outcome<W::Done, W::Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let output = std::task::ready!(Pin::new(&mut self.output).poll(cx));
-        self.done = true;
-        // The sender is dropped without sending only when the task ended early: its runtime
-        // shut down, or it was abandoned while this waiter raced in.
-        Poll::Ready(output.unwrap_or_else(|_| Arc::new(Err(LoadError::Cancelled))))
+        let this = &mut *self;
+        let mut slot = lock(&this.batch.slot);
+        if let Some(output) = &slot.output {
+            let output = Arc::clone(output);
+            drop(slot);
+            this.done = true;
+            return Poll::Ready(output);
+        }
+        if slot.ended {
+            // The task ended without an outcome: its runtime shut down, or it was abandoned
+            // while this waiter raced in.
+            drop(slot);
+            this.done = true;
+            return Poll::Ready(Arc::new(Err(LoadError::Cancelled)));
+        }
+        match this.waker {
+            Some(index) if slot.wakers[index].will_wake(cx.waker()) => {}
+            Some(index) => slot.wakers[index] = cx.waker().clone(),
+            None => {
+                this.waker = Some(slot.wakers.len());
+                slot.wakers.push(cx.waker().clone());
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -418,14 +495,17 @@ impl Engine {
     /// deadline is nearer than the rest of the window.
     pub(crate) fn seal_now<I, O>(&self, batch: &Batch<I, O>, len: usize) -> bool {
         len >= self.max_batch_size
-            || self.window.is_some_and(|window| {
-                brisk_core::deadline::remaining()
-                    .is_some_and(|left| left < window.saturating_sub(batch.created.elapsed()))
-            })
+            || self
+                .window
+                .zip(batch.created)
+                .is_some_and(|(window, created)| {
+                    brisk_core::deadline::remaining()
+                        .is_some_and(|left| left < window.saturating_sub(created.elapsed()))
+                })
     }
 
-    /// When the batch was created, for the queue-wait metric.
-    pub(crate) fn age<I, O>(batch: &Batch<I, O>) -> Duration {
-        batch.created.elapsed()
+    /// How long ago the batch was created, if that was read (see [`Owner::timed`]).
+    pub(crate) fn age<I, O>(batch: &Batch<I, O>) -> Option<Duration> {
+        batch.created.map(|created| created.elapsed())
     }
 }

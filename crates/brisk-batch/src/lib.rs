@@ -37,26 +37,33 @@
 //! - a waiter's deadline (`brisk_core::deadline`) is nearer than the window;
 //! - [`Loader::flush`] is called.
 //!
-//! At most `max_concurrent_batches` batches run at once (default 10), so a burst cannot drain
-//! the database pool; at most `max_queued_batches` wait for a slot, past which loads fail with
-//! [`LoadError::Overloaded`].
+//! Each batch runs on its own tokio task (so a load needs a tokio runtime, else
+//! [`LoadError::NoRuntime`]). At most `max_concurrent_batches` batches run at once (default 10),
+//! so a burst cannot drain the database pool; at most `max_queued_batches` wait for a slot, past
+//! which loads fail with [`LoadError::Overloaded`]. A batch requested from inside a batch function
+//! of the same loader (a recursive loader, see [`LoaderBuilder::build_cyclic`], or a cycle through
+//! other loaders) takes no slot, so recursion deeper than the limit still completes.
 //!
 //! Keys are deduplicated within a batch and against batches in flight, with or without the
 //! cache. The cache ([`LoaderBuilder::cache`]) is off by default and bounded when on.
+//! [`Loader::clear`], [`Loader::clear_all`] and [`Loader::prime`] win over batches already
+//! running: a load after a clear starts a new batch, and a running batch never overwrites a
+//! primed value or writes back a cleared one.
 //!
 //! # Failure
 //!
 //! - A batch error reaches every waiter of that batch as the same `Arc<E>`; `E` need not be
 //!   `Clone`. Errors are never cached.
 //! - For per-key errors, make the value a `Result` (`Loader<K, Result<T, E2>, F>`): the batch
-//!   succeeds and each key carries its own outcome.
-//! - A panicking batch function fails that batch's waiters with [`LoadError::Panicked`]; the
-//!   loader keeps working.
-//! - Batches run detached from any one caller: every waiter polls the same shared future, so
-//!   dropping any caller at any point neither stalls nor fails the others. When the last
-//!   caller of a batch goes, the batch is cancelled (or finished in the background, see
-//!   [`Abandoned`]).
-//! - A waiter whose deadline passes gets [`LoadError::Deadline`]; the others are unaffected.
+//!   succeeds and each key carries its own outcome. [`Loader::load_many`] gives one result per
+//!   key, in the order asked.
+//! - User code is contained: a panic in the batch function (also before it returns its future),
+//!   or in a key's `Hash`/`Eq`/`Clone` or a value's `Clone` while results are handed out, fails
+//!   the loads it touches with [`LoadError::Panicked`]; the loader keeps working.
+//! - A batch runs on its own task, under no caller's task-locals: no caller's deadline bounds it,
+//!   and a waiter whose deadline passes gets [`LoadError::Deadline`] while the others are
+//!   unaffected. Dropping any caller at any point neither stalls nor fails the others; when the
+//!   last caller of a batch goes, the batch is cancelled (or finished, see [`Abandoned`]).
 //!
 //! # Metrics
 //!
@@ -64,7 +71,8 @@
 //! `brisk_batch_singleton_batches_total` (when most batches have one key, the N+1 problem is
 //! back), `brisk_batch_keys_total{kind=requested|deduplicated|cached|missing}`,
 //! `brisk_batch_queue_wait_seconds`, `brisk_batch_duration_seconds` and
-//! `brisk_batch_failures_total{reason}`. Each dispatch runs in a `brisk.batch.dispatch` span.
+//! `brisk_batch_failures_total{reason}`. A loader built before the application installs its
+//! recorder reports to it all the same. Each dispatch runs in a `brisk.batch.dispatch` span.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod batch_fn;

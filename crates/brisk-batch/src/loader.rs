@@ -114,6 +114,8 @@ impl<K, V, F: BatchFn<K, V>> fmt::Debug for WeakLoader<K, V, F> {
 
 struct Shared<K, V, F: BatchFn<K, V>> {
     id: u64,
+    /// `[id]`: the chain of a batch requested by no batch function, the common case.
+    chain: Arc<[u64]>,
     name: Arc<str>,
     batch_fn: F,
     engine: Engine,
@@ -310,8 +312,10 @@ impl Settings {
     }
 
     fn shared<K, V, F: BatchFn<K, V>>(self, batch_fn: F) -> Shared<K, V, F> {
+        let id = NEXT_LOADER.fetch_add(1, Ordering::Relaxed);
         Shared {
-            id: NEXT_LOADER.fetch_add(1, Ordering::Relaxed),
+            id,
+            chain: Arc::new([id]),
             metrics: Metrics::new(&self.name),
             name: self.name.into(),
             batch_fn,
@@ -476,8 +480,8 @@ where
 
     /// Dispatches the collecting batch now instead of when its window closes.
     pub fn flush(&self) {
-        let taken = lock(&self.shared.state).collecting.take();
-        if let Some((batch, keys)) = taken {
+        // Sealed under the lock: the batch's task, finding it detached, takes its keys.
+        if let Some((batch, keys)) = lock(&self.shared.state).collecting.take() {
             batch.seal(keys);
         }
     }
@@ -810,13 +814,17 @@ where
         &self.engine
     }
 
-    fn detach(&self, batch: &Batch<K, Answer<K, V, F::Error>>) {
+    fn timed(&self) -> bool {
+        self.metrics.queue_wait.is_enabled()
+    }
+
+    fn detach(&self, batch: &Batch<K, Answer<K, V, F::Error>>) -> Option<Vec<K>> {
         let mut state = lock(&self.state);
-        if let Some((current, _)) = &state.collecting
-            && current.id == batch.id
-            && let Some((_, keys)) = state.collecting.take()
-        {
-            batch.seal(keys);
+        match &state.collecting {
+            Some((current, _)) if current.id == batch.id => {
+                state.collecting.take().map(|(_, keys)| keys)
+            }
+            _ => None,
         }
     }
 
@@ -828,9 +836,14 @@ where
         let this = Arc::clone(self);
         let id = batch.id;
         let waited = Engine::age(batch);
-        let mut chain = lock(&batch.chain).clone();
-        chain.push(self.id);
-        let chain: Arc<[u64]> = chain.into();
+        let chain = {
+            let parents = lock(&batch.chain);
+            if parents.is_empty() {
+                Arc::clone(&self.chain)
+            } else {
+                parents.iter().copied().chain([self.id]).collect()
+            }
+        };
         async move {
             let mut running = Running {
                 shared: &this,
@@ -841,14 +854,17 @@ where
             let keys = &running.keys;
             this.metrics.dispatched(keys.len(), waited);
             let span = tracing::debug_span!("brisk.batch.dispatch", loader = %this.name, keys = keys.len());
-            let started = Instant::now();
+            // No clock read when nothing records the duration.
+            let started = this.metrics.duration.is_enabled().then(Instant::now);
             // The batch function runs with this loader in its chain; `load` is called inside
             // the future, so a panic before it returns its own future is caught too.
             let load = AssertUnwindSafe(async { this.batch_fn.load(keys).await }).catch_unwind();
             let result = CHAIN.scope(chain, load).instrument(span).await;
-            this.metrics
-                .duration
-                .record(started.elapsed().as_secs_f64());
+            if let Some(started) = started {
+                this.metrics
+                    .duration
+                    .record(started.elapsed().as_secs_f64());
+            }
             let outcome = match result {
                 Ok(Ok(values)) => Ok(values),
                 Ok(Err(err)) => {
@@ -885,5 +901,48 @@ where
 
     fn unrun(&self, batch: &Batch<K, Answer<K, V, F::Error>>, keys: Vec<K>) {
         self.release(batch.id, &keys, None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Never answers.
+    struct Never;
+
+    impl BatchFn<u32, u32> for Never {
+        type Error = std::convert::Infallible;
+        async fn load(&self, _: &[u32]) -> Result<HashMap<u32, u32>, Self::Error> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_storm_leaves_nothing_in_flight() {
+        let loader = Loader::builder(Never).max_batch_size(10).build().unwrap();
+        let until = Instant::now() + Duration::from_millis(5);
+        let loads = (0..1_000).map(|k| deadline::scope(until, loader.load(k)));
+        let results = futures_util::future::join_all(loads).await;
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(LoadError::Deadline(_))))
+        );
+        // Every batch was abandoned; their cancelled tasks release their own keys.
+        for _ in 0..100 {
+            let empty = lock(&loader.shared.state).in_flight.is_empty();
+            if empty {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let state = lock(&loader.shared.state);
+        assert!(
+            state.in_flight.is_empty(),
+            "{} keys left",
+            state.in_flight.len()
+        );
+        assert!(state.collecting.is_none());
     }
 }

@@ -51,13 +51,15 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn dispatched(&self, size: usize, waited: std::time::Duration) {
+    pub(crate) fn dispatched(&self, size: usize, waited: Option<std::time::Duration>) {
         self.batches.increment(1);
         if size == 1 {
             self.singletons.increment(1);
         }
         #[allow(clippy::cast_precision_loss)] // batch sizes are far below 2^52
         self.size.record(size as f64);
-        self.queue_wait.record(waited.as_secs_f64());
+        if let Some(waited) = waited {
+            self.queue_wait.record(waited.as_secs_f64());
+        }
     }
 }

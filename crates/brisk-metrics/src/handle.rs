@@ -57,6 +57,15 @@ impl<H> Late<H> {
         }
     }
 
+    /// Whether there is a recorder to record into (registering with it if needed).
+    #[inline]
+    fn enabled(&self) -> bool {
+        self.handle.get().is_some() || {
+            self.resolve(|_| {});
+            self.handle.get().is_some()
+        }
+    }
+
     #[cold]
     fn resolve(&self, use_it: impl FnOnce(&H)) {
         metrics::with_recorder(|recorder| {
@@ -148,6 +157,14 @@ impl Histogram {
     #[inline]
     pub fn record(&self, value: f64) {
         self.0.with(|histogram| histogram.record(value));
+    }
+
+    /// False while no recorder is installed: an observation that costs something to make (a
+    /// clock read) can be skipped then. True from the first call that finds a recorder.
+    #[inline]
+    #[must_use]
+    pub fn is_enabled(&self) -> bool {
+        self.0.enabled()
     }
 }
 

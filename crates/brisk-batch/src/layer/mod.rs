@@ -225,13 +225,13 @@ where
         &self.engine
     }
 
-    fn detach(&self, batch: &Round<S, Req, Resp>) {
+    fn detach(&self, batch: &Round<S, Req, Resp>) -> Option<Vec<Req>> {
         let mut collecting = lock(&self.collecting);
-        if let Some((current, _)) = &*collecting
-            && current.id == batch.id
-            && let Some((_, requests)) = collecting.take()
-        {
-            batch.seal(requests);
+        match &*collecting {
+            Some((current, _)) if current.id == batch.id => {
+                collecting.take().map(|(_, requests)| requests)
+            }
+            _ => None,
         }
     }
 
