@@ -527,3 +527,42 @@ async fn load_many_past_the_deadline_fails_only_the_keys_still_waiting() {
     assert!(matches!(results[0], Ok(Some(100))));
     assert!(matches!(results[1], Err(LoadError::Deadline(_))));
 }
+
+// A batch whose runtime shuts down mid-run answers its waiters on other runtimes.
+
+#[test]
+fn a_batch_whose_runtime_shuts_down_fails_its_other_waiters_as_cancelled() {
+    let gated = Gated::new(); // never opens: the batch is running when its runtime goes
+    let loader = Loader::new(gated.clone());
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    // On the first runtime: start a batch for key 1 and let it run.
+    first.block_on(async {
+        let mut load = Box::pin(loader.load(1));
+        assert!(common::poll_once(load.as_mut()).await.is_pending());
+        until(|| gated.running.load(Ordering::SeqCst) == 1).await;
+        std::mem::forget(load); // its waiter stays registered
+    });
+    // On the second: join that batch (a duplicate key), then shut the first runtime down.
+    let mut load = Box::pin(loader.load(1));
+    second.block_on(async {
+        assert!(common::poll_once(load.as_mut()).await.is_pending());
+    });
+    drop(first);
+    let joined =
+        second.block_on(async { tokio::time::timeout(Duration::from_secs(10), load).await });
+    assert!(
+        matches!(joined, Ok(Err(LoadError::Cancelled))),
+        "{joined:?}"
+    );
+    // The loader goes on: a new batch on the second runtime.
+    gated.gate.add_permits(1);
+    let again = second.block_on(loader.load(1));
+    assert_eq!(again.unwrap(), Some(2));
+}
