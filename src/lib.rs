@@ -62,3 +62,8 @@ pub struct ReadmeDoctests;
 #[cfg(all(doctest, feature = "batch"))]
 #[doc = include_str!("../docs/batching.md")]
 pub struct BatchingGuideDoctests;
+
+/// The metrics guide's examples, compiled and run as doc tests.
+#[cfg(all(doctest, feature = "http", feature = "prometheus"))]
+#[doc = include_str!("../docs/metrics.md")]
+pub struct MetricsGuideDoctests;
