@@ -222,9 +222,14 @@ impl<I, O: Clone> Batch<I, O> {
         }
     }
 
-    /// Marks the batch given up and cancels its task.
-    pub(crate) fn abandon(&self) {
+    /// Marks the batch given up: requests must no longer join it. Call it under the owner's
+    /// lock, where requests join.
+    pub(crate) fn give_up(&self) {
         self.abandoned.store(true, Ordering::Release);
+    }
+
+    /// Cancels the task of a batch given up.
+    pub(crate) fn cancel(&self) {
         if let Some(task) = lock(&self.slot).task.take() {
             task.abort();
         }
@@ -385,9 +390,15 @@ pub(crate) struct Starter<W: Owner> {
 
 impl<W: Owner> Starter<W> {
     pub(crate) fn start(self, owner: &Arc<W>, batch: &Arc<OwnedBatch<W>>) {
-        let task = self
-            .runtime
-            .spawn(drive(Arc::clone(owner), Arc::clone(batch), self.queued));
+        // The guard is an argument, so it goes with the future even if the task is dropped
+        // before its first poll (a runtime shutting down).
+        let ending = Ending {
+            owner: Arc::clone(owner),
+            batch: Arc::clone(batch),
+            items: None,
+            armed: true,
+        };
+        let task = self.runtime.spawn(drive(ending, self.queued));
         let mut slot = lock(&batch.slot);
         // The task may have ended already (it cannot have been abandoned: its creator still
         // waits on it); then there is nothing to abort.
@@ -398,13 +409,9 @@ impl<W: Owner> Starter<W> {
 }
 
 /// The life of one batch, on its own task.
-async fn drive<W: Owner>(owner: Arc<W>, batch: Arc<OwnedBatch<W>>, queued: Queued) {
+async fn drive<W: Owner>(mut guard: Ending<W>, queued: Queued) {
+    let (owner, batch) = (Arc::clone(&guard.owner), Arc::clone(&guard.batch));
     let engine = owner.engine();
-    let mut guard = Ending {
-        owner: &owner,
-        batch: &batch,
-        items: None,
-    };
     batch.window(engine.window).await;
     guard.items = Some(owner.detach(&batch).unwrap_or_else(|| batch.take_items()));
     let slot = batch.slot(&engine.slots).await;
@@ -415,34 +422,34 @@ async fn drive<W: Owner>(owner: Arc<W>, batch: Arc<OwnedBatch<W>>, queued: Queue
         .await
         .unwrap_or_else(|panic| Err(LoadError::panicked(&*panic)));
     drop(slot);
-    guard.disarm();
+    guard.armed = false;
     batch.end(Some(Arc::new(outcome)));
 }
 
-/// Ends a batch whose task is dropped before it answered (cancelled, or its runtime shut
-/// down): items that never reached `run` go back to the owner, and the waiters are told.
-struct Ending<'a, W: Owner> {
-    owner: &'a Arc<W>,
-    batch: &'a Arc<OwnedBatch<W>>,
+/// Ends a batch whose task is dropped before it answered (cancelled, its runtime shut down,
+/// or never polled): items that never reached `run` go back to the owner, and the waiters are
+/// told.
+struct Ending<W: Owner> {
+    owner: Arc<W>,
+    batch: Arc<OwnedBatch<W>>,
     /// The items, between their taking from the owner and `run`.
     items: Option<Vec<W::Item>>,
+    /// False once the batch answered.
+    armed: bool,
 }
 
-impl<W: Owner> Ending<'_, W> {
-    fn disarm(self) {
-        std::mem::forget(self);
-    }
-}
-
-impl<W: Owner> Drop for Ending<'_, W> {
+impl<W: Owner> Drop for Ending<W> {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         // Once `run` has the items, detaching finds nothing and the batch holds none: `unrun`
         // then gets an empty list (`run`'s own guard released its keys).
         let items = match self.items.take() {
             Some(items) => items,
-            None => (self.owner.detach(self.batch)).unwrap_or_else(|| self.batch.take_items()),
+            None => (self.owner.detach(&self.batch)).unwrap_or_else(|| self.batch.take_items()),
         };
-        self.owner.unrun(self.batch, items);
+        self.owner.unrun(&self.batch, items);
         self.batch.end(None);
     }
 }

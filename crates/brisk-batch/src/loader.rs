@@ -887,8 +887,9 @@ where
         if batch.waiters() > 0 {
             return;
         }
-        // Its keys go with it; its task, cancelled, releases them (no user code runs here, in
-        // a waiter's `Drop`).
+        // Under the lock, so no load joins it from now on. Its keys go with it; its task,
+        // cancelled, releases them (no user code runs here, in a waiter's `Drop`).
+        batch.give_up();
         if let Some((current, _)) = &state.collecting
             && current.id == batch.id
             && let Some((_, keys)) = state.collecting.take()
@@ -896,7 +897,7 @@ where
             batch.seal(keys);
         }
         drop(state);
-        batch.abandon();
+        batch.cancel();
     }
 
     fn unrun(&self, batch: &Batch<K, Answer<K, V, F::Error>>, keys: Vec<K>) {

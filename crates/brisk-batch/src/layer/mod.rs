@@ -267,6 +267,7 @@ where
         if batch.waiters() > 0 {
             return;
         }
+        batch.give_up();
         if let Some((current, _)) = &*collecting
             && current.id == batch.id
             && let Some((_, requests)) = collecting.take()
@@ -274,7 +275,7 @@ where
             batch.seal(requests);
         }
         drop(collecting);
-        batch.abandon();
+        batch.cancel();
     }
 
     fn unrun(&self, _: &Round<S, Req, Resp>, requests: Vec<Req>) {
