@@ -274,6 +274,7 @@ impl<P: Pool> Instrumented<P> {
                 self.maybe_refresh_sizes(since_ns);
                 Ok(Checkout {
                     connection: Some(connection),
+                    cut_off: false,
                     slot,
                     since,
                     owner: self.clone(),
@@ -545,8 +546,30 @@ impl<P> Drop for Waiting<'_, P> {
 
 /// A checked-out connection: derefs to the backend's connection and goes back to the pool when
 /// dropped, recording how long it was used.
+///
+/// # A connection whose operation was cut off is not handed out again
+///
+/// When a request's deadline drops a query half-way, the server may still be running it: a
+/// connection returned then would make the next callers queue behind that query. So a
+/// checkout is closed (taken out of the pool, [`Pool::discard`]) rather than returned when it
+/// is dropped
+/// - after the request's deadline has passed (`deadline::remaining()` is zero: the usual way an
+///   operation is cut off; a request that overran its deadline yet finished its queries loses
+///   a connection it could have kept, a reconnection's worth),
+/// - while a panic unwinds, or
+/// - with a Redis command or pipeline run through it (its [`ConnectionLike`] implementation,
+///   with the `redis` feature) that never finished.
+///
+/// A checkout dropped for another reason (a client disconnect cancelling the handler, a
+/// `select!` that lost) cannot be told from one returned after its work: when you cut an
+/// operation yourself, call [`Checkout::discard`].
+///
+/// [`ConnectionLike`]: ::redis::aio::ConnectionLike
 pub struct Checkout<P: Pool> {
     connection: Option<P::Connection>,
+    /// Set while an operation runs through this checkout, and by `discard`: closed, not
+    /// returned, on drop.
+    pub(crate) cut_off: bool,
     /// Where this checkout is recorded in [`Holders`], unless it went untracked.
     slot: Option<usize>,
     since: Instant,
@@ -576,11 +599,32 @@ impl<P: Pool> fmt::Debug for Checkout<P> {
     }
 }
 
+impl<P: Pool> Checkout<P> {
+    /// Closes the connection instead of returning it to the pool: for one whose operation you
+    /// cut off, or left in a state the next caller must not inherit (an open transaction, a
+    /// session setting). The pool opens a new one when needed.
+    ///
+    /// Over bb8 this needs the manager wrapped in [`Measured`](crate::Measured); over another
+    /// bb8 manager the connection goes back to the pool.
+    pub fn discard(mut self) {
+        self.cut_off = true;
+    }
+}
+
 impl<P: Pool> Drop for Checkout<P> {
     fn drop(&mut self) {
-        // Return the connection first, so the gauges below see it back in the pool.
-        drop(self.connection.take());
         let shared = &self.owner.shared;
+        // Return (or close) the connection first, so the gauges below see it gone.
+        if let Some(connection) = self.connection.take() {
+            let cut_off = self.cut_off
+                || std::thread::panicking()
+                || deadline::remaining().is_some_and(|left| left.is_zero());
+            if cut_off {
+                shared.pool.discard(connection);
+            } else {
+                drop(connection);
+            }
+        }
         if let Some(slot) = self.slot {
             shared.holders.release(slot);
         }

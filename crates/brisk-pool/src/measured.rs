@@ -9,7 +9,8 @@ use metrics::{Counter, Histogram, Label};
 /// Wraps a deadpool `Manager` or a bb8 `ManageConnection`: every connection the pool opens is
 /// timed (`db_client_connection_create_time_seconds`), every failure counted
 /// (`brisk_pool_create_errors_total`) and remembered, so that [`Instrumented`](crate::Instrumented)
-/// can name the last one in its diagnosis even over bb8, which does not report it.
+/// can name the last one in its diagnosis even over bb8, which does not report it. Over bb8 it
+/// is also what lets [`Checkout::discard`](crate::Checkout::discard) close a connection.
 ///
 /// ```no_run
 /// # async fn run(manager: bb8_postgres::PostgresConnectionManager<tokio_postgres::NoTls>) -> Result<(), Box<dyn std::error::Error>> {
@@ -31,6 +32,21 @@ impl<M> fmt::Debug for Measured<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Measured").finish_non_exhaustive()
     }
+}
+
+thread_local! {
+    /// Set while [`Pool::discard`](crate::Pool::discard) drops a bb8 connection: bb8 asks its
+    /// manager's `has_broken` as the connection goes back, on this thread, and a `Measured`
+    /// manager answers yes, so bb8 closes it instead of keeping it.
+    static DISCARDING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `drop_connection` with connections marked as being discarded.
+#[cfg_attr(not(feature = "bb8"), allow(dead_code))]
+pub(crate) fn discarding(drop_connection: impl FnOnce()) {
+    DISCARDING.with(|flag| flag.set(true));
+    drop_connection();
+    DISCARDING.with(|flag| flag.set(false));
 }
 
 /// What a [`Measured`] manager saw of the connections it opened; cheap to clone.
@@ -159,6 +175,6 @@ where
     }
 
     fn has_broken(&self, connection: &mut M::Connection) -> bool {
-        self.inner.has_broken(connection)
+        DISCARDING.with(std::cell::Cell::get) || self.inner.has_broken(connection)
     }
 }

@@ -761,3 +761,118 @@ async fn a_pool_grown_past_its_wrapped_size_still_hands_out_and_takes_back() {
     assert_eq!(pool.status().in_use(), 0);
     pool.close(Duration::from_secs(1)).await.unwrap();
 }
+
+/// Runs a 3 s query under a 100 ms deadline, then asks the pool of one for its connection
+/// again: the next query must not queue behind the one cut off.
+async fn a_cut_off_query_is_not_inherited<P, Q, Fut>(pool: Instrumented<P>, query: Q)
+where
+    P: Pool,
+    Q: Fn(brisk_pool::Checkout<P>, &'static str) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    assert_eq!(pool.warm_up(1).await.unwrap(), 1);
+    let started = Instant::now();
+    // As a timeout layer runs a handler: the deadline in scope, the work bounded by it.
+    let cut = deadline::scope(started + Duration::from_millis(100), async {
+        deadline::bounded(Duration::from_secs(10), async {
+            let client = pool.get().await.unwrap();
+            query(client, "SELECT pg_sleep(3)").await
+        })
+        .await
+    })
+    .await;
+    assert!(cut.is_err(), "the deadline cut the query off");
+    let started = Instant::now();
+    let next = tokio::time::timeout(Duration::from_secs(2), async {
+        let client = pool.get().await.unwrap();
+        query(client, "SELECT 1").await
+    })
+    .await;
+    assert!(
+        matches!(next, Ok(true)),
+        "the next query waited behind the cut one: {next:?} after {:?}",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn deadpool_closes_a_connection_whose_query_was_cut_off() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 1))
+        .wait_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    a_cut_off_query_is_not_inherited(pool, |client, sql| async move {
+        client.simple_query(sql).await.is_ok()
+    })
+    .await;
+}
+
+/// bb8 over a `Measured` manager: what lets a checkout close its connection.
+async fn measured_bb8(
+    url: &str,
+    max: u32,
+) -> bb8::Pool<brisk_pool::Measured<bb8_postgres::PostgresConnectionManager<NoTls>>> {
+    let manager = bb8_postgres::PostgresConnectionManager::new_from_stringlike(url, NoTls).unwrap();
+    bb8::Pool::builder()
+        .max_size(max)
+        .build(brisk_pool::Measured::new(manager, "main"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn bb8_closes_a_connection_whose_query_was_cut_off() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(measured_bb8(&pg.url(), 1).await)
+        .wait_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    a_cut_off_query_is_not_inherited(pool, |client, sql| async move {
+        client.simple_query(sql).await.is_ok()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn discard_closes_the_connection_instead_of_returning_it() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 2))
+        .build()
+        .unwrap();
+    let client = pool.get().await.unwrap();
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    client.discard();
+    let status = pool.status();
+    assert_eq!((status.size, status.in_use()), (0, 0), "{status:?}");
+    let again = pool.get().await.unwrap();
+    let other: i32 = again
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(pid, other, "a new connection, not the discarded one");
+
+    let bb8 = Instrumented::builder(measured_bb8(&pg.url(), 1).await)
+        .build()
+        .unwrap();
+    let client = bb8.get().await.unwrap();
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    client.discard();
+    let again = bb8.get().await.unwrap();
+    let other: i32 = again
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(pid, other, "bb8 opened a new connection");
+}

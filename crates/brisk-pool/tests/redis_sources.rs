@@ -284,3 +284,73 @@ mod tls {
         assert!(matches!(err, SourceError::Connect { .. }), "{err:?}");
     }
 }
+
+/// A `BLPOP` cut off by a timeout keeps the server busy on that connection for 3 s: the pool of
+/// one must hand out a fresh connection, not that one.
+async fn a_cut_off_command_is_not_inherited<P>(source: Instrumented<P>)
+where
+    P: brisk_pool::Pool,
+    P::Connection: std::ops::DerefMut,
+    <P::Connection as std::ops::Deref>::Target: redis::aio::ConnectionLike,
+{
+    let cut = tokio::time::timeout(Duration::from_millis(100), async {
+        let mut conn = source.connection().await.unwrap();
+        redis::cmd("BLPOP")
+            .arg("nothing-comes")
+            .arg(3)
+            .query_async::<Option<(String, String)>>(&mut conn)
+            .await
+    })
+    .await;
+    assert!(cut.is_err(), "the timeout cut the command off");
+    let started = Instant::now();
+    let next = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut conn = source.connection().await.unwrap();
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    })
+    .await;
+    assert!(
+        matches!(next, Ok(Ok(_))),
+        "the next command waited behind the cut one: {next:?}"
+    );
+    // Not the 500 ms of redis-rs's response timeout, after which the pool's recycling PING
+    // gives up on the busy connection by itself.
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn deadpool_redis_closes_a_connection_whose_command_was_cut_off() {
+    let server = RedisServer::start().unwrap();
+    let pool = deadpool_redis::Config::from_url(server.url())
+        .builder()
+        .unwrap()
+        .max_size(1)
+        .runtime(deadpool_redis::Runtime::Tokio1)
+        .build()
+        .unwrap();
+    let source = Instrumented::builder(pool)
+        .wait_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    a_cut_off_command_is_not_inherited(source).await;
+}
+
+#[tokio::test]
+async fn bb8_redis_closes_a_connection_whose_command_was_cut_off() {
+    let server = RedisServer::start().unwrap();
+    let manager = bb8_redis::RedisConnectionManager::new(server.url()).unwrap();
+    let pool = bb8::Pool::builder()
+        .max_size(1)
+        .build(brisk_pool::Measured::new(manager, "redis"))
+        .await
+        .unwrap();
+    let source = Instrumented::builder(pool)
+        .wait_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    a_cut_off_command_is_not_inherited(source).await;
+}

@@ -127,7 +127,9 @@ impl fmt::Debug for RedactedUrl {
 }
 
 /// A checkout of a pool of Redis connections (deadpool-redis, bb8-redis) runs commands on the
-/// connection it holds.
+/// connection it holds. A command or pipeline dropped before its reply came (a timeout, a
+/// deadline) leaves the checkout marked: it is closed rather than returned to the pool, since
+/// the server may still be running it (a `BLPOP`, a slow script) ahead of the next caller's.
 impl<P> ConnectionLike for Checkout<P>
 where
     P: Pool,
@@ -135,7 +137,13 @@ where
     <P::Connection as Deref>::Target: ConnectionLike,
 {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        (**self).deref_mut().req_packed_command(cmd)
+        let cut_off = self.cut_off;
+        self.cut_off = true;
+        Box::pin(async move {
+            let result = (**self).deref_mut().req_packed_command(cmd).await;
+            self.cut_off = cut_off;
+            result
+        })
     }
 
     fn req_packed_commands<'a>(
@@ -144,9 +152,16 @@ where
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        (**self)
-            .deref_mut()
-            .req_packed_commands(pipeline, offset, count)
+        let cut_off = self.cut_off;
+        self.cut_off = true;
+        Box::pin(async move {
+            let result = (**self)
+                .deref_mut()
+                .req_packed_commands(pipeline, offset, count)
+                .await;
+            self.cut_off = cut_off;
+            result
+        })
     }
 
     fn get_db(&self) -> i64 {
