@@ -95,38 +95,6 @@ async fn multiplexed_reconnects_after_a_restart() {
     assert_eq!(reconnects(), 1, "one loss, one reconnection, counted once");
 }
 
-/// A runtime shut down in the middle of a reconnection (a test's runtime, a service's
-/// restarted worker pool) must not leave the connection unable to reconnect on another one.
-#[test]
-fn a_reconnection_cut_short_by_its_runtime_does_not_stop_the_next() {
-    let runtime = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    };
-    let mut server = RedisServer::builder().private().start().unwrap();
-    let first = runtime();
-    let source = first
-        .block_on(
-            Multiplexed::builder(&server.url())
-                .response_timeout(Duration::from_millis(200))
-                .connect(),
-        )
-        .unwrap();
-    server.kill().unwrap();
-    first.block_on(async {
-        let mut conn = source.connection().await.unwrap();
-        let down: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
-        assert!(down.is_err());
-        // The reconnection now retries against the dead server, on this runtime.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    });
-    drop(first);
-    server.restart().unwrap();
-    runtime().block_on(serving_within(&source, Duration::from_secs(2)));
-}
-
 #[tokio::test]
 async fn multiplexed_bounds_commands_to_a_paused_server() {
     let mut server = RedisServer::builder().private().start().unwrap();
@@ -353,4 +321,51 @@ async fn bb8_redis_closes_a_connection_whose_command_was_cut_off() {
         .build()
         .unwrap();
     a_cut_off_command_is_not_inherited(source).await;
+}
+
+/// Loses the connection on a runtime that is then shut down, and checks that another runtime
+/// reconnects: `let_it_run` gives the reconnection task 50 ms on the first runtime (it is cut
+/// short mid-retry) or none (it is dropped before its first poll; a current-thread runtime
+/// polls what it spawned only when `block_on` waits).
+fn reconnects_after_its_runtime_shut_down(let_it_run: bool) {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let mut server = RedisServer::builder().private().start().unwrap();
+    let first = runtime();
+    let source = first
+        .block_on(
+            Multiplexed::builder(&server.url())
+                .response_timeout(Duration::from_millis(200))
+                .connect(),
+        )
+        .unwrap();
+    server.kill().unwrap();
+    first.block_on(async {
+        let mut conn = source.connection().await.unwrap();
+        let down: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+        assert!(down.is_err());
+        if let_it_run {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    drop(first);
+    server.restart().unwrap();
+    runtime().block_on(serving_within(&source, Duration::from_secs(2)));
+}
+
+/// A runtime shut down in the middle of a reconnection (a test's runtime, a service's
+/// restarted worker pool) must not leave the connection unable to reconnect on another one.
+#[test]
+fn a_reconnection_cut_short_by_its_runtime_does_not_stop_the_next() {
+    reconnects_after_its_runtime_shut_down(true);
+}
+
+/// Nor one whose task was dropped before it first ran.
+#[test]
+fn a_reconnection_dropped_before_it_ran_does_not_stop_the_next() {
+    reconnects_after_its_runtime_shut_down(false);
 }

@@ -86,11 +86,14 @@ impl Slot {
         };
         tracing::warn!(url = %self.url, "Redis connection lost; reconnecting");
         self.reconnects.increment(1);
-        runtime.spawn(Self::reconnect_until_done(Arc::downgrade(self)));
+        // The guard that clears the flag is made here and moved into the task, so that a task
+        // dropped before its first poll (its runtime shutting down) clears it as well.
+        let running = Reconnecting(Arc::downgrade(self));
+        runtime.spawn(Self::reconnect_until_done(running));
     }
 
-    async fn reconnect_until_done(slot: Weak<Self>) {
-        let _running = Reconnecting(slot.clone());
+    async fn reconnect_until_done(running: Reconnecting) {
+        let slot = running.0.clone();
         let mut pause = RECONNECT_FIRST_PAUSE;
         loop {
             // Stop once every `Multiplexed` clone and connection is gone.
@@ -121,7 +124,8 @@ impl Slot {
 }
 
 /// Clears `reconnecting` however the reconnection task ends — done, or dropped with the runtime
-/// it ran on — so that a later failure, on another runtime, can start another.
+/// it ran on, even before it first ran — so that a later failure, on another runtime, can
+/// start another.
 struct Reconnecting(Weak<Slot>);
 
 impl Drop for Reconnecting {
