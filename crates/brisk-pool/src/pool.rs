@@ -109,15 +109,15 @@ where
             }
         };
         result.map_err(|err| match err {
-                PoolError::Backend(err) => GetError::Backend(err),
-                PoolError::Timeout(_) => GetError::Timeout,
-                PoolError::Closed => GetError::Closed,
-                PoolError::PostCreateHook(deadpool::managed::HookError::Backend(err)) => {
-                    GetError::Backend(err)
-                }
-                // A hook's own message or a missing runtime: the pool cannot hand out connections.
-                _ => GetError::Closed,
-            })
+            PoolError::Backend(err) => GetError::Backend(err),
+            PoolError::Timeout(_) => GetError::Timeout,
+            PoolError::Closed => GetError::Closed,
+            PoolError::PostCreateHook(deadpool::managed::HookError::Backend(err)) => {
+                GetError::Backend(err)
+            }
+            // A hook's own message or a missing runtime: the pool cannot hand out connections.
+            _ => GetError::Closed,
+        })
     }
 
     fn close(&self) {

@@ -793,7 +793,11 @@ where
         "the next query waited behind the cut one: {next:?} after {:?}",
         started.elapsed()
     );
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]

@@ -369,3 +369,49 @@ fn a_reconnection_cut_short_by_its_runtime_does_not_stop_the_next() {
 fn a_reconnection_dropped_before_it_ran_does_not_stop_the_next() {
     reconnects_after_its_runtime_shut_down(false);
 }
+
+/// redis-rs reads credentials from the query of a unix-socket URL (`?user=`, `?pass=`): they
+/// must not show in the builder's or the source's `Debug`, in errors, nor in the `server` label
+/// of the reconnection counter.
+#[tokio::test]
+async fn credentials_in_the_query_never_show() {
+    let mut server = RedisServer::builder()
+        .private()
+        .unix_socket()
+        .arg("--requirepass")
+        .arg("s3cret-pw")
+        .start()
+        .unwrap();
+    let socket = server.url();
+    let url = format!("{socket}?user=default&pass=s3cret-pw");
+    let builder = Multiplexed::builder(&url).response_timeout(Duration::from_millis(200));
+    let shown = format!("{builder:?}");
+    assert!(!shown.contains("s3cret-pw"), "{shown}");
+    assert!(shown.contains("pass=***"), "{shown}");
+    let capture = Capture::new();
+    let source = capture.scope(builder.connect()).await.unwrap();
+    round_trip(&source, "query-auth").await;
+    let shown = format!("{source:?} {}", source.url());
+    assert!(!shown.contains("s3cret-pw"), "{shown}");
+
+    for wrong in [
+        format!("{socket}?pass=wrong-pw"),
+        format!("{socket}?user=default&password=wrong-pw&pass=wrong-pw"),
+    ] {
+        let err = Multiplexed::connect(&wrong).await.unwrap_err();
+        let shown = format!("{err} {err:?}");
+        assert!(!shown.contains("wrong-pw"), "{shown}");
+    }
+
+    // A reconnection is counted under the socket's path alone.
+    server.kill().unwrap();
+    let mut conn = source.connection().await.unwrap();
+    let down: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+    assert!(down.is_err());
+    server.restart().unwrap();
+    serving_within(&source, Duration::from_secs(2)).await;
+    assert_eq!(
+        capture.counter(REDIS_RECONNECTS.name, &[("server", &socket)]),
+        1
+    );
+}

@@ -66,35 +66,77 @@ pub enum SourceError {
     Checkout(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// A URL with its password (and username) replaced by `***`, safe for logs, errors and metric
-/// labels.
+/// A URL with its credentials replaced by `***`, safe for logs, errors and metric labels.
+///
+/// Every place redis-rs reads credentials from is masked: the user information
+/// (`redis://user:password@host`, in any scheme redis-rs accepts — `redis`, `rediss`, `valkey`,
+/// `valkeys`, `redis+unix`, `valkey+unix`, `unix`, any letter case) and every query parameter
+/// but `db` and `protocol` (`redis+unix:///run/redis.sock?user=app&pass=secret`: redis-rs reads
+/// `user` and `pass` there; other names are masked too, in case a future version reads them).
+/// A string that is not a URL is masked up to its last `@`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedactedUrl(String);
 
+/// Query parameters redis-rs reads that never hold a secret.
+const PLAIN_PARAMETERS: [&str; 2] = ["db", "protocol"];
+
 impl RedactedUrl {
-    /// Redacts the user information of `url` (`scheme://user:password@host` → `scheme://***:***@host`).
+    /// Redacts the credentials of `url`: `scheme://user:password@host` → `scheme://***:***@host`,
+    /// `?user=app&pass=secret&db=1` → `?user=***&pass=***&db=1`.
     #[must_use]
     pub fn new(url: &str) -> Self {
-        match split_credentials(url) {
+        let (url, fragment) = match url.split_once('#') {
+            // redis-rs knows only `#insecure`; anything else is shown masked.
+            Some((url, "insecure")) => (url, Some("insecure")),
+            Some((url, _)) => (url, Some("***")),
+            None => (url, None),
+        };
+        let (base, query) = match url.split_once('?') {
+            Some((base, query)) => (base, Some(query)),
+            None => (url, None),
+        };
+        let mut redacted = match split_credentials(base) {
             Some((scheme, user, server)) => {
                 let masked = match user.split_once(':') {
                     Some(("", _)) => ":***",
                     Some(_) => "***:***",
                     None => "***",
                 };
-                Self(format!("{scheme}://{masked}@{server}"))
+                match scheme {
+                    Some(scheme) => format!("{scheme}://{masked}@{server}"),
+                    None => format!("***@{server}"),
+                }
             }
-            None => Self(url.to_owned()),
+            None => base.to_owned(),
+        };
+        if let Some(query) = query {
+            redacted.push('?');
+            let pairs = query.split('&').map(|pair| match pair.split_once('=') {
+                Some((key, _)) if PLAIN_PARAMETERS.contains(&key.to_ascii_lowercase().as_str()) => {
+                    pair.to_owned()
+                }
+                Some((key, _)) => format!("{key}=***"),
+                None if pair.is_empty() => String::new(),
+                None => "***".to_owned(),
+            });
+            redacted.push_str(&pairs.collect::<Vec<_>>().join("&"));
         }
+        if let Some(fragment) = fragment {
+            redacted.push('#');
+            redacted.push_str(fragment);
+        }
+        Self(redacted)
     }
 
-    /// The URL with no user information at all (`rediss://host:6380/0`): what metric labels
-    /// carry.
+    /// The URL with no user information, query or fragment at all (`rediss://host:6380/0`,
+    /// `redis+unix:///run/redis.sock`): what metric labels carry.
     #[must_use]
     pub fn server(&self) -> String {
-        match split_credentials(&self.0) {
-            Some((scheme, _, server)) => format!("{scheme}://{server}"),
-            None => self.0.clone(),
+        let base = self.0.split(['?', '#']).next().unwrap_or_default();
+        match split_credentials(base) {
+            Some((Some(scheme), _, server)) => format!("{scheme}://{server}"),
+            Some((None, _, server)) => server.to_owned(),
+            None => base.to_owned(),
         }
     }
 
@@ -105,13 +147,21 @@ impl RedactedUrl {
     }
 }
 
-/// `scheme://user@server` → `(scheme, user, server)`; `None` without user information.
-/// Credentials end at the last '@' before the path.
-fn split_credentials(url: &str) -> Option<(&str, &str, &str)> {
-    let (scheme, rest) = url.split_once("://")?;
+/// `scheme://user@server` → `(Some(scheme), user, server)`; `None` without user information.
+/// Credentials end at the last '@' before the path. A unix socket's path may hold an '@'; any
+/// other '@' past the authority (a malformed URL, which redis-rs refuses and an error then
+/// shows) is taken as the end of credentials too, and so is one in a string with no `://`.
+fn split_credentials(url: &str) -> Option<(Option<&str>, &str, &str)> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        let at = url.rfind('@')?;
+        return Some((None, &url[..at], &url[at + 1..]));
+    };
     let authority_end = rest.find('/').unwrap_or(rest.len());
-    let at = rest[..authority_end].rfind('@')?;
-    Some((scheme, &rest[..at], &rest[at + 1..]))
+    let unix = scheme.to_ascii_lowercase().ends_with("unix");
+    let at = rest[..authority_end]
+        .rfind('@')
+        .or_else(|| if unix { None } else { rest.rfind('@') })?;
+    Some((Some(scheme), &rest[..at], &rest[at + 1..]))
 }
 
 impl fmt::Display for RedactedUrl {
@@ -200,23 +250,90 @@ mod tests {
 
     #[test]
     fn credentials_never_survive() {
-        for (url, shown) in [
-            ("redis://:secret@host:6379/0", "redis://:***@host:6379/0"),
-            ("redis://user:secret@host:6379", "redis://***:***@host:6379"),
-            ("rediss://token@host", "rediss://***@host"),
-            ("redis://host:6379", "redis://host:6379"),
+        for (url, shown, server) in [
+            (
+                "redis://:secret@host:6379/0",
+                "redis://:***@host:6379/0",
+                "redis://host:6379/0",
+            ),
+            (
+                "redis://user:secret@host:6379",
+                "redis://***:***@host:6379",
+                "redis://host:6379",
+            ),
+            ("rediss://secret@host", "rediss://***@host", "rediss://host"),
+            (
+                "valkey://:secret@host",
+                "valkey://:***@host",
+                "valkey://host",
+            ),
+            (
+                "valkeys://u:secret@host#insecure",
+                "valkeys://***:***@host#insecure",
+                "valkeys://host",
+            ),
+            ("REDIS://:secret@HOST", "REDIS://:***@HOST", "REDIS://HOST"),
+            (
+                "redis://:p%40secret@host",
+                "redis://:***@host",
+                "redis://host",
+            ),
+            (
+                "redis://:pa/secret@host",
+                "redis://:***@host",
+                "redis://host",
+            ),
+            (
+                "redis://host:6379",
+                "redis://host:6379",
+                "redis://host:6379",
+            ),
+            (
+                "redis://host/1?password=secret",
+                "redis://host/1?password=***",
+                "redis://host/1",
+            ),
+            (
+                "redis://host/?protocol=resp3&secret",
+                "redis://host/?protocol=resp3&***",
+                "redis://host/",
+            ),
+            ("redis://host#secret", "redis://host#***", "redis://host"),
             (
                 "redis+unix:///tmp/redis.sock",
                 "redis+unix:///tmp/redis.sock",
+                "redis+unix:///tmp/redis.sock",
             ),
-            ("redis://us@r:p@ss@host/1", "redis://***:***@host/1"),
-            ("not a url", "not a url"),
+            (
+                "redis+unix:///tmp/r.sock?db=1&user=me&pass=secret",
+                "redis+unix:///tmp/r.sock?db=1&user=***&pass=***",
+                "redis+unix:///tmp/r.sock",
+            ),
+            (
+                "valkey+unix:///tmp/r.sock?PASS=secret",
+                "valkey+unix:///tmp/r.sock?PASS=***",
+                "valkey+unix:///tmp/r.sock",
+            ),
+            (
+                "unix:///tmp/a@b.sock?pass=secret",
+                "unix:///tmp/a@b.sock?pass=***",
+                "unix:///tmp/a@b.sock",
+            ),
+            (
+                "redis://us@r:p@secret@host/1",
+                "redis://***:***@host/1",
+                "redis://host/1",
+            ),
+            ("redis//:secret@host", "***@host", "host"),
+            ("not a url", "not a url", "not a url"),
         ] {
             let redacted = RedactedUrl::new(url);
-            assert_eq!(redacted.as_str(), shown);
-            assert!(!format!("{redacted} {redacted:?}").contains("secret"));
-            assert!(!redacted.server().contains("***"), "{}", redacted.server());
-            assert!(!redacted.server().contains("secret"));
+            assert_eq!(redacted.as_str(), shown, "{url}");
+            assert_eq!(redacted.server(), server, "{url}");
+            assert!(
+                !format!("{redacted} {redacted:?}").contains("secret"),
+                "{url}"
+            );
         }
     }
 }

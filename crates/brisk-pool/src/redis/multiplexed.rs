@@ -193,8 +193,8 @@ impl ConnectionLike for Connection {
     }
 }
 
-/// Settings for [`Multiplexed`].
-#[derive(Debug, Clone)]
+/// Settings for [`Multiplexed`]. Its `Debug` shows the URL redacted.
+#[derive(Clone)]
 #[must_use]
 pub struct MultiplexedBuilder {
     url: String,
@@ -203,6 +203,17 @@ pub struct MultiplexedBuilder {
     response_timeout: Duration,
     #[cfg(feature = "tls")]
     tls: Option<redis::TlsCertificates>,
+}
+
+impl std::fmt::Debug for MultiplexedBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MultiplexedBuilder")
+            .field("url", &RedactedUrl::new(&self.url))
+            .field("connections", &self.connections)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MultiplexedBuilder {
