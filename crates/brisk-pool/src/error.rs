@@ -69,10 +69,74 @@ impl fmt::Display for Exhausted {
     }
 }
 
-/// A builder was given a value it cannot work with.
+/// The longest any brisk-pool wait may be set to (a checkout's `wait_timeout`, `Multiplexed`'s
+/// connect and response timeouts; `close` is bounded by it too): one hour. A longer one is
+/// refused at build, not taken as "wait forever" — `Duration::MAX` would otherwise arm no
+/// timer at all.
+pub const MAX_WAIT: Duration = Duration::from_secs(3_600);
+
+/// The longest a lifetime, interval or measuring window may be set to: a year, far beyond any
+/// use, and far enough from overflowing an `Instant` (bb8 adds its reaper interval to one and
+/// panics on overflow).
+pub const MAX_PERIOD: Duration = Duration::from_secs(365 * 86_400);
+
+/// A builder was given a value it cannot work with: which setting, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid pool configuration: {0}")]
-pub struct BuildError(pub(crate) &'static str);
+#[non_exhaustive]
+pub enum BuildError {
+    /// A timeout or interval of zero: it would fail every operation, or spin.
+    #[error("invalid pool configuration: {setting} must be positive")]
+    Zero {
+        /// The setting, as its builder method or field is named.
+        setting: &'static str,
+    },
+    /// A timeout or period above its limit ([`MAX_WAIT`], [`MAX_PERIOD`]).
+    #[error(
+        "invalid pool configuration: {setting} of {value:?} is above its limit of {max:?} \
+         (a wait that long is a wait forever)"
+    )]
+    TooLong {
+        /// The setting.
+        setting: &'static str,
+        /// The value given.
+        value: Duration,
+        /// The largest accepted.
+        max: Duration,
+    },
+    /// Another value the pool cannot work with.
+    #[error("invalid pool configuration: {setting}: {why}")]
+    Invalid {
+        /// The setting.
+        setting: &'static str,
+        /// Why it is refused.
+        why: &'static str,
+    },
+}
+
+impl BuildError {
+    /// Checks a wait or period: positive and at most `max`.
+    pub(crate) fn check(
+        setting: &'static str,
+        value: Duration,
+        max: Duration,
+    ) -> Result<(), BuildError> {
+        if value.is_zero() {
+            Err(Self::Zero { setting })
+        } else if value > max {
+            Err(Self::TooLong {
+                setting,
+                value,
+                max,
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn invalid(setting: &'static str, why: &'static str) -> Self {
+        Self::Invalid { setting, why }
+    }
+}
 
 /// [`Instrumented::close`](crate::Instrumented::close) gave up waiting for checked-out
 /// connections to come back; the pool is closed to new checkouts all the same.

@@ -18,7 +18,10 @@ use metrics::{Counter, Gauge, Histogram, Label};
 use quanta::Instant;
 
 use crate::holders::{Holders, NO_TASK, task_tag};
-use crate::{BuildError, CloseTimeout, Creations, Exhausted, GetError, Lifecycle, Pool, PoolError};
+use crate::{
+    BuildError, CloseTimeout, Creations, Exhausted, GetError, Lifecycle, MAX_PERIOD, MAX_WAIT,
+    Pool, PoolError,
+};
 
 /// Wraps a [`Pool`]: every checkout waits at most `min(wait_timeout, deadline::remaining())`,
 /// is measured under the OpenTelemetry `db.client.connection.*` metrics, and a checkout that
@@ -137,7 +140,8 @@ impl<P> InstrumentedBuilder<P> {
         self
     }
 
-    /// The longest a checkout waits (the caller's deadline can shorten it). Default 5 s.
+    /// The longest a checkout waits (the caller's deadline can shorten it). Default 5 s; at
+    /// most [`MAX_WAIT`](crate::MAX_WAIT) (one hour): there is no "wait forever".
     pub fn wait_timeout(mut self, timeout: Duration) -> Self {
         self.wait_timeout = timeout;
         self
@@ -159,27 +163,29 @@ impl<P> InstrumentedBuilder<P> {
     /// Checks the settings and wraps the pool.
     ///
     /// # Errors
-    /// [`BuildError`] for a zero wait timeout, an empty name, or a pool whose maximum size is
-    /// zero (it could never hand out a connection).
+    /// [`BuildError`] for a wait timeout of zero or above [`MAX_WAIT`](crate::MAX_WAIT), a
+    /// `recommend_every` below 100 ms or above [`MAX_PERIOD`](crate::MAX_PERIOD), an empty
+    /// name, or a pool whose maximum size is zero (it could never hand out a connection).
     pub fn build(self) -> Result<Instrumented<P>, BuildError>
     where
         P: Pool,
     {
-        if self.wait_timeout.is_zero() {
-            return Err(BuildError(
-                "wait_timeout must be positive: a pool must never wait forever, nor fail every checkout",
-            ));
-        }
+        BuildError::check("wait_timeout", self.wait_timeout, MAX_WAIT)?;
         if self.name.is_empty() {
-            return Err(BuildError("name must not be empty"));
+            return Err(BuildError::invalid("name", "must not be empty"));
         }
         if self.pool.status().max_size == Some(0) {
-            return Err(BuildError(
+            return Err(BuildError::invalid(
+                "max size",
                 "the pool's max size is 0: it could never hand out a connection",
             ));
         }
+        BuildError::check("recommend_every", self.recommend_every, MAX_PERIOD)?;
         if self.recommend_every < Duration::from_millis(REFRESH_EVERY_MS) {
-            return Err(BuildError("recommend_every must be at least 100 ms"));
+            return Err(BuildError::invalid(
+                "recommend_every",
+                "must be at least 100 ms",
+            ));
         }
         let holders = Holders::new(self.pool.status().max_size);
         let shared = Shared {
@@ -329,7 +335,8 @@ impl<P: Pool> Instrumented<P> {
     }
 
     /// Closes the pool: new checkouts fail with [`PoolError::Closed`] at once; waits up to
-    /// `timeout` for the connections checked out to come back, then closes the backend pool.
+    /// `timeout` (at most [`MAX_WAIT`](crate::MAX_WAIT), one hour, whatever is asked) for the
+    /// connections checked out to come back, then closes the backend pool.
     ///
     /// # Errors
     /// [`CloseTimeout`] with the connections still out when the timeout passed; the pool is
@@ -350,7 +357,7 @@ impl<P: Pool> Instrumented<P> {
                 notified.await;
             }
         };
-        let result = tokio::time::timeout(timeout, drained).await;
+        let result = tokio::time::timeout(timeout.min(MAX_WAIT), drained).await;
         shared.pool.close();
         self.refresh_sizes();
         result.map_err(|_| CloseTimeout {
@@ -388,7 +395,10 @@ impl<P: Pool> Instrumented<P> {
             .max_size
             .is_some_and(|max| lifecycle.min_idle > max)
         {
-            return Err(BuildError("min_idle must not exceed the pool's max size"));
+            return Err(BuildError::invalid(
+                "min_idle",
+                "must not exceed the pool's max size",
+            ));
         }
         let shared = Arc::downgrade(&self.shared);
         Ok(tokio::spawn(async move {

@@ -3,7 +3,7 @@
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
-use crate::BuildError;
+use crate::{BuildError, MAX_PERIOD};
 
 /// Connection lifetimes, applied the same way over either backend.
 ///
@@ -53,24 +53,18 @@ impl Lifecycle {
     /// Checks the settings.
     ///
     /// # Errors
-    /// [`BuildError`] for a zero `reap_every`, lifetime or idle timeout, or a jitter not below
-    /// the lifetime.
+    /// [`BuildError`] for a `reap_every`, lifetime or idle timeout of zero or above
+    /// [`MAX_PERIOD`] (use `None` for no limit), or a jitter not below the lifetime.
     pub fn validate(&self) -> Result<(), BuildError> {
-        if self.reap_every.is_zero() {
-            return Err(BuildError("reap_every must be positive"));
+        BuildError::check("reap_every", self.reap_every, MAX_PERIOD)?;
+        if let Some(max) = self.max_lifetime {
+            BuildError::check("max_lifetime", max, MAX_PERIOD)?;
         }
-        if self.max_lifetime.is_some_and(|max| max.is_zero()) {
-            return Err(BuildError(
-                "max_lifetime must be positive (None for no limit)",
-            ));
-        }
-        if self.idle_timeout.is_some_and(|idle| idle.is_zero()) {
-            return Err(BuildError(
-                "idle_timeout must be positive (None for no limit)",
-            ));
+        if let Some(idle) = self.idle_timeout {
+            BuildError::check("idle_timeout", idle, MAX_PERIOD)?;
         }
         if self.max_lifetime.is_some_and(|max| self.jitter >= max) {
-            return Err(BuildError("jitter must be below max_lifetime"));
+            return Err(BuildError::invalid("jitter", "must be below max_lifetime"));
         }
         Ok(())
     }
@@ -161,6 +155,9 @@ mod tests {
         assert!(bad(|l| l.max_lifetime = Some(Duration::ZERO)).contains("max_lifetime"));
         assert!(bad(|l| l.idle_timeout = Some(Duration::ZERO)).contains("idle_timeout"));
         assert!(bad(|l| l.jitter = Duration::from_secs(3_600)).contains("jitter"));
+        assert!(bad(|l| l.reap_every = Duration::MAX).contains("reap_every of"));
+        assert!(bad(|l| l.max_lifetime = Some(Duration::MAX)).contains("max_lifetime of"));
+        assert!(bad(|l| l.idle_timeout = Some(Duration::MAX)).contains("idle_timeout of"));
         assert!(Lifecycle::default().validate().is_ok());
     }
 }

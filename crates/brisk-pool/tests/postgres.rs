@@ -293,6 +293,27 @@ fn bad_settings_are_build_errors() {
         err.to_string().contains("wait_timeout must be positive"),
         "{err}"
     );
+    let err = Instrumented::builder(pool())
+        .wait_timeout(Duration::MAX)
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            brisk_pool::BuildError::TooLong {
+                setting: "wait_timeout",
+                max: brisk_pool::MAX_WAIT,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("wait_timeout of"), "{err}");
+    let err = Instrumented::builder(pool())
+        .recommend_every(Duration::MAX)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("recommend_every of"), "{err}");
     let err = Instrumented::builder(pool()).name("").build().unwrap_err();
     assert!(err.to_string().contains("name"), "{err}");
     let empty =

@@ -205,8 +205,8 @@ async fn bad_settings_are_errors() {
         .await
         .unwrap_err();
     assert!(
-        format!("{err:?}").contains("connections must be at least 1"),
-        "{err:?}"
+        err.to_string().contains("connections: must be at least 1"),
+        "{err}"
     );
     let err = Multiplexed::connect("not a url").await.unwrap_err();
     assert!(matches!(err, SourceError::Connect { .. }));
@@ -414,4 +414,25 @@ async fn credentials_in_the_query_never_show() {
         capture.counter(REDIS_RECONNECTS.name, &[("server", &socket)]),
         1
     );
+}
+
+#[tokio::test]
+async fn timeouts_that_would_wait_forever_are_refused() {
+    for builder in [
+        Multiplexed::builder("redis://127.0.0.1:1").connect_timeout(Duration::MAX),
+        Multiplexed::builder("redis://127.0.0.1:1").response_timeout(Duration::MAX),
+        Multiplexed::builder("redis://127.0.0.1:1").response_timeout(Duration::ZERO),
+    ] {
+        let err = builder.connect().await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SourceError::Build(
+                    brisk_pool::BuildError::TooLong { .. } | brisk_pool::BuildError::Zero { .. }
+                )
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("_timeout"), "{err}");
+    }
 }

@@ -61,6 +61,9 @@ pub enum SourceError {
         #[source]
         source: redis::RedisError,
     },
+    /// A setting was refused before connecting.
+    #[error(transparent)]
+    Build(#[from] crate::BuildError),
     /// A pool gave no connection (its error says why: exhausted, closed, or the backend).
     #[error("the pool gave no connection")]
     Checkout(#[source] Box<dyn std::error::Error + Send + Sync>),

@@ -8,6 +8,7 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use super::{RedactedUrl, RedisSource, SourceError};
+use crate::{BuildError, MAX_WAIT};
 
 /// The first pause between reconnection attempts; it doubles up to [`RECONNECT_MAX_PAUSE`].
 const RECONNECT_FIRST_PAUSE: Duration = Duration::from_millis(25);
@@ -224,13 +225,15 @@ impl MultiplexedBuilder {
         self
     }
 
-    /// The longest a (re)connection may take. Default 1 s.
+    /// The longest a (re)connection may take. Default 1 s; at most
+    /// [`MAX_WAIT`](crate::MAX_WAIT).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
-    /// The longest a command may wait for its reply. Default 1 s.
+    /// The longest a command may wait for its reply. Default 1 s; at most
+    /// [`MAX_WAIT`](crate::MAX_WAIT).
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
         self
@@ -275,20 +278,19 @@ impl MultiplexedBuilder {
     /// Opens the connections.
     ///
     /// # Errors
-    /// [`SourceError::Connect`] if the URL is invalid, a setting is zero, or the server cannot
-    /// be reached.
+    /// [`SourceError::Build`] for zero connections, or a timeout of zero or above
+    /// [`MAX_WAIT`](crate::MAX_WAIT); [`SourceError::Connect`] if the URL is invalid or the
+    /// server cannot be reached.
     pub async fn connect(self) -> Result<Multiplexed, SourceError> {
         let url = RedactedUrl::new(&self.url);
-        let invalid = |why: &'static str| SourceError::Connect {
-            url: url.clone(),
-            source: redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, why)),
-        };
         if self.connections == 0 {
-            return Err(invalid("connections must be at least 1"));
+            return Err(SourceError::Build(BuildError::invalid(
+                "connections",
+                "must be at least 1",
+            )));
         }
-        if self.connect_timeout.is_zero() || self.response_timeout.is_zero() {
-            return Err(invalid("timeouts must be positive"));
-        }
+        BuildError::check("connect_timeout", self.connect_timeout, MAX_WAIT)?;
+        BuildError::check("response_timeout", self.response_timeout, MAX_WAIT)?;
         let fail = |source| SourceError::Connect {
             url: url.clone(),
             source,
