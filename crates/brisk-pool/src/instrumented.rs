@@ -56,6 +56,7 @@ struct Shared<P> {
     wait_timeout: Duration,
     metrics: Metrics,
     waiting: AtomicUsize,
+    /// Checkouts out, or in progress (past the `closed` check and not yet done).
     in_use: AtomicUsize,
     /// Each connection now out: since when (to name the oldest in a diagnosis) and by which
     /// task (to notice a task asking for a second one).
@@ -247,12 +248,18 @@ impl<P: Pool> Instrumented<P> {
     /// out; [`PoolError::Backend`] when opening a connection failed; [`PoolError::Closed`].
     pub async fn get(&self) -> Result<Checkout<P>, PoolError<P::Error>> {
         let shared = &self.shared;
-        if shared.closed.load(Ordering::Acquire) {
+        let task = tokio::task::try_id().map(task_tag);
+        self.notice_nested(task);
+        // Counted as out from here, before `closed` is read: `close` stores `closed` and then
+        // reads `in_use` (all SeqCst), so either this checkout sees the pool closed, or `close`
+        // waits for it — a checkout still connecting is not forgotten. The guard uncounts it
+        // if it fails or is dropped.
+        let out = shared.in_use.fetch_add(1, Ordering::SeqCst);
+        let entered = Entered(shared);
+        if shared.closed.load(Ordering::SeqCst) {
             shared.metrics.closed.increment(1);
             return Err(PoolError::Closed);
         }
-        let task = tokio::task::try_id().map(task_tag);
-        self.notice_nested(task);
         let mut wait = std::pin::pin!(deadline::bounded(shared.wait_timeout, shared.pool.get()));
         // Most checkouts find a connection at once: then nobody waits, and no clock is read and
         // no waiter counted for it.
@@ -271,10 +278,17 @@ impl<P: Pool> Instrumented<P> {
         };
         match result {
             Ok(Ok(connection)) => {
+                if shared.closed.load(Ordering::SeqCst) {
+                    // Closed while this checkout was connecting or waiting: `close` waited for
+                    // it, and it must not hand out a connection now.
+                    drop(connection);
+                    shared.metrics.closed.increment(1);
+                    return Err(PoolError::Closed);
+                }
+                std::mem::forget(entered);
                 shared.metrics.wait.record(waited.as_secs_f64());
                 let since = now;
                 let since_ns = shared.nanos_at(since);
-                let out = shared.in_use.fetch_add(1, Ordering::AcqRel);
                 let slot = shared.holders.claim(task.unwrap_or(NO_TASK), since_ns, out);
                 shared.metrics.used.increment(1.0);
                 self.maybe_refresh_sizes(since_ns);
@@ -531,6 +545,26 @@ impl<P> Shared<P> {
     }
 }
 
+impl<P> Shared<P> {
+    /// One checkout less out (or in progress); wakes `close` when it was the last.
+    fn release(&self) {
+        // Notify takes a lock: only when `close` may be waiting.
+        if self.in_use.fetch_sub(1, Ordering::SeqCst) == 1 && self.closed.load(Ordering::SeqCst) {
+            self.drained.notify_waiters();
+        }
+    }
+}
+
+/// A checkout in progress, counted in `in_use` until it becomes a [`Checkout`] (then
+/// forgotten) or fails or is dropped (then uncounted).
+struct Entered<'a, P>(&'a Shared<P>);
+
+impl<P> Drop for Entered<'_, P> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Nothing panics while these locks are held.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -624,7 +658,12 @@ impl<P: Pool> Checkout<P> {
 impl<P: Pool> Drop for Checkout<P> {
     fn drop(&mut self) {
         let shared = &self.owner.shared;
-        // Return (or close) the connection first, so the gauges below see it gone.
+        // The slot is freed before the connection goes back: freed after, a checkout on another
+        // thread could take the connection and find every slot still taken.
+        if let Some(slot) = self.slot {
+            shared.holders.release(slot);
+        }
+        // Return (or close) the connection before the gauges below are read.
         if let Some(connection) = self.connection.take() {
             let cut_off = self.cut_off
                 || std::thread::panicking()
@@ -635,14 +674,7 @@ impl<P: Pool> Drop for Checkout<P> {
                 drop(connection);
             }
         }
-        if let Some(slot) = self.slot {
-            shared.holders.release(slot);
-        }
-        // Notify takes a lock: only when `close` may be waiting.
-        if shared.in_use.fetch_sub(1, Ordering::SeqCst) == 1 && shared.closed.load(Ordering::SeqCst)
-        {
-            shared.drained.notify_waiters();
-        }
+        shared.release();
         shared.metrics.used.decrement(1.0);
         let now = Instant::now();
         let held = now.duration_since(self.since);

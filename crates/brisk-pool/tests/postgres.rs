@@ -901,3 +901,26 @@ async fn discard_closes_the_connection_instead_of_returning_it() {
         .get(0);
     assert_ne!(pid, other, "bb8 opened a new connection");
 }
+
+#[tokio::test]
+async fn close_waits_for_a_checkout_still_connecting_which_then_fails() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 2))
+        .build()
+        .unwrap();
+    let connecting = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.get().await.map(drop) }
+    });
+    // One poll on this current-thread runtime: the checkout is past the `closed` check and
+    // opening a connection (PostgreSQL's handshake takes round trips).
+    tokio::task::yield_now().await;
+    assert!(!connecting.is_finished());
+    pool.close(Duration::from_secs(5)).await.unwrap();
+    assert!(
+        connecting.is_finished(),
+        "close reported drained while a checkout was still connecting"
+    );
+    let result = connecting.await.unwrap();
+    assert!(matches!(result, Err(PoolError::Closed)), "{result:?}");
+}
