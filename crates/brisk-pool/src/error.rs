@@ -22,9 +22,43 @@ pub enum PoolError<E: std::error::Error + 'static> {
     /// Creating or recycling a connection failed.
     #[error("the pool could not open a connection")]
     Backend(#[source] E),
+    /// Opening connections failed just before, and the pool is backing off: this checkout
+    /// failed at once, without trying, rather than add to a storm of connection attempts
+    /// against a database that is down or recovering.
+    #[error("{0}")]
+    Unavailable(Box<Unavailable>),
     /// The pool was closed.
     #[error("the pool is closed")]
     Closed,
+}
+
+/// Why a checkout failed without trying to connect: the pool's connection attempts failed in a
+/// row and it waits before the next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Unavailable {
+    /// The pool's name.
+    pub pool: String,
+    /// Connection attempts that failed in a row.
+    pub failures: u32,
+    /// How long until the next attempt is allowed.
+    pub retry_in: Duration,
+    /// The last error opening a connection.
+    pub last_error: Option<String>,
+}
+
+impl fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "pool `{}`: not connecting for another {:?} after {} failed connection attempt(s) in a row",
+            self.pool, self.retry_in, self.failures
+        )?;
+        if let Some(error) = &self.last_error {
+            write!(f, "; last connection error: {error}")?;
+        }
+        Ok(())
+    }
 }
 
 /// The pool's state when a checkout gave up: enough to tell a pool that is too small from a

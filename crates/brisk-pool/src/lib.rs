@@ -64,7 +64,9 @@ mod pool;
 #[cfg(feature = "redis")]
 pub mod redis;
 
-pub use error::{BuildError, CloseTimeout, Exhausted, MAX_PERIOD, MAX_WAIT, PoolError};
+pub use error::{
+    BuildError, CloseTimeout, Exhausted, MAX_PERIOD, MAX_WAIT, PoolError, Unavailable,
+};
 pub use instrumented::{Checkout, Instrumented, InstrumentedBuilder};
 pub use lifecycle::Lifecycle;
 pub use measured::{Creations, Measured};

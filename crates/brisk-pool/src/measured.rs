@@ -3,11 +3,12 @@
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use brisk_metrics::catalog::{POOL_CREATE_ERRORS, POOL_CREATE_TIME};
+use brisk_metrics::catalog::{POOL_CONNECT_ATTEMPTS, POOL_CREATE_ERRORS, POOL_CREATE_TIME};
 use metrics::{Counter, Histogram, Label};
 
-/// Wraps a deadpool `Manager` or a bb8 `ManageConnection`: every connection the pool opens is
-/// timed (`db_client_connection_create_time_seconds`), every failure counted
+/// Wraps a deadpool `Manager` or a bb8 `ManageConnection`: every attempt to open a connection
+/// is counted (`brisk_pool_connect_attempts_total`) and timed
+/// (`db_client_connection_create_time_seconds`), every failure counted
 /// (`brisk_pool_create_errors_total`) and remembered, so that [`Instrumented`](crate::Instrumented)
 /// can name the last one in its diagnosis even over bb8, which does not report it. Over bb8 it
 /// is also what lets [`Checkout::discard`](crate::Checkout::discard) close a connection.
@@ -56,6 +57,7 @@ pub struct Creations(Arc<Inner>);
 // Without a backend feature nothing measures; the handle still serves `Instrumented`.
 #[cfg_attr(not(any(feature = "deadpool", feature = "bb8")), allow(dead_code))]
 struct Inner {
+    attempts: Counter,
     time: Histogram,
     errors: Counter,
     last_error: Mutex<Option<String>>,
@@ -85,6 +87,7 @@ impl Creations {
         &self,
         open: impl Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
+        self.0.attempts.increment(1);
         let started = std::time::Instant::now();
         let result = open.await;
         self.0.time.record(started.elapsed().as_secs_f64());
@@ -112,6 +115,7 @@ impl<M> Measured<M> {
         Self {
             inner: manager,
             creations: Creations(Arc::new(Inner {
+                attempts: POOL_CONNECT_ATTEMPTS.counter(label()),
                 time: POOL_CREATE_TIME.histogram(label()),
                 errors: POOL_CREATE_ERRORS.counter(label()),
                 last_error: Mutex::default(),

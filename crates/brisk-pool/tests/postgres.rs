@@ -924,3 +924,65 @@ async fn close_waits_for_a_checkout_still_connecting_which_then_fails() {
     let result = connecting.await.unwrap();
     assert!(matches!(result, Err(PoolError::Closed)), "{result:?}");
 }
+
+#[tokio::test]
+async fn a_database_that_is_down_is_not_hammered() {
+    // Nothing listens on this port: every attempt to connect fails at once.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/none");
+    let capture = Capture::new();
+    let pool = capture.run(|| {
+        let config: tokio_postgres::Config = url.parse().unwrap();
+        let manager =
+            brisk_pool::Measured::new(deadpool_postgres::Manager::new(config, NoTls), "main");
+        let pool =
+            deadpool::managed::Pool::<brisk_pool::Measured<deadpool_postgres::Manager>>::builder(
+                manager,
+            )
+            .max_size(4)
+            .build()
+            .unwrap();
+        Instrumented::builder(pool).name("main").build().unwrap()
+    });
+    // A second of checkouts, one every millisecond: about a thousand.
+    let (mut checkouts, mut fast) = (0_u64, 0_u64);
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        let started = Instant::now();
+        match capture.scope(pool.get()).await.map(drop).unwrap_err() {
+            PoolError::Unavailable(why) => {
+                fast += 1;
+                assert!(started.elapsed() < Duration::from_millis(50));
+                assert!(why.failures >= 1 && why.retry_in <= Duration::from_secs(2));
+                let last = why.last_error.as_deref().unwrap_or_default();
+                assert!(last.contains("error connecting"), "{why}");
+            }
+            PoolError::Backend(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        checkouts += 1;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let attempts = capture.counter(brisk_metrics::catalog::POOL_CONNECT_ATTEMPTS.name, &POOL);
+    // 50 ms doubling (each cut by up to half) up to 2 s: at most about ten attempts in a second.
+    assert!(
+        (1..=12).contains(&attempts),
+        "{attempts} connection attempts for {checkouts} checkouts"
+    );
+    assert!(
+        fast >= checkouts.saturating_sub(12),
+        "{fast} of {checkouts} failed fast"
+    );
+    let unavailable = [
+        ("db_client_connection_pool_name", "main"),
+        ("reason", "unavailable"),
+    ];
+    assert_eq!(
+        capture.counter(brisk_metrics::catalog::POOL_ERRORS.name, &unavailable),
+        fast
+    );
+}
