@@ -3,15 +3,17 @@ use std::time::Duration;
 
 use brisk_core::deadline::Elapsed;
 
-/// Why a checkout gave no connection.
+/// Why a checkout gave no connection. Each message names what fired — the pool's wait timeout,
+/// the request's deadline, the backend's error (with its causes' text: tokio-postgres's
+/// "db error" says nothing until its source is read), the backoff, or `close`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PoolError<E: std::error::Error + 'static> {
-    /// No connection came free in time; the diagnosis says why.
-    #[error("{0}")]
+    /// The pool's wait timeout passed with no connection free; the diagnosis says why.
+    #[error("the pool's wait timeout fired: {0}")]
     Exhausted(Box<Exhausted>),
     /// The caller's deadline passed first (its budget was shorter than the pool's wait timeout).
-    #[error("{diagnosis}")]
+    #[error("{}", deadline_message(elapsed, diagnosis))]
     Deadline {
         /// Which bound fired.
         #[source]
@@ -20,7 +22,7 @@ pub enum PoolError<E: std::error::Error + 'static> {
         diagnosis: Box<Exhausted>,
     },
     /// Creating or recycling a connection failed.
-    #[error("the pool could not open a connection")]
+    #[error("the pool could not open a connection: {}", chain(.0))]
     Backend(#[source] E),
     /// Opening connections failed just before, and the pool is backing off: this checkout
     /// failed at once, without trying, rather than add to a storm of connection attempts
@@ -30,6 +32,76 @@ pub enum PoolError<E: std::error::Error + 'static> {
     /// The pool was closed.
     #[error("the pool is closed")]
     Closed,
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> PoolError<E> {
+    /// The same error with the backend's error boxed: one type for every pool, what
+    /// [`SourceError::Checkout`](crate::redis::SourceError) carries.
+    #[must_use]
+    pub fn erase(self) -> PoolError<BackendError> {
+        match self {
+            Self::Exhausted(diagnosis) => PoolError::Exhausted(diagnosis),
+            Self::Deadline { elapsed, diagnosis } => PoolError::Deadline { elapsed, diagnosis },
+            Self::Backend(err) => PoolError::Backend(BackendError(Box::new(err))),
+            Self::Unavailable(why) => PoolError::Unavailable(why),
+            Self::Closed => PoolError::Closed,
+        }
+    }
+}
+
+/// A backend's error, boxed: [`PoolError::erase`] makes one `PoolError` type of every pool's.
+/// Its `Display` is the backend error's; `downcast_ref` reaches the original.
+#[derive(Debug)]
+pub struct BackendError(Box<dyn std::error::Error + Send + Sync>);
+
+impl BackendError {
+    /// The original error, if it is an `E`.
+    #[must_use]
+    pub fn downcast_ref<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        self.0.downcast_ref()
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for BackendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// `error` and its sources' messages, joined by ": " (a source whose text the message already
+/// holds is skipped): the whole story in one line, as logs and diagnoses need it.
+pub(crate) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(source) = next {
+        let more = source.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        next = source.source();
+    }
+    text
+}
+
+fn deadline_message(elapsed: &Elapsed, diagnosis: &Exhausted) -> String {
+    if elapsed.after().is_zero() {
+        format!(
+            "the request's deadline had passed before the checkout began (its budget was spent): {diagnosis}"
+        )
+    } else {
+        format!(
+            "the request's deadline fired: the checkout was allowed {:?}, less than the pool's \
+             wait timeout: {diagnosis}",
+            elapsed.after()
+        )
+    }
 }
 
 /// Why a checkout failed without trying to connect: the pool's connection attempts failed in a
@@ -98,6 +170,15 @@ impl fmt::Display for Exhausted {
         }
         if let Some(error) = &self.last_error {
             write!(f, "; last connection error: {error}")?;
+        }
+        if self.max_size.is_some_and(|max| self.in_use < max) && !self.waited.is_zero() {
+            // Room for another connection, yet none came: the wait went into opening one (or
+            // checking an idle one), which did not finish.
+            write!(
+                f,
+                "; the pool had room for another connection, so opening or checking one took \
+                 the whole wait: is the database reachable but not answering?"
+            )?;
         }
         Ok(())
     }

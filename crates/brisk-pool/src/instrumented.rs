@@ -383,7 +383,7 @@ impl<P: Pool> Instrumented<P> {
             }
             Ok(Err(GetError::Backend(err))) => {
                 shared.metrics.backend_errors.increment(1);
-                *lock(&shared.last_error) = Some(err.to_string());
+                *lock(&shared.last_error) = Some(crate::error::chain(&err));
                 let failures = shared.backoff.failures.fetch_add(1, Ordering::Relaxed) + 1;
                 let until = shared.backoff.until(failures, shared.nanos_at(now));
                 shared.backoff.until_ns.store(until, Ordering::Relaxed);

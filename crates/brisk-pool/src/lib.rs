@@ -65,7 +65,7 @@ mod pool;
 pub mod redis;
 
 pub use error::{
-    BuildError, CloseTimeout, Exhausted, MAX_PERIOD, MAX_WAIT, PoolError, Unavailable,
+    BackendError, BuildError, CloseTimeout, Exhausted, MAX_PERIOD, MAX_WAIT, PoolError, Unavailable,
 };
 pub use instrumented::{Checkout, Instrumented, InstrumentedBuilder};
 pub use lifecycle::Lifecycle;

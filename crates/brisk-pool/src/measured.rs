@@ -83,7 +83,7 @@ impl Creations {
     }
 
     #[cfg(any(feature = "deadpool", feature = "bb8"))]
-    async fn measure<T, E: fmt::Display>(
+    async fn measure<T, E: std::error::Error + 'static>(
         &self,
         open: impl Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
@@ -97,7 +97,7 @@ impl Creations {
                 .0
                 .last_error
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(err.to_string());
+                .unwrap_or_else(PoisonError::into_inner) = Some(crate::error::chain(err));
         }
         result
     }
@@ -139,7 +139,7 @@ impl<M> Measured<M> {
 impl<M> deadpool::managed::Manager for Measured<M>
 where
     M: deadpool::managed::Manager,
-    M::Error: fmt::Display,
+    M::Error: std::error::Error + 'static,
 {
     type Type = M::Type;
     type Error = M::Error;
@@ -165,7 +165,7 @@ where
 impl<M> bb8::ManageConnection for Measured<M>
 where
     M: bb8::ManageConnection,
-    M::Error: fmt::Display,
+    M::Error: std::error::Error + 'static,
 {
     type Connection = M::Connection;
     type Error = M::Error;

@@ -127,7 +127,7 @@ async fn exhausted<P: Pool>(pool: Instrumented<P>, expect_max: Option<usize>) {
     assert!(diagnosis.waited >= Duration::from_millis(200));
     let text = err.to_string();
     assert!(
-        text.starts_with("pool `main`: no connection after"),
+        text.starts_with("the pool's wait timeout fired: pool `main`: no connection after"),
         "{text}"
     );
     assert!(text.contains("1 in use"), "{text}");
@@ -252,7 +252,25 @@ async fn the_callers_deadline_cuts_the_wait_short() {
         started.elapsed() < Duration::from_secs(1),
         "not the 5 s wait timeout"
     );
-    assert_eq!(capture.counter(POOL_TIMEOUTS.name, &POOL), 1);
+    let text = err.to_string();
+    assert!(
+        text.starts_with("the request's deadline fired: the checkout was allowed"),
+        "{text}"
+    );
+    let spent = deadline::scope(Instant::now(), pool.get())
+        .await
+        .unwrap_err();
+    assert!(
+        spent
+            .to_string()
+            .starts_with("the request's deadline had passed before the checkout began"),
+        "{spent}"
+    );
+    assert_eq!(
+        capture.counter(POOL_TIMEOUTS.name, &POOL),
+        2,
+        "both checkouts"
+    );
 }
 
 #[tokio::test]
@@ -984,5 +1002,43 @@ async fn a_database_that_is_down_is_not_hammered() {
     assert_eq!(
         capture.counter(brisk_metrics::catalog::POOL_ERRORS.name, &unavailable),
         fast
+    );
+}
+
+#[tokio::test]
+async fn a_backend_error_says_what_the_database_said() {
+    let pg = Postgres::start().unwrap();
+    let port = pg.port().unwrap();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/no_such_database");
+    let capture = Capture::new();
+    let pool = measured_pool(&capture, &url, 1);
+    let err = pool.get().await.unwrap_err();
+    assert!(matches!(err, PoolError::Backend(_)), "{err:?}");
+    // tokio-postgres's own message is a bare "db error"; the database's is in its source.
+    let text = err.to_string();
+    assert!(
+        text.starts_with("the pool could not open a connection: db error")
+            && text.contains("\"no_such_database\" does not exist"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_host_that_never_answers_is_named_as_the_likely_cause() {
+    // Accepts connections (the kernel does, into the backlog) and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let pool = Instrumented::builder(deadpool(
+        &format!("postgres://postgres@127.0.0.1:{port}/none"),
+        2,
+    ))
+    .wait_timeout(Duration::from_millis(200))
+    .build()
+    .unwrap();
+    let err = pool.get().await.unwrap_err();
+    assert!(matches!(err, PoolError::Exhausted(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("reachable but not answering"),
+        "{err}"
     );
 }

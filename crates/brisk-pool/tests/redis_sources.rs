@@ -436,3 +436,31 @@ async fn timeouts_that_would_wait_forever_are_refused() {
         assert!(err.to_string().contains("_timeout"), "{err}");
     }
 }
+
+#[tokio::test]
+async fn a_pool_source_error_is_matchable() {
+    let server = RedisServer::start().unwrap();
+    let pool = deadpool_redis::Config::from_url(server.url())
+        .builder()
+        .unwrap()
+        .max_size(1)
+        .runtime(deadpool_redis::Runtime::Tokio1)
+        .build()
+        .unwrap();
+    let source = Instrumented::builder(pool)
+        .name("redis")
+        .wait_timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let _held = source.connection().await.unwrap();
+    let err = source.connection().await.unwrap_err();
+    let SourceError::Checkout(brisk_pool::PoolError::Exhausted(diagnosis)) = &err else {
+        panic!("expected an exhausted pool, got {err:?}")
+    };
+    assert_eq!((diagnosis.pool.as_str(), diagnosis.in_use), ("redis", 1));
+    assert!(
+        err.to_string()
+            .starts_with("no Redis connection from the pool: the pool's wait timeout fired"),
+        "{err}"
+    );
+}

@@ -64,9 +64,10 @@ pub enum SourceError {
     /// A setting was refused before connecting.
     #[error(transparent)]
     Build(#[from] crate::BuildError),
-    /// A pool gave no connection (its error says why: exhausted, closed, or the backend).
-    #[error("the pool gave no connection")]
-    Checkout(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A pool gave no connection; match its [`PoolError`](crate::PoolError) to tell an
+    /// exhausted pool from a spent deadline, a backend failure or a closed pool.
+    #[error("no Redis connection from the pool: {0}")]
+    Checkout(#[source] crate::PoolError<crate::BackendError>),
 }
 
 /// A URL with its credentials replaced by `***`, safe for logs, errors and metric labels.
@@ -235,7 +236,7 @@ where
     async fn connection(&self) -> Result<Checkout<P>, SourceError> {
         self.get()
             .await
-            .map_err(|err| SourceError::Checkout(Box::new(err)))
+            .map_err(|err| SourceError::Checkout(err.erase()))
     }
 }
 
