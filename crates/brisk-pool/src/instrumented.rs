@@ -409,21 +409,50 @@ impl<P: Pool> Instrumented<P> {
         }
     }
 
-    /// Opens up to `connections` connections now (all at once, each bounded by the wait
-    /// timeout) and returns them to the pool idle, so the first requests do not pay for them.
-    /// Returns how many are idle afterwards.
+    /// Opens connections now until `connections` are idle, or as many as the pool's size
+    /// allows, so the first requests do not pay for them. Returns how many are idle afterwards.
+    ///
+    /// It works beside requests rather than as one: the connections it opens are not
+    /// checkouts (no wait, use-time or recommended-size measurement, no nested-checkout count),
+    /// it opens only what is missing and never waits for a connection in use, and it does
+    /// nothing while callers wait for a connection (they need it more). A pool hands out idle
+    /// connections first, so it holds those open meanwhile, for the time connecting takes.
     ///
     /// # Errors
-    /// The first checkout error; the connections opened before it stay in the pool.
+    /// The first error opening a connection (or its wait bound passing); those opened before
+    /// it stay in the pool.
     pub async fn warm_up(&self, connections: usize) -> Result<usize, PoolError<P::Error>> {
-        let checkouts = (0..connections).map(|_| self.get());
-        let opened = futures_util::future::join_all(checkouts).await;
+        let shared = &self.shared;
+        let status = self.status();
+        let room = status
+            .max_size
+            .map_or(usize::MAX, |max| max.saturating_sub(status.size));
+        let missing = connections.saturating_sub(status.idle).min(room);
+        if missing == 0 || status.waiting.unwrap_or(0) > 0 || shared.closed.load(Ordering::Acquire)
+        {
+            return Ok(status.idle);
+        }
+        let started = Instant::now();
+        let opening = (0..status.idle + missing)
+            .map(|_| deadline::bounded(shared.wait_timeout, shared.pool.get()));
+        let opened = futures_util::future::join_all(opening).await;
         let mut first_error = None;
         for result in opened {
-            match result {
-                Ok(checkout) => drop(checkout),
-                Err(err) => first_error = first_error.or(Some(err)),
-            }
+            let err = match result {
+                Ok(Ok(connection)) => {
+                    drop(connection);
+                    continue;
+                }
+                Ok(Err(GetError::Backend(err))) => {
+                    *lock(&shared.last_error) = Some(crate::error::chain(&err));
+                    PoolError::Backend(err)
+                }
+                Ok(Err(GetError::Closed)) => PoolError::Closed,
+                Ok(Err(GetError::Timeout)) | Err(_) => {
+                    PoolError::Exhausted(Box::new(self.diagnose(started.elapsed())))
+                }
+            };
+            first_error = first_error.or(Some(err));
         }
         self.refresh_sizes();
         match first_error {
@@ -511,11 +540,9 @@ impl<P: Pool> Instrumented<P> {
                     }
                     let pool = Instrumented { shared };
                     pool.reap(&lifecycle);
-                    if pool.status().idle < lifecycle.min_idle {
-                        // A failure here shows in the checkout metrics; the next round tries
-                        // again.
-                        let _ = pool.warm_up(lifecycle.min_idle).await;
-                    }
+                    // A failure here shows in the diagnoses' last connection error (and, with
+                    // `Measured`, in its metrics); the next round tries again.
+                    let _ = pool.warm_up(lifecycle.min_idle).await;
                 }
                 tokio::time::sleep(lifecycle.reap_every).await;
             }

@@ -173,7 +173,7 @@ where
         Status {
             size: state.connections as usize,
             idle: state.idle_connections as usize,
-            max_size: None,
+            max_size: Some(self.config().max_size as usize),
             waiting: None,
         }
     }

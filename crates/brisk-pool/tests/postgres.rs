@@ -100,11 +100,7 @@ async fn bb8_checkouts_work_through_the_same_trait() {
     let row = client.query_one("SELECT 2::INT4", &[]).await.unwrap();
     assert_eq!(row.get::<_, i32>(0), 2);
     assert_eq!(pool.status().in_use(), 1);
-    assert_eq!(
-        pool.status().max_size,
-        None,
-        "bb8 does not report its maximum"
-    );
+    assert_eq!(pool.status().max_size, Some(2), "read from bb8's config");
 }
 
 async fn exhausted<P: Pool>(pool: Instrumented<P>, expect_max: Option<usize>) {
@@ -157,7 +153,7 @@ async fn an_exhausted_bb8_says_why() {
         .wait_timeout(Duration::from_millis(200))
         .build()
         .unwrap();
-    exhausted(pool, None).await;
+    exhausted(pool, Some(1)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1041,4 +1037,78 @@ async fn a_host_that_never_answers_is_named_as_the_likely_cause() {
         err.to_string().contains("reachable but not answering"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn warm_up_above_the_pool_size_opens_up_to_the_size() {
+    let pg = Postgres::start().unwrap();
+    let deadpool = Instrumented::builder(deadpool(&pg.url(), 2))
+        .wait_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    assert_eq!(deadpool.warm_up(5).await.unwrap(), 2);
+    let bb8 = Instrumented::builder(bb8(&pg.url(), 2).await)
+        .wait_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    assert_eq!(bb8.warm_up(5).await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn warm_up_is_not_a_request() {
+    let pg = Postgres::start().unwrap();
+    let capture = Capture::new();
+    let pool = measured_pool(&capture, &pg.url(), 4);
+    // In a task, as a service warms its pool: its connections are not nested checkouts.
+    tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            assert_eq!(pool.warm_up(3).await.unwrap(), 3);
+            assert_eq!(
+                pool.warm_up(3).await.unwrap(),
+                3,
+                "a warm pool stays as it is"
+            );
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(pool.status().size, 3, "opened only what was missing");
+    let nested = brisk_metrics::catalog::POOL_NESTED.name;
+    assert_eq!(capture.counter(nested, &POOL), 0);
+    assert!(capture.histogram(POOL_WAIT_TIME.name, &POOL).is_empty());
+    assert!(capture.histogram(POOL_USE_TIME.name, &POOL).is_empty());
+}
+
+#[tokio::test]
+async fn the_lifecycle_top_up_never_waits_for_a_connection_in_use() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 2))
+        .wait_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let held = pool.get().await.unwrap();
+    let mut lifecycle = lifecycle(None, None);
+    lifecycle.min_idle = 2;
+    lifecycle.reap_every = Duration::from_secs(3600);
+    let task = pool.spawn_lifecycle(lifecycle).unwrap();
+    // Only one connection can be opened beside the held one: the top-up opens it and lets go,
+    // instead of holding it while it waits for the held one.
+    let started = Instant::now();
+    while pool.status().idle < 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "never topped up"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let started = Instant::now();
+    let second = pool.get().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "a request queued behind the top-up for {:?}",
+        started.elapsed()
+    );
+    drop((held, second));
+    task.abort();
 }
