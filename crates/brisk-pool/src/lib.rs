@@ -68,7 +68,7 @@ pub use error::{
     BackendError, BuildError, CloseTimeout, Exhausted, MAX_PERIOD, MAX_WAIT, PoolError, Unavailable,
 };
 pub use instrumented::{Checkout, Instrumented, InstrumentedBuilder};
-pub use lifecycle::Lifecycle;
+pub use lifecycle::{IdleSince, Lifecycle};
 pub use measured::{Creations, Measured};
 pub use pool::{GetError, Pool, Status};
 

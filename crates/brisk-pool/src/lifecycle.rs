@@ -1,5 +1,6 @@
 //! How long connections live: the same settings for deadpool and bb8.
 
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
@@ -81,7 +82,8 @@ impl Lifecycle {
         Some(max.saturating_sub(self.jitter.mul_f64(share)))
     }
 
-    /// Whether a connection created at `created` and unused for `idle` should stay open.
+    /// Whether a connection created at `created` and idle (in the pool, not checked out) for
+    /// `idle` should stay open.
     #[must_use]
     pub fn keeps(&self, created: Instant, idle: Duration) -> bool {
         let young = self
@@ -104,6 +106,40 @@ impl Lifecycle {
             .idle_timeout(self.idle_timeout)
             .min_idle((min_idle > 0).then_some(min_idle))
             .reaper_rate(self.reap_every)
+    }
+}
+
+/// Since when each idle connection has been idle, as far as [`Pool::reap`](crate::Pool::reap)
+/// rounds can tell.
+///
+/// deadpool records when a connection was last *checked out*, not when it came back, so its
+/// "idle for" counts the time the connection was in use: one held longer than the idle timeout
+/// was closed the moment it returned. A connection is idle since the first reap round that saw
+/// it in the pool with the use count it still has; so an idle timeout closes a connection
+/// between `idle_timeout` and `idle_timeout + reap_every` after its return, never earlier.
+#[derive(Debug, Default)]
+pub struct IdleSince {
+    /// Per connection (by creation instant): its use count and when it was first seen idle so.
+    seen: HashMap<Instant, (usize, Instant)>,
+    /// The same for the round in progress; connections it does not see are forgotten.
+    current: HashMap<Instant, (usize, Instant)>,
+}
+
+impl IdleSince {
+    /// How long the connection created at `created`, checked out `uses` times so far, has
+    /// been idle at `now`: zero the first time a round sees it idle with that count.
+    pub fn idle_for(&mut self, created: Instant, uses: usize, now: Instant) -> Duration {
+        let since = match self.seen.get(&created) {
+            Some(&(seen_uses, since)) if seen_uses == uses => since,
+            _ => now,
+        };
+        self.current.insert(created, (uses, since));
+        now.saturating_duration_since(since)
+    }
+
+    /// Ends a round: the connections it did not see (closed, or checked out) are forgotten.
+    pub fn end_round(&mut self) {
+        self.seen = std::mem::take(&mut self.current);
     }
 }
 

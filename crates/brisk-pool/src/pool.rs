@@ -2,7 +2,7 @@
 
 use std::future::Future;
 
-use crate::Lifecycle;
+use crate::{IdleSince, Lifecycle};
 
 /// How full a pool is right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -64,9 +64,10 @@ pub trait Pool: Send + Sync + 'static {
     }
 
     /// Closes the idle connections `lifecycle` no longer keeps; returns how many, or `None` when
-    /// the backend reaps by itself (bb8, configured with [`Lifecycle::bb8`]).
-    fn reap(&self, lifecycle: &Lifecycle) -> Option<usize> {
-        let _ = lifecycle;
+    /// the backend reaps by itself (bb8, configured with [`Lifecycle::bb8`]). `idle` tells how
+    /// long each has been idle across rounds; the caller keeps it from one round to the next.
+    fn reap(&self, lifecycle: &Lifecycle, idle: &mut IdleSince) -> Option<usize> {
+        let _ = (lifecycle, idle);
         None
     }
 }
@@ -128,9 +129,15 @@ where
         drop(deadpool::managed::Object::take(connection));
     }
 
-    fn reap(&self, lifecycle: &Lifecycle) -> Option<usize> {
-        let result =
-            self.retain(|_, metrics| lifecycle.keeps(metrics.created, metrics.last_used()));
+    fn reap(&self, lifecycle: &Lifecycle, idle: &mut IdleSince) -> Option<usize> {
+        // deadpool's `last_used` is the time since the last checkout, in use or not: idle time
+        // is counted from the first round that saw the connection back instead.
+        let now = std::time::Instant::now();
+        let result = self.retain(|_, metrics| {
+            let idle_for = idle.idle_for(metrics.created, metrics.recycle_count, now);
+            lifecycle.keeps(metrics.created, idle_for)
+        });
+        idle.end_round();
         Some(result.removed.len())
     }
 

@@ -602,15 +602,30 @@ async fn deadpool_idle_connections_are_reaped_busy_ones_kept() {
         .build()
         .unwrap();
     pool.warm_up(2).await.unwrap();
+    let lifecycle = lifecycle(None, Some(100));
+    // Idle time counts from the first round that sees a connection back in the pool.
+    assert_eq!(pool.reap(&lifecycle), 0, "first seen idle now");
     tokio::time::sleep(Duration::from_millis(150)).await;
-    // Use one of them: recycling it on return marks it busy again.
+    // Use one of them: it is busy again, and idle anew once back.
     drop(pool.get().await.unwrap());
-    assert_eq!(
-        pool.reap(&lifecycle(None, Some(100))),
-        1,
-        "only the unused one"
-    );
+    assert_eq!(pool.reap(&lifecycle), 1, "only the unused one");
     assert_eq!(pool.status().size, 1);
+}
+
+#[tokio::test]
+async fn deadpool_does_not_reap_a_connection_held_past_the_idle_timeout_as_it_returns() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 2))
+        .build()
+        .unwrap();
+    let lifecycle = lifecycle(None, Some(100));
+    let held = pool.get().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    drop(held);
+    assert_eq!(pool.reap(&lifecycle), 0, "in use all along, idle only now");
+    assert_eq!(pool.status().idle, 1);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(pool.reap(&lifecycle), 1, "idle past the timeout now");
 }
 
 #[tokio::test]
@@ -1111,4 +1126,57 @@ async fn the_lifecycle_top_up_never_waits_for_a_connection_in_use() {
     );
     drop((held, second));
     task.abort();
+}
+
+#[tokio::test]
+async fn the_idle_gauge_catches_up_after_the_last_return() {
+    let pg = Postgres::start().unwrap();
+    let capture = Capture::new();
+    let pool = capture.run(|| {
+        Instrumented::builder(deadpool(&pg.url(), 4))
+            .name("main")
+            .build()
+            .unwrap()
+    });
+    let held: Vec<_> = futures_util::future::join_all((0..4).map(|_| pool.get()))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Returned together: checkouts refresh the gauges at most every 100 ms, so the returns
+    // after the first go unseen by them.
+    drop(held);
+    let idle = [
+        ("db_client_connection_pool_name", "main"),
+        ("db_client_connection_state", "idle"),
+    ];
+    let started = Instant::now();
+    while capture.gauge(POOL_CONNECTIONS.name, &idle) != Some(4.0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "idle gauge stuck at {:?} with 4 idle",
+            capture.gauge(POOL_CONNECTIONS.name, &idle)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn the_recommended_size_reads_the_pool_size_before_its_first_window() {
+    let config: tokio_postgres::Config = "postgres://x@127.0.0.1/db".parse().unwrap();
+    let capture = Capture::new();
+    let _pool = capture.run(|| {
+        let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(config, NoTls))
+            .max_size(8)
+            .build()
+            .unwrap();
+        Instrumented::builder(pool).name("main").build().unwrap()
+    });
+    let recommended = brisk_metrics::catalog::POOL_RECOMMENDED.name;
+    assert_eq!(
+        capture.gauge(recommended, &POOL),
+        Some(8.0),
+        "no change recommended yet, not 0"
+    );
 }
