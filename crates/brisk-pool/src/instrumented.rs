@@ -879,3 +879,79 @@ impl<P: Pool> Drop for Checkout<P> {
         self.owner.maybe_refresh_sizes(shared.nanos_at(now));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{OnceLock, Weak};
+
+    use super::*;
+    use crate::Status;
+
+    type Probe = Arc<OnceLock<Weak<Shared<OnePool>>>>;
+
+    /// A pool of one connection that, as the connection goes back, checks whether a checkout
+    /// made at that instant (on another thread, say) would find a holder slot free.
+    struct OnePool {
+        probe: Probe,
+        slot_was_free: Arc<AtomicBool>,
+    }
+
+    struct Connection {
+        probe: Probe,
+        slot_was_free: Arc<AtomicBool>,
+    }
+
+    impl Drop for Connection {
+        fn drop(&mut self) {
+            let shared = self.probe.get().and_then(Weak::upgrade).unwrap();
+            let claimed = shared.holders.claim(99, 0, 0);
+            self.slot_was_free
+                .store(claimed.is_some(), Ordering::SeqCst);
+            if let Some(at) = claimed {
+                shared.holders.release(at);
+            }
+        }
+    }
+
+    impl Pool for OnePool {
+        type Connection = Connection;
+        type Error = std::io::Error;
+
+        async fn get(&self) -> Result<Connection, GetError<std::io::Error>> {
+            Ok(Connection {
+                probe: Arc::clone(&self.probe),
+                slot_was_free: Arc::clone(&self.slot_was_free),
+            })
+        }
+
+        fn status(&self) -> Status {
+            Status {
+                size: 1,
+                idle: 0,
+                max_size: Some(1),
+                waiting: None,
+            }
+        }
+    }
+
+    #[test]
+    fn a_returned_connection_finds_its_holder_slot_already_free() {
+        let probe = Probe::default();
+        let slot_was_free = Arc::new(AtomicBool::new(false));
+        let pool = Instrumented::builder(OnePool {
+            probe: Arc::clone(&probe),
+            slot_was_free: Arc::clone(&slot_was_free),
+        })
+        .build()
+        .unwrap();
+        probe.set(Arc::downgrade(&pool.shared)).ok().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        drop(runtime.block_on(pool.get()).unwrap());
+        assert!(
+            slot_was_free.load(Ordering::SeqCst),
+            "a checkout taking the connection as it came back would have gone untracked"
+        );
+    }
+}

@@ -464,3 +464,37 @@ async fn a_pool_source_error_is_matchable() {
         "{err}"
     );
 }
+
+/// A peer that is silently gone answers nothing, and never breaks the socket: after three
+/// commands in a row time out, the connection is replaced (here the server was only paused,
+/// and the new connection serves once it resumes).
+#[tokio::test]
+async fn commands_timing_out_in_a_row_replace_the_connection() {
+    let mut server = RedisServer::builder().private().start().unwrap();
+    let url = server.url();
+    let capture = Capture::new();
+    let source = capture
+        .scope(
+            Multiplexed::builder(&url)
+                .response_timeout(Duration::from_millis(100))
+                .connect_timeout(Duration::from_millis(200))
+                .connect(),
+        )
+        .await
+        .unwrap();
+    let reconnects = || capture.counter(REDIS_RECONNECTS.name, &[("server", &url)]);
+    server.pause().unwrap();
+    for expected in [0, 0, 1] {
+        let mut conn = source.connection().await.unwrap();
+        let stuck: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+        assert!(stuck.is_err());
+        assert_eq!(reconnects(), expected);
+    }
+    server.resume().unwrap();
+    let started = Instant::now();
+    while generation(&source).await.contains("generation: 0") {
+        assert!(started.elapsed() < Duration::from_secs(3), "never replaced");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    round_trip(&source, "replaced").await;
+}

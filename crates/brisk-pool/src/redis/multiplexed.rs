@@ -1,4 +1,4 @@
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -13,6 +13,8 @@ use crate::{BuildError, MAX_WAIT};
 /// The first pause between reconnection attempts; it doubles up to [`RECONNECT_MAX_PAUSE`].
 const RECONNECT_FIRST_PAUSE: Duration = Duration::from_millis(25);
 const RECONNECT_MAX_PAUSE: Duration = Duration::from_millis(500);
+/// Commands in a row that time out before the connection is taken for broken and replaced.
+const TIMEOUTS_BEFORE_RECONNECT: u32 = 3;
 
 /// A set of multiplexed, self-reconnecting connections, handed out round-robin. Cloning is
 /// cheap and clones share the set. See the [module docs](super).
@@ -21,8 +23,15 @@ const RECONNECT_MAX_PAUSE: Duration = Duration::from_millis(500);
 /// socket broken (the server was killed, restarted, or the network cut it), that command fails
 /// at once and one background task reconnects, trying again with pauses from 25 ms doubling to
 /// 500 ms until it succeeds or the last clone is dropped; commands meanwhile fail fast rather
-/// than wait, so a cache can fall back to its loader. A paused server is a slow one, not a
-/// broken one: its commands fail with the response timeout and nothing reconnects.
+/// than wait, so a cache can fall back to its loader.
+///
+/// A command that times out may only have met a slow server, so one timeout does not
+/// reconnect; but a peer that is silently gone (a black-holed host, a failover behind the same
+/// address) never breaks the socket, and would fail every command at the response timeout for
+/// minutes. So three commands in a row that time out on one connection (with no reply between
+/// them) also start a reconnection. On Linux the TCP user timeout is set as well (twice the
+/// response timeout, at least 1 s): the kernel then drops a connection whose sent data stays
+/// unacknowledged that long.
 #[derive(Clone)]
 pub struct Multiplexed {
     slots: Arc<[Arc<Slot>]>,
@@ -45,6 +54,8 @@ struct Slot {
     /// cores would pass back and forth), replaced only on reconnection.
     current: ArcSwap<Current>,
     reconnecting: AtomicBool,
+    /// Commands in a row that timed out on the current connection.
+    timeouts: AtomicU32,
     reconnects: metrics::Counter,
     client: redis::Client,
     config: AsyncConnectionConfig,
@@ -156,10 +167,22 @@ impl std::fmt::Debug for Connection {
 
 impl Connection {
     fn seen<T>(&self, result: RedisResult<T>) -> RedisResult<T> {
-        if let Err(err) = &result
-            && err.is_unrecoverable_error()
-        {
-            self.slot.reconnect(self.generation);
+        let timeouts = &self.slot.timeouts;
+        match &result {
+            // A read, not a write, per reply: the count is written only after a timeout.
+            Ok(_) => {
+                if timeouts.load(Ordering::Relaxed) != 0 {
+                    timeouts.store(0, Ordering::Relaxed);
+                }
+            }
+            Err(err) if err.is_unrecoverable_error() => self.slot.reconnect(self.generation),
+            Err(err) if err.is_timeout() => {
+                if timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= TIMEOUTS_BEFORE_RECONNECT {
+                    timeouts.store(0, Ordering::Relaxed);
+                    self.slot.reconnect(self.generation);
+                }
+            }
+            Err(_) => {}
         }
         result
     }
@@ -259,20 +282,28 @@ impl MultiplexedBuilder {
     }
 
     fn client(&self) -> redis::RedisResult<redis::Client> {
-        if self.url.starts_with("rediss://") {
+        use redis::IntoConnectionInfo;
+        if is_tls(&self.url) {
             #[cfg(not(feature = "tls"))]
             return Err(redis::RedisError::from((
                 redis::ErrorKind::InvalidClientConfig,
-                "rediss:// URLs need brisk-pool's `tls` feature",
+                "rediss:// and valkeys:// URLs need brisk-pool's `tls` feature",
             )));
             #[cfg(feature = "tls")]
             install_crypto_provider();
         }
+        let info = self.url.as_str().into_connection_info()?;
+        #[cfg(target_os = "linux")]
+        let info = {
+            let user_timeout = (self.response_timeout * 2).max(Duration::from_secs(1));
+            let tcp = info.tcp_settings().clone().set_user_timeout(user_timeout);
+            info.set_tcp_settings(tcp)
+        };
         #[cfg(feature = "tls")]
         if let Some(certificates) = &self.tls {
-            return redis::Client::build_with_tls(self.url.as_str(), certificates.clone());
+            return redis::Client::build_with_tls(info, certificates.clone());
         }
-        redis::Client::open(self.url.as_str())
+        redis::Client::open(info)
     }
 
     /// Opens the connections.
@@ -315,6 +346,7 @@ impl MultiplexedBuilder {
                     generation: 0,
                 }),
                 reconnecting: AtomicBool::new(false),
+                timeouts: AtomicU32::new(0),
                 reconnects: reconnects.clone(),
                 client: client.clone(),
                 config: config.clone(),
@@ -371,6 +403,16 @@ impl RedisSource for Multiplexed {
     }
 }
 
+/// Whether `url` asks for TLS: `rediss://` or `valkeys://`, in any letter case (URL schemes
+/// are case-insensitive, and redis-rs reads them so).
+fn is_tls(url: &str) -> bool {
+    // As the URL parser, ignore leading spaces and control characters.
+    let url = url.trim_start_matches(|c: char| c <= ' ');
+    url.split_once("://").is_some_and(|(scheme, _)| {
+        scheme.eq_ignore_ascii_case("rediss") || scheme.eq_ignore_ascii_case("valkeys")
+    })
+}
+
 #[cfg(feature = "tls")]
 fn no_certificates() -> redis::TlsCertificates {
     redis::TlsCertificates {
@@ -387,5 +429,30 @@ fn install_crypto_provider() {
     if rustls::crypto::CryptoProvider::get_default().is_none() {
         // Err means another thread installed one meanwhile: that one serves as well.
         let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tls_schemes_in_any_case() {
+        for url in [
+            "rediss://h",
+            "REDISS://h",
+            "valkeys://h",
+            "Valkeys://:pw@h:6380",
+            " rediss://h",
+        ] {
+            assert!(super::is_tls(url), "{url}");
+        }
+        for url in [
+            "redis://h",
+            "valkey://h",
+            "redis+unix:///s",
+            "not a url",
+            "h/rediss://",
+        ] {
+            assert!(!super::is_tls(url), "{url}");
+        }
     }
 }
