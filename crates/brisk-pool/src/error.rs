@@ -36,7 +36,7 @@ pub enum PoolError<E: std::error::Error + 'static> {
 
 impl<E: std::error::Error + Send + Sync + 'static> PoolError<E> {
     /// The same error with the backend's error boxed: one type for every pool, what
-    /// [`SourceError::Checkout`](crate::redis::SourceError) carries.
+    /// [`SourceError::Checkout`](crate::redis_source::SourceError) carries.
     #[must_use]
     pub fn erase(self) -> PoolError<BackendError> {
         match self {

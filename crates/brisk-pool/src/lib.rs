@@ -40,8 +40,9 @@
 //! average number of callers holding or waiting for a connection is the time they spent doing
 //! so divided by the window; the gauge is 1.5 times that. `docs/pooling.md` explains it.
 //!
-//! With the `redis` feature, [`redis::RedisSource`] is how brisk-cache and brisk-guard reach
-//! Redis: a set of multiplexed connections, any instrumented Redis pool, or a cluster connection.
+//! With the `redis` feature, [`redis_source::RedisSource`] is how brisk-cache and brisk-guard
+//! reach Redis: a set of multiplexed connections, any instrumented Redis pool, or a cluster
+//! connection. (The module is not named `redis`, which would shadow the `redis` crate.)
 //!
 //! Wrap the manager in [`Measured`] to time every connection the pool opens and remember the
 //! last failure, even over bb8, which keeps it to itself.
@@ -50,8 +51,8 @@
 //! |---|---|---|
 //! | `deadpool` | yes | [`Pool`] for `deadpool::managed::Pool` |
 //! | `bb8` | yes | [`Pool`] for `bb8::Pool` |
-//! | `redis` | no | [`redis::RedisSource`] and [`redis::Multiplexed`] |
-//! | `tls` | no | `rediss://` for [`redis::Multiplexed`] (rustls with ring) |
+//! | `redis` | no | [`redis_source::RedisSource`] and [`redis_source::Multiplexed`] |
+//! | `tls` | no | `rediss://` for [`redis_source::Multiplexed`] (rustls with ring) |
 //! | `serde` | no | [`Lifecycle`] from configuration |
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
@@ -62,7 +63,7 @@ mod lifecycle;
 mod measured;
 mod pool;
 #[cfg(feature = "redis")]
-pub mod redis;
+pub mod redis_source;
 
 pub use error::{
     BackendError, BuildError, CloseTimeout, Exhausted, MAX_PERIOD, MAX_WAIT, PoolError, Unavailable,

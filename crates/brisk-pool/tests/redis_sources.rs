@@ -6,7 +6,7 @@ use std::time::Duration;
 use brisk_metrics::catalog::REDIS_RECONNECTS;
 use brisk_metrics::testing::Capture;
 use brisk_pool::Instrumented;
-use brisk_pool::redis::{Multiplexed, RedisSource, SourceError};
+use brisk_pool::redis_source::{Multiplexed, RedisSource, SourceError};
 use brisk_testkit::{RedisCluster, RedisServer};
 use tokio::time::Instant;
 

@@ -1,7 +1,7 @@
 //! The connections brisk-cache and brisk-guard run Redis commands through.
 //!
 //! ```no_run
-//! use brisk_pool::redis::{Multiplexed, RedisSource};
+//! use brisk_pool::redis_source::{Multiplexed, RedisSource};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let redis = Multiplexed::connect("redis://:secret@127.0.0.1:6379").await?;
@@ -24,6 +24,9 @@
 //!   key to its slot's master.
 //!
 //! URLs may carry credentials; this module shows them only as [`RedactedUrl`].
+//!
+//! The module is `redis_source`, not `redis`: a `use brisk_pool::redis;` would shadow the
+//! `redis` crate itself in the user's file, where `redis::cmd(...)` is written next to it.
 
 mod multiplexed;
 
