@@ -47,6 +47,27 @@
 //! Wrap the manager in [`Measured`] to time every connection the pool opens and remember the
 //! last failure, even over bb8, which keeps it to itself.
 //!
+//! # Design decisions, and why
+//!
+//! - **A connection whose operation was cut off is closed, not returned.** The server may still
+//!   be running the query a deadline dropped; the next caller would queue behind it. A
+//!   [`Checkout`] dropped after the request's deadline, during a panic, or with a Redis command
+//!   through it unfinished is taken out of the pool ([`Pool::discard`]), and
+//!   [`Checkout::discard`] does it on demand. So over deadpool the connection handed out is
+//!   deadpool's `Object` (the one thing that can be taken out), and over bb8 discarding needs a
+//!   [`Measured`] manager (bb8 drops a connection only when its manager calls it broken).
+//! - **A database that is down is not hammered.** After a failed connection attempt, checkouts
+//!   that would open one fail fast with [`PoolError::Unavailable`] for a jittered, doubling
+//!   pause ([`InstrumentedBuilder::connect_backoff`]); one checkout per pause tries again.
+//! - **No wait is unbounded**: every timeout is checked at build against [`MAX_WAIT`]
+//!   (`Duration::MAX` would arm no timer at all), and [`BuildError`] names the setting.
+//! - **Warm-up is not a request**: it opens only what is missing, never waits for a connection
+//!   in use, yields to waiting callers and stays out of the checkout metrics.
+//! - **Idle time runs from a connection's return** ([`IdleSince`]), not from its last
+//!   checkout as deadpool counts it.
+//! - **Errors name what fired**: the pool's wait timeout, the request's deadline, the backend
+//!   (with its causes' text), the backoff or `close`.
+//!
 //! | feature | default | what it brings |
 //! |---|---|---|
 //! | `deadpool` | yes | [`Pool`] for `deadpool::managed::Pool` |

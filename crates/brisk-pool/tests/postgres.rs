@@ -628,6 +628,19 @@ async fn deadpool_does_not_reap_a_connection_held_past_the_idle_timeout_as_it_re
     assert_eq!(pool.reap(&lifecycle), 1, "idle past the timeout now");
 }
 
+/// Waits until `pool` has `idle` idle connections, failing the test after `limit`.
+async fn idle_within<P: Pool>(pool: &Instrumented<P>, idle: usize, limit: Duration) {
+    let started = Instant::now();
+    while pool.status().idle < idle {
+        assert!(
+            started.elapsed() < limit,
+            "not {idle} idle within {limit:?}: {:?}",
+            pool.status()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test]
 async fn the_lifecycle_task_warms_the_pool_at_once() {
     let pg = Postgres::start().unwrap();
@@ -639,14 +652,8 @@ async fn the_lifecycle_task_warms_the_pool_at_once() {
     // Far longer than the test: only the first round can warm the pool.
     lifecycle.reap_every = Duration::from_secs(3600);
     let task = pool.spawn_lifecycle(lifecycle).unwrap();
-    let started = Instant::now();
-    while pool.status().idle < 3 {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "not warmed before the first reap interval"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // Not warmed before the first reap interval, otherwise.
+    idle_within(&pool, 3, Duration::from_secs(5)).await;
     task.abort();
 }
 
@@ -659,14 +666,7 @@ async fn the_lifecycle_task_reaps_and_keeps_min_idle() {
     let mut lifecycle = lifecycle(Some(200), None);
     lifecycle.min_idle = 2;
     let task = pool.spawn_lifecycle(lifecycle).unwrap();
-    let started = Instant::now();
-    while pool.status().idle < 2 {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "never topped up to min_idle"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    idle_within(&pool, 2, Duration::from_secs(5)).await;
     pool.close(Duration::from_secs(1)).await.unwrap();
     tokio::time::timeout(Duration::from_secs(1), task)
         .await
@@ -1109,14 +1109,7 @@ async fn the_lifecycle_top_up_never_waits_for_a_connection_in_use() {
     let task = pool.spawn_lifecycle(lifecycle).unwrap();
     // Only one connection can be opened beside the held one: the top-up opens it and lets go,
     // instead of holding it while it waits for the held one.
-    let started = Instant::now();
-    while pool.status().idle < 1 {
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "never topped up"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    idle_within(&pool, 1, Duration::from_secs(2)).await;
     let started = Instant::now();
     let second = pool.get().await.unwrap();
     assert!(

@@ -290,9 +290,11 @@ where
     );
 }
 
-#[tokio::test]
-async fn deadpool_redis_closes_a_connection_whose_command_was_cut_off() {
-    let server = RedisServer::start().unwrap();
+/// A deadpool-redis pool of one connection named `redis`, instrumented with a `wait` bound.
+fn deadpool_redis_of_one(
+    server: &RedisServer,
+    wait: Duration,
+) -> Instrumented<deadpool_redis::Pool> {
     let pool = deadpool_redis::Config::from_url(server.url())
         .builder()
         .unwrap()
@@ -300,10 +302,17 @@ async fn deadpool_redis_closes_a_connection_whose_command_was_cut_off() {
         .runtime(deadpool_redis::Runtime::Tokio1)
         .build()
         .unwrap();
-    let source = Instrumented::builder(pool)
-        .wait_timeout(Duration::from_secs(1))
+    Instrumented::builder(pool)
+        .name("redis")
+        .wait_timeout(wait)
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn deadpool_redis_closes_a_connection_whose_command_was_cut_off() {
+    let server = RedisServer::start().unwrap();
+    let source = deadpool_redis_of_one(&server, Duration::from_secs(1));
     a_cut_off_command_is_not_inherited(source).await;
 }
 
@@ -440,18 +449,7 @@ async fn timeouts_that_would_wait_forever_are_refused() {
 #[tokio::test]
 async fn a_pool_source_error_is_matchable() {
     let server = RedisServer::start().unwrap();
-    let pool = deadpool_redis::Config::from_url(server.url())
-        .builder()
-        .unwrap()
-        .max_size(1)
-        .runtime(deadpool_redis::Runtime::Tokio1)
-        .build()
-        .unwrap();
-    let source = Instrumented::builder(pool)
-        .name("redis")
-        .wait_timeout(Duration::from_millis(50))
-        .build()
-        .unwrap();
+    let source = deadpool_redis_of_one(&server, Duration::from_millis(50));
     let _held = source.connection().await.unwrap();
     let err = source.connection().await.unwrap_err();
     let SourceError::Checkout(brisk_pool::PoolError::Exhausted(diagnosis)) = &err else {
