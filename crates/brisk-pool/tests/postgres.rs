@@ -1173,3 +1173,29 @@ fn the_recommended_size_reads_the_pool_size_before_its_first_window() {
         "no change recommended yet, not 0"
     );
 }
+
+#[tokio::test]
+async fn warm_up_yields_to_callers_waiting_for_a_connection() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 1))
+        .wait_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let held = pool.get().await.unwrap();
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.get().await.map(drop) }
+    });
+    while pool.status().waiting != Some(1) {
+        tokio::task::yield_now().await;
+    }
+    let started = Instant::now();
+    assert_eq!(pool.warm_up(1).await.unwrap(), 0, "nothing idle, nothing opened");
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "warm-up queued with the waiter for {:?}",
+        started.elapsed()
+    );
+    drop(held);
+    waiter.await.unwrap().unwrap();
+}
