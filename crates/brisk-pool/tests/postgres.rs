@@ -985,7 +985,10 @@ async fn a_database_that_is_down_is_not_hammered() {
         match capture.scope(pool.get()).await.map(drop).unwrap_err() {
             PoolError::Unavailable(why) => {
                 fast += 1;
-                assert!(started.elapsed() < Duration::from_millis(50));
+                assert!(
+                    started.elapsed() < Duration::from_millis(200),
+                    "failed fast"
+                );
                 assert!(why.failures >= 1 && why.retry_in <= Duration::from_secs(2));
                 let last = why.last_error.as_deref().unwrap_or_default();
                 assert!(last.contains("error connecting"), "{why}");
@@ -1190,7 +1193,11 @@ async fn warm_up_yields_to_callers_waiting_for_a_connection() {
         tokio::task::yield_now().await;
     }
     let started = Instant::now();
-    assert_eq!(pool.warm_up(1).await.unwrap(), 0, "nothing idle, nothing opened");
+    assert_eq!(
+        pool.warm_up(1).await.unwrap(),
+        0,
+        "nothing idle, nothing opened"
+    );
     assert!(
         started.elapsed() < Duration::from_millis(100),
         "warm-up queued with the waiter for {:?}",
