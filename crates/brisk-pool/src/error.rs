@@ -261,7 +261,7 @@ impl BuildError {
 pub struct CloseTimeout {
     /// The pool's name.
     pub pool: String,
-    /// Connections still out.
+    /// Connections still out, or still being checked out.
     pub in_use: usize,
     /// How long `close` waited.
     pub waited: Duration,

@@ -226,8 +226,9 @@ impl<P> InstrumentedBuilder<P> {
     ///
     /// # Errors
     /// [`BuildError`] for a wait timeout of zero or above [`MAX_WAIT`](crate::MAX_WAIT), a
-    /// `recommend_every` below 100 ms or above [`MAX_PERIOD`](crate::MAX_PERIOD), an empty
-    /// name, or a pool whose maximum size is zero (it could never hand out a connection).
+    /// `recommend_every` below 100 ms or above [`MAX_PERIOD`](crate::MAX_PERIOD), backoff
+    /// pauses of zero, above `MAX_WAIT` or with the first above the longest, an empty name, or
+    /// a pool whose maximum size is zero (it could never hand out a connection).
     pub fn build(self) -> Result<Instrumented<P>, BuildError>
     where
         P: Pool,

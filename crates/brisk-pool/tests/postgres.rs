@@ -1206,3 +1206,29 @@ async fn warm_up_yields_to_callers_waiting_for_a_connection() {
     drop(held);
     waiter.await.unwrap().unwrap();
 }
+
+#[test]
+fn a_backoff_that_cannot_work_is_refused() {
+    let config: tokio_postgres::Config = "postgres://x@127.0.0.1/db".parse().unwrap();
+    let pool = || {
+        deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(config.clone(), NoTls))
+            .build()
+            .unwrap()
+    };
+    let secs = Duration::from_secs;
+    for (first, max, says) in [
+        (
+            Duration::ZERO,
+            secs(1),
+            "connect_backoff first must be positive",
+        ),
+        (secs(1), Duration::MAX, "connect_backoff max of"),
+        (secs(2), secs(1), "first pause must not exceed"),
+    ] {
+        let err = Instrumented::builder(pool())
+            .connect_backoff(first, max)
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains(says), "{err}");
+    }
+}
