@@ -29,11 +29,11 @@ use crate::{
 /// times out says why ([`Exhausted`]).
 ///
 /// Cloning is cheap; clones share the pool and its bookkeeping.
-pub struct Instrumented<P> {
+pub struct Instrumented<P: Pool> {
     shared: Arc<Shared<P>>,
 }
 
-impl<P> Clone for Instrumented<P> {
+impl<P: Pool> Clone for Instrumented<P> {
     fn clone(&self) -> Self {
         Self {
             shared: Arc::clone(&self.shared),
@@ -41,7 +41,7 @@ impl<P> Clone for Instrumented<P> {
     }
 }
 
-impl<P> fmt::Debug for Instrumented<P> {
+impl<P: Pool> fmt::Debug for Instrumented<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Instrumented")
             .field("name", &self.shared.name)
@@ -50,9 +50,13 @@ impl<P> fmt::Debug for Instrumented<P> {
     }
 }
 
-struct Shared<P> {
+/// What runs on a connection about to be discarded.
+type OnDiscard<C> = Box<dyn Fn(&mut C) + Send + Sync>;
+
+struct Shared<P: Pool> {
     pool: P,
     creations: Option<Creations>,
+    on_discard: Option<OnDiscard<P::Connection>>,
     name: String,
     wait_timeout: Duration,
     metrics: Metrics,
@@ -170,17 +174,29 @@ impl Metrics {
 
 /// Settings for [`Instrumented`].
 #[must_use]
-#[derive(Debug)]
-pub struct InstrumentedBuilder<P> {
+pub struct InstrumentedBuilder<P: Pool> {
     pool: P,
     creations: Option<Creations>,
+    on_discard: Option<OnDiscard<P::Connection>>,
     name: String,
     wait_timeout: Duration,
     recommend_every: Duration,
     backoff: (Duration, Duration),
 }
 
-impl<P> InstrumentedBuilder<P> {
+impl<P: Pool> fmt::Debug for InstrumentedBuilder<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InstrumentedBuilder")
+            .field("name", &self.name)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("recommend_every", &self.recommend_every)
+            .field("connect_backoff", &self.backoff)
+            .field("on_discard", &self.on_discard.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: Pool> InstrumentedBuilder<P> {
     /// The `db_client_connection_pool_name` label and the name in diagnoses. Default `"default"`.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
@@ -216,6 +232,32 @@ impl<P> InstrumentedBuilder<P> {
         self
     }
 
+    /// Runs `hook` on each connection about to be discarded ([`Checkout::discard`], or a
+    /// checkout cut off mid-use), before it is closed: the place to cancel the work the server
+    /// may still be running for it. Closing a connection does not stop a query in flight;
+    /// PostgreSQL, for one, notices only when it next writes to the socket.
+    ///
+    /// ```no_run
+    /// # fn run(pool: deadpool_postgres::Pool) -> Result<(), brisk_pool::BuildError> {
+    /// use brisk_pool::Instrumented;
+    ///
+    /// let pool = Instrumented::builder(pool)
+    ///     .on_discard(|client: &mut deadpool_postgres::Object| {
+    ///         // Ask the server to cancel the query still running on this connection.
+    ///         let token = client.cancel_token();
+    ///         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+    ///             runtime.spawn(async move { token.cancel_query(tokio_postgres::NoTls).await });
+    ///         }
+    ///     })
+    ///     .build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn on_discard(mut self, hook: impl Fn(&mut P::Connection) + Send + Sync + 'static) -> Self {
+        self.on_discard = Some(Box::new(hook));
+        self
+    }
+
     /// How much history the recommended-size gauge averages over. Default 60 s.
     pub fn recommend_every(mut self, window: Duration) -> Self {
         self.recommend_every = window;
@@ -229,10 +271,7 @@ impl<P> InstrumentedBuilder<P> {
     /// `recommend_every` below 100 ms or above [`MAX_PERIOD`](crate::MAX_PERIOD), backoff
     /// pauses of zero, above `MAX_WAIT` or with the first above the longest, an empty name, or
     /// a pool whose maximum size is zero (it could never hand out a connection).
-    pub fn build(self) -> Result<Instrumented<P>, BuildError>
-    where
-        P: Pool,
-    {
+    pub fn build(self) -> Result<Instrumented<P>, BuildError> {
         BuildError::check("wait_timeout", self.wait_timeout, MAX_WAIT)?;
         if self.name.is_empty() {
             return Err(BuildError::invalid("name", "must not be empty"));
@@ -264,6 +303,7 @@ impl<P> InstrumentedBuilder<P> {
             metrics: Metrics::new(&self.name),
             pool: self.pool,
             creations: self.creations,
+            on_discard: self.on_discard,
             name: self.name,
             wait_timeout: self.wait_timeout,
             waiting: AtomicUsize::new(0),
@@ -307,6 +347,7 @@ impl<P: Pool> Instrumented<P> {
         InstrumentedBuilder {
             pool,
             creations: None,
+            on_discard: None,
             name: "default".to_owned(),
             wait_timeout: Duration::from_secs(5),
             recommend_every: Duration::from_secs(60),
@@ -730,7 +771,7 @@ impl<P: Pool> Instrumented<P> {
     }
 }
 
-impl<P> Shared<P> {
+impl<P: Pool> Shared<P> {
     /// `at` as nanoseconds since the pool was wrapped.
     fn nanos_at(&self, at: Instant) -> u64 {
         u64::try_from(at.duration_since(self.created).as_nanos()).unwrap_or(u64::MAX)
@@ -742,7 +783,7 @@ impl<P> Shared<P> {
     }
 }
 
-impl<P> Shared<P> {
+impl<P: Pool> Shared<P> {
     /// One checkout less out (or in progress); wakes `close` when it was the last.
     fn release(&self) {
         // Notify takes a lock: only when `close` may be waiting.
@@ -754,9 +795,9 @@ impl<P> Shared<P> {
 
 /// A checkout in progress, counted in `in_use` until it becomes a [`Checkout`] (then
 /// forgotten) or fails or is dropped (then uncounted).
-struct Entered<'a, P>(&'a Shared<P>);
+struct Entered<'a, P: Pool>(&'a Shared<P>);
 
-impl<P> Drop for Entered<'_, P> {
+impl<P: Pool> Drop for Entered<'_, P> {
     fn drop(&mut self) {
         self.0.release();
     }
@@ -768,9 +809,9 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Counts a caller as waiting until its checkout ends, even if it is dropped meanwhile.
-struct Waiting<'a, P>(&'a Shared<P>);
+struct Waiting<'a, P: Pool>(&'a Shared<P>);
 
-impl<'a, P> Waiting<'a, P> {
+impl<'a, P: Pool> Waiting<'a, P> {
     fn new(shared: &'a Shared<P>) -> Self {
         shared.waiting.fetch_add(1, Ordering::AcqRel);
         shared.metrics.pending.increment(1.0);
@@ -778,7 +819,7 @@ impl<'a, P> Waiting<'a, P> {
     }
 }
 
-impl<P> Drop for Waiting<'_, P> {
+impl<P: Pool> Drop for Waiting<'_, P> {
     fn drop(&mut self) {
         self.0.waiting.fetch_sub(1, Ordering::AcqRel);
         self.0.metrics.pending.decrement(1.0);
@@ -866,6 +907,10 @@ impl<P: Pool> Drop for Checkout<P> {
                 || std::thread::panicking()
                 || deadline::remaining().is_some_and(|left| left.is_zero());
             if cut_off {
+                let mut connection = connection;
+                if let Some(hook) = &shared.on_discard {
+                    hook(&mut connection);
+                }
                 shared.pool.discard(connection);
             } else {
                 drop(connection);

@@ -1232,3 +1232,47 @@ fn a_backoff_that_cannot_work_is_refused() {
         assert!(err.to_string().contains(says), "{err}");
     }
 }
+
+#[tokio::test]
+async fn on_discard_can_cancel_the_query_a_deadline_cut_off() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 2))
+        .on_discard(|client: &mut deadpool_postgres::Object| {
+            let token = client.cancel_token();
+            tokio::spawn(async move { token.cancel_query(NoTls).await });
+        })
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let cut = deadline::scope(started + Duration::from_millis(100), async {
+        deadline::bounded(Duration::from_secs(10), async {
+            let client = pool.get().await.unwrap();
+            client.simple_query("SELECT pg_sleep(30)").await.map(drop)
+        })
+        .await
+    })
+    .await;
+    assert!(cut.is_err(), "the deadline cut the query off");
+    // Closing the connection alone would leave the query sleeping on the server for 30 s.
+    let watcher = pool.get().await.unwrap();
+    let started = Instant::now();
+    loop {
+        let running: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if running == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the cut-off query still runs on the server"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
