@@ -522,9 +522,12 @@ impl<P: Pool> Instrumented<P> {
         }
     }
 
-    /// Closes the pool: new checkouts fail with [`PoolError::Closed`] at once; waits up to
-    /// `timeout` (at most [`MAX_WAIT`](crate::MAX_WAIT), one hour, whatever is asked) for the
-    /// connections checked out to come back, then closes the backend pool.
+    /// Closes the pool: new checkouts fail with [`PoolError::Closed`] at once, and so do those
+    /// waiting for a connection (over deadpool, whose pool is closed at once; over bb8 they
+    /// wait out their bound); then waits up to `timeout` (at most
+    /// [`MAX_WAIT`](crate::MAX_WAIT), one hour, whatever is asked) for the connections checked
+    /// out, and the checkouts still connecting, to come back. Connections out keep working
+    /// meanwhile and are closed as they return.
     ///
     /// # Errors
     /// [`CloseTimeout`] with the connections still out when the timeout passed; the pool is
@@ -534,6 +537,10 @@ impl<P: Pool> Instrumented<P> {
         // SeqCst here and in `Checkout::drop`: either the last return sees `closed` and
         // notifies, or this sees `in_use` at zero.
         shared.closed.store(true, Ordering::SeqCst);
+        // At once, not after draining: callers waiting for a connection then fail with
+        // `Closed` (over deadpool) instead of holding `close` up until their wait timeout;
+        // connections out keep working and are closed as they come back.
+        shared.pool.close();
         let started = Instant::now();
         let drained = async {
             loop {
@@ -546,7 +553,6 @@ impl<P: Pool> Instrumented<P> {
             }
         };
         let result = tokio::time::timeout(timeout.min(MAX_WAIT), drained).await;
-        shared.pool.close();
         self.refresh_sizes();
         result.map_err(|_| CloseTimeout {
             pool: shared.name.clone(),

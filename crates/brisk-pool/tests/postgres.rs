@@ -1276,3 +1276,34 @@ async fn on_discard_can_cancel_the_query_a_deadline_cut_off() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn close_fails_the_callers_waiting_at_once() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 1))
+        .wait_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let held = pool.get().await.unwrap();
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.get().await.map(drop) }
+    });
+    while pool.status().waiting != Some(1) {
+        tokio::task::yield_now().await;
+    }
+    let closing = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.close(Duration::from_secs(10)).await }
+    });
+    let started = Instant::now();
+    let waited = tokio::time::timeout(Duration::from_secs(1), waiter)
+        .await
+        .expect("the waiter is not left to its 5 s wait timeout")
+        .unwrap();
+    assert!(matches!(waited, Err(PoolError::Closed)), "{waited:?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    held.query_one("SELECT 1", &[]).await.unwrap();
+    drop(held);
+    closing.await.unwrap().unwrap();
+}
