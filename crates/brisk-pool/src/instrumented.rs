@@ -1,9 +1,8 @@
 //! A pool wrapper that bounds every wait, measures every checkout and explains every timeout.
 
 use std::fmt;
-use std::hash::BuildHasher;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
@@ -18,6 +17,7 @@ use metrics::{Counter, Gauge, Histogram, Label};
 // calibrated TSC reads cost about half of `std::time::Instant::now` here (a checkout takes three).
 use quanta::Instant;
 
+use crate::backoff::{Backoff, HEALTHY};
 use crate::holders::{Holders, NO_TASK, task_tag};
 use crate::{
     BuildError, CloseTimeout, Creations, Exhausted, GetError, IdleSince, Lifecycle, MAX_PERIOD,
@@ -74,7 +74,8 @@ struct Shared<P: Pool> {
     demand_ns: AtomicU64,
     window_start_ms: AtomicU64,
     recommend_every: Duration,
-    backoff: Backoff,
+    /// Shared with a `Measured` manager given through `creations`, which reports every attempt.
+    backoff: Arc<Backoff>,
     /// Set by `close`: new checkouts fail at once.
     closed: AtomicBool,
     /// Notified when the last checked-out connection comes back, for `close`.
@@ -88,40 +89,6 @@ struct Shared<P: Pool> {
 
 /// How often the gauges are refreshed when no checkout does it.
 const QUIET_REFRESH: Duration = Duration::from_secs(1);
-
-/// Connection attempts that failed in a row, and until when checkouts that would open a
-/// connection fail fast instead.
-struct Backoff {
-    first: Duration,
-    max: Duration,
-    failures: AtomicU32,
-    /// Nanoseconds since the pool was wrapped; [`HEALTHY`] when no attempt failed last.
-    until_ns: AtomicU64,
-}
-
-const HEALTHY: u64 = 0;
-
-impl Backoff {
-    /// The pause after `failures` failures in a row: `first` doubling up to `max`, then a
-    /// random share of up to half taken off, so the instances of a service that saw the
-    /// database go down together do not all come back in the same instant.
-    fn pause(&self, failures: u32, now_ns: u64) -> Duration {
-        let doubled = self
-            .first
-            .saturating_mul(1_u32 << failures.saturating_sub(1).min(20))
-            .min(self.max);
-        let hash = foldhash::fast::FixedState::with_seed(failures.into()).hash_one(now_ns);
-        #[allow(clippy::cast_precision_loss)] // a fraction in [0, 1) needs no more precision
-        let share = (hash >> 11) as f64 / (1_u64 << 53) as f64;
-        doubled.mul_f64(1.0 - share / 2.0)
-    }
-
-    /// `now_ns` plus the pause after `failures` failures.
-    fn until(&self, failures: u32, now_ns: u64) -> u64 {
-        let pause = u64::try_from(self.pause(failures, now_ns).as_nanos()).unwrap_or(u64::MAX);
-        now_ns.saturating_add(pause).max(1)
-    }
-}
 
 /// The idle and max gauges come from the backend's status, which takes its lock: read it at
 /// most this often instead of on every checkout.
@@ -225,8 +192,12 @@ impl<P: Pool> InstrumentedBuilder<P> {
     /// 50 ms up to 2 s.
     ///
     /// Without it a database that is down is hammered: over deadpool every checkout opens a
-    /// connection of its own, and one service made 176,000 attempts in 5 s. (bb8 retries in
-    /// the background with its own backoff, and its checkouts wait for it.)
+    /// connection of its own, and one service made 176,000 attempts in 5 s. The checkout that
+    /// tries again after a pause and gets nothing in its time counts as one more failure. bb8
+    /// retries in the background with its own backoff: with its manager in
+    /// [`Measured`](crate::Measured) and its [`creations`](Self::creations) given here, those
+    /// attempts drive this backoff too, and checkouts fail fast instead of each waiting out its
+    /// bound.
     pub fn connect_backoff(mut self, first: Duration, max: Duration) -> Self {
         self.backoff = (first, max);
         self
@@ -299,6 +270,7 @@ impl<P: Pool> InstrumentedBuilder<P> {
             ));
         }
         let holders = Holders::new(self.pool.status().max_size);
+        let created = Instant::now();
         let shared = Shared {
             metrics: Metrics::new(&self.name),
             pool: self.pool,
@@ -313,22 +285,20 @@ impl<P: Pool> InstrumentedBuilder<P> {
             idle_since: Mutex::default(),
             refreshed_ns: AtomicU64::new(0),
             refresher: AtomicBool::new(false),
-            created: Instant::now(),
+            created,
             demand_ns: AtomicU64::new(0),
             window_start_ms: AtomicU64::new(0),
             recommend_every: self.recommend_every,
-            backoff: Backoff {
-                first,
-                max,
-                failures: AtomicU32::new(0),
-                until_ns: AtomicU64::new(HEALTHY),
-            },
+            backoff: Arc::new(Backoff::new(first, max, created)),
             closed: AtomicBool::new(false),
             drained: tokio::sync::Notify::new(),
         };
         let instrumented = Instrumented {
             shared: Arc::new(shared),
         };
+        if let Some(creations) = &instrumented.shared.creations {
+            creations.report_to(&instrumented.shared.backoff);
+        }
         instrumented.refresh_sizes();
         // No recommendation before the first window closes: until then the gauge reads the
         // pool's size, "no change", rather than 0, which reads as "shrink the pool".
@@ -392,11 +362,15 @@ impl<P: Pool> Instrumented<P> {
             self.start_refresher();
         }
         let backing_off = shared.backoff.until_ns.load(Ordering::Relaxed);
-        if backing_off != HEALTHY
-            && let Some(unavailable) = self.held_back(backing_off)
-        {
-            shared.metrics.unavailable.increment(1);
-            return Err(PoolError::Unavailable(Box::new(unavailable)));
+        let mut probe = false;
+        if backing_off != HEALTHY {
+            match self.held_back(backing_off) {
+                Ok(claimed) => probe = claimed,
+                Err(unavailable) => {
+                    shared.metrics.unavailable.increment(1);
+                    return Err(PoolError::Unavailable(Box::new(unavailable)));
+                }
+            }
         }
         let mut wait = std::pin::pin!(deadline::bounded(shared.wait_timeout, shared.pool.get()));
         // Most checkouts find a connection at once: then nobody waits, and no clock is read and
@@ -425,8 +399,7 @@ impl<P: Pool> Instrumented<P> {
                 }
                 std::mem::forget(entered);
                 if backing_off != HEALTHY {
-                    shared.backoff.failures.store(0, Ordering::Relaxed);
-                    shared.backoff.until_ns.store(HEALTHY, Ordering::Relaxed);
+                    shared.backoff.succeeded();
                 }
                 shared.metrics.wait.record(waited.as_secs_f64());
                 let since = now;
@@ -445,9 +418,10 @@ impl<P: Pool> Instrumented<P> {
             Ok(Err(GetError::Backend(err))) => {
                 shared.metrics.backend_errors.increment(1);
                 *lock(&shared.last_error) = Some(crate::error::chain(&err));
-                let failures = shared.backoff.failures.fetch_add(1, Ordering::Relaxed) + 1;
-                let until = shared.backoff.until(failures, shared.nanos_at(now));
-                shared.backoff.until_ns.store(until, Ordering::Relaxed);
+                // A measured manager reports each attempt itself.
+                if shared.creations.is_none() {
+                    shared.backoff.failed(now);
+                }
                 Err(PoolError::Backend(err))
             }
             Ok(Err(GetError::Closed)) => {
@@ -456,10 +430,18 @@ impl<P: Pool> Instrumented<P> {
             }
             Ok(Err(GetError::Timeout)) => {
                 shared.metrics.timeouts.increment(1);
+                if probe {
+                    shared.backoff.failed(now);
+                }
                 Err(PoolError::Exhausted(Box::new(self.diagnose(waited))))
             }
             Err(elapsed) => {
                 shared.metrics.timeouts.increment(1);
+                // The checkout that was to try connecting again got nothing in its time: a
+                // connection that hangs, or a backend (bb8) still failing in the background.
+                if probe {
+                    shared.backoff.failed(now);
+                }
                 let diagnosis = Box::new(self.diagnose(waited));
                 if elapsed.is_deadline() {
                     Err(PoolError::Deadline { elapsed, diagnosis })
@@ -620,11 +602,13 @@ impl<P: Pool> Instrumented<P> {
         }))
     }
 
-    /// Whether a checkout made while backing off (until `until_ns`) must fail fast, and why.
-    /// Idle connections still serve. Once the pause is over, the first checkout to claim the
-    /// attempt (pushing the pause on for the others until it reports) goes through.
+    /// Whether a checkout made while backing off (until `until_ns`) goes through — `Ok(true)`
+    /// when it is the one to try connecting again — or must fail fast, and why. Idle
+    /// connections still serve. Once the pause is over, the first checkout to claim the
+    /// attempt (pushing the pause on for the others until it reports) goes through; if it gets
+    /// no connection in its time, that counts as one more failure.
     #[cold]
-    fn held_back(&self, until_ns: u64) -> Option<Unavailable> {
+    fn held_back(&self, until_ns: u64) -> Result<bool, Unavailable> {
         let shared = &self.shared;
         let now_ns = shared.nanos_at(Instant::now());
         let backoff = &shared.backoff;
@@ -635,11 +619,14 @@ impl<P: Pool> Instrumented<P> {
                 .compare_exchange(until_ns, next, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         };
-        if claimed || shared.pool.status().idle > 0 {
-            return None;
+        if claimed {
+            return Ok(true);
+        }
+        if shared.pool.status().idle > 0 {
+            return Ok(false);
         }
         let until = backoff.until_ns.load(Ordering::Relaxed);
-        Some(Unavailable {
+        Err(Unavailable {
             pool: shared.name.clone(),
             failures: backoff.failures.load(Ordering::Relaxed),
             retry_in: Duration::from_nanos(until.saturating_sub(now_ns)),

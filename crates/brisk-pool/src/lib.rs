@@ -77,6 +77,7 @@
 //! | `serde` | no | [`Lifecycle`] from configuration |
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+mod backoff;
 mod error;
 mod holders;
 mod instrumented;

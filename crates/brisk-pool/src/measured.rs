@@ -57,6 +57,8 @@ pub struct Creations(Arc<Inner>);
 // Without a backend feature nothing measures; the handle still serves `Instrumented`.
 #[cfg_attr(not(any(feature = "deadpool", feature = "bb8")), allow(dead_code))]
 struct Inner {
+    /// The backoff of the `Instrumented` pool these creations were given to, if any.
+    backoff: std::sync::OnceLock<std::sync::Weak<crate::backoff::Backoff>>,
     attempts: Counter,
     time: Histogram,
     errors: Counter,
@@ -72,6 +74,12 @@ impl fmt::Debug for Creations {
 }
 
 impl Creations {
+    /// Makes every attempt this manager sees count in `backoff` (the first pool given these
+    /// creations keeps them).
+    pub(crate) fn report_to(&self, backoff: &Arc<crate::backoff::Backoff>) {
+        let _ = self.0.backoff.set(Arc::downgrade(backoff));
+    }
+
     /// The last error opening a connection, if any.
     #[must_use]
     pub fn last_error(&self) -> Option<String> {
@@ -91,6 +99,17 @@ impl Creations {
         let started = std::time::Instant::now();
         let result = open.await;
         self.0.time.record(started.elapsed().as_secs_f64());
+        if let Some(backoff) = self.0.backoff.get().and_then(std::sync::Weak::upgrade) {
+            match &result {
+                Err(_) => backoff.failed(quanta::Instant::now()),
+                Ok(_) if backoff.until_ns.load(std::sync::atomic::Ordering::Relaxed)
+                    != crate::backoff::HEALTHY =>
+                {
+                    backoff.succeeded();
+                }
+                Ok(_) => {}
+            }
+        }
         if let Err(err) = &result {
             self.0.errors.increment(1);
             *self
@@ -115,6 +134,7 @@ impl<M> Measured<M> {
         Self {
             inner: manager,
             creations: Creations(Arc::new(Inner {
+                backoff: std::sync::OnceLock::new(),
                 attempts: POOL_CONNECT_ATTEMPTS.counter(label()),
                 time: POOL_CREATE_TIME.histogram(label()),
                 errors: POOL_CREATE_ERRORS.counter(label()),

@@ -1307,3 +1307,44 @@ async fn close_fails_the_callers_waiting_at_once() {
     drop(held);
     closing.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn over_bb8_checkouts_fail_fast_while_bb8_cannot_connect() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/none");
+    let manager = bb8_postgres::PostgresConnectionManager::new_from_stringlike(url, NoTls).unwrap();
+    let manager = brisk_pool::Measured::new(manager, "main");
+    let creations = manager.creations();
+    let pool = Instrumented::builder(bb8::Pool::builder().max_size(2).build_unchecked(manager))
+        .wait_timeout(Duration::from_millis(300))
+        .creations(creations)
+        .build()
+        .unwrap();
+    // The first checkout waits while bb8 tries (and retries) in the background.
+    let first = pool.get().await.unwrap_err();
+    assert!(matches!(first, PoolError::Exhausted(_)), "{first:?}");
+    // bb8's failed attempts, reported by `Measured`, make the next checkouts fail at once
+    // instead of each waiting out its 300 ms; once per pause one of them waits, to try again.
+    let (mut fast, mut waited) = (0, 0);
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        match pool.get().await {
+            Err(PoolError::Unavailable(why)) => {
+                let last = why.last_error.as_deref().unwrap_or_default();
+                assert!(last.contains("error connecting"), "{why}");
+                fast += 1;
+            }
+            Err(PoolError::Exhausted(_)) => waited += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        fast >= 20 && waited <= 5,
+        "{fast} failed fast, {waited} waited"
+    );
+}
