@@ -10,7 +10,7 @@
 use std::process::Command;
 use std::sync::Arc;
 
-use brisk_pool::redis::{Multiplexed, RedisSource};
+use brisk_pool::redis_source::{Multiplexed, RedisSource};
 use brisk_testkit::RedisServer;
 use criterion::{BenchmarkId, Criterion, Throughput};
 

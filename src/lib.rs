@@ -11,7 +11,7 @@
 //! | `prometheus` | no | [`metrics::prometheus`]: one-call Prometheus exporter with real histograms |
 //! | `batch` | no | [`batch`]: the batching engine and DataLoader (`brisk-batch`) |
 //! | `pool` | no | [`pool`]: instrumented, bounded pooling over deadpool and bb8 (`brisk-pool`) |
-//! | `redis` | no | [`pool::redis`]: the Redis connection sources |
+//! | `redis` | no | [`pool::redis_source`]: the Redis connection sources |
 //! | `tls` | no | `rediss://` for the Redis sources (rustls with ring) |
 //! | `serde` | no | configuration types (the pool `Lifecycle`) through serde |
 //! | `full` | no | everything above |
@@ -50,7 +50,7 @@ pub mod prelude {
     #[cfg(feature = "pool")]
     pub use crate::pool::Instrumented;
     #[cfg(feature = "redis")]
-    pub use crate::pool::redis::{Multiplexed, RedisSource};
+    pub use crate::pool::redis_source::{Multiplexed, RedisSource};
 }
 
 /// The README's quickstart, compiled and run as a doc test.

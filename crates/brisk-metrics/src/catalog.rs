@@ -284,7 +284,7 @@ pub const POOL_ERRORS: MetricDef = MetricDef {
     kind: Kind::Counter,
     unit: Unit::Count,
     labels: &["db_client_connection_pool_name", "reason"],
-    help: "Checkouts that failed: reason is backend (creating or recycling a connection failed) or closed.",
+    help: "Checkouts that failed: reason is backend (creating or recycling a connection failed), unavailable (failed fast while backing off after connection failures) or closed.",
     emitted_by: "brisk-pool",
     otel: None,
     buckets: &[],
@@ -338,6 +338,18 @@ pub const POOL_CREATE_ERRORS: MetricDef = MetricDef {
     buckets: &[],
 };
 
+/// Every attempt to open a connection, as a `Measured` manager sees them.
+pub const POOL_CONNECT_ATTEMPTS: MetricDef = MetricDef {
+    name: "brisk_pool_connect_attempts_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["db_client_connection_pool_name"],
+    help: "Attempts to open a connection, failed or not: while the database is down, the pool's backoff keeps their rate low.",
+    emitted_by: "brisk-pool",
+    otel: None,
+    buckets: &[],
+};
+
 /// Redis connections found broken and reconnected.
 pub const REDIS_RECONNECTS: MetricDef = MetricDef {
     name: "brisk_redis_reconnects_total",
@@ -385,6 +397,7 @@ pub const CATALOG: &[MetricDef] = &[
     POOL_RECOMMENDED,
     POOL_CREATE_TIME,
     POOL_CREATE_ERRORS,
+    POOL_CONNECT_ATTEMPTS,
     REDIS_RECONNECTS,
     RATELIMIT_DECISIONS,
 ];

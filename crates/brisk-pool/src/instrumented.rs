@@ -18,19 +18,23 @@ use metrics::Label;
 // calibrated TSC reads cost about half of `std::time::Instant::now` here (a checkout takes three).
 use quanta::Instant;
 
+use crate::backoff::{Backoff, HEALTHY};
 use crate::holders::{Holders, NO_TASK, task_tag};
-use crate::{BuildError, CloseTimeout, Creations, Exhausted, GetError, Lifecycle, Pool, PoolError};
+use crate::{
+    BuildError, CloseTimeout, Creations, Exhausted, GetError, IdleSince, Lifecycle, MAX_PERIOD,
+    MAX_WAIT, Pool, PoolError, Unavailable,
+};
 
 /// Wraps a [`Pool`]: every checkout waits at most `min(wait_timeout, deadline::remaining())`,
 /// is measured under the OpenTelemetry `db.client.connection.*` metrics, and a checkout that
 /// times out says why ([`Exhausted`]).
 ///
 /// Cloning is cheap; clones share the pool and its bookkeeping.
-pub struct Instrumented<P> {
+pub struct Instrumented<P: Pool> {
     shared: Arc<Shared<P>>,
 }
 
-impl<P> Clone for Instrumented<P> {
+impl<P: Pool> Clone for Instrumented<P> {
     fn clone(&self) -> Self {
         Self {
             shared: Arc::clone(&self.shared),
@@ -38,7 +42,7 @@ impl<P> Clone for Instrumented<P> {
     }
 }
 
-impl<P> fmt::Debug for Instrumented<P> {
+impl<P: Pool> fmt::Debug for Instrumented<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Instrumented")
             .field("name", &self.shared.name)
@@ -47,31 +51,45 @@ impl<P> fmt::Debug for Instrumented<P> {
     }
 }
 
-struct Shared<P> {
+/// What runs on a connection about to be discarded.
+type OnDiscard<C> = Box<dyn Fn(&mut C) + Send + Sync>;
+
+struct Shared<P: Pool> {
     pool: P,
     creations: Option<Creations>,
+    on_discard: Option<OnDiscard<P::Connection>>,
     name: String,
     wait_timeout: Duration,
     metrics: Metrics,
     waiting: AtomicUsize,
+    /// Checkouts out, or in progress (past the `closed` check and not yet done).
     in_use: AtomicUsize,
     /// Each connection now out: since when (to name the oldest in a diagnosis) and by which
     /// task (to notice a task asking for a second one).
     holders: Holders,
     last_error: Mutex<Option<String>>,
+    /// For `reap`: since when each idle connection has been idle.
+    idle_since: Mutex<IdleSince>,
     /// Nanoseconds callers spent waiting for or holding a connection in the current window,
     /// and when that window began (ms since `created`): the demand behind the recommended size.
     demand_ns: AtomicU64,
     window_start_ms: AtomicU64,
     recommend_every: Duration,
+    /// Shared with a `Measured` manager given through `creations`, which reports every attempt.
+    backoff: Arc<Backoff>,
     /// Set by `close`: new checkouts fail at once.
     closed: AtomicBool,
     /// Notified when the last checked-out connection comes back, for `close`.
     drained: tokio::sync::Notify,
+    /// Whether the task refreshing the gauges without checkouts runs.
+    refresher: AtomicBool,
     /// When the idle and max gauges were last read from the pool, in ns since `created`.
     refreshed_ns: AtomicU64,
     created: Instant,
 }
+
+/// How often the gauges are refreshed when no checkout does it.
+const QUIET_REFRESH: Duration = Duration::from_secs(1);
 
 /// The idle and max gauges come from the backend's status, which takes its lock: read it at
 /// most this often instead of on every checkout.
@@ -85,6 +103,7 @@ struct Metrics {
     timeouts: Counter,
     backend_errors: Counter,
     closed: Counter,
+    unavailable: Counter,
     idle: Gauge,
     used: Gauge,
     max: Gauge,
@@ -112,6 +131,7 @@ impl Metrics {
             timeouts: POOL_TIMEOUTS.counter(name()),
             backend_errors: POOL_ERRORS.counter(with("reason", "backend")),
             closed: POOL_ERRORS.counter(with("reason", "closed")),
+            unavailable: POOL_ERRORS.counter(with("reason", "unavailable")),
             idle: POOL_CONNECTIONS.gauge(with("db_client_connection_state", "idle")),
             used: POOL_CONNECTIONS.gauge(with("db_client_connection_state", "used")),
             max: POOL_MAX.gauge(name()),
@@ -122,23 +142,37 @@ impl Metrics {
 
 /// Settings for [`Instrumented`].
 #[must_use]
-#[derive(Debug)]
-pub struct InstrumentedBuilder<P> {
+pub struct InstrumentedBuilder<P: Pool> {
     pool: P,
     creations: Option<Creations>,
+    on_discard: Option<OnDiscard<P::Connection>>,
     name: String,
     wait_timeout: Duration,
     recommend_every: Duration,
+    backoff: (Duration, Duration),
 }
 
-impl<P> InstrumentedBuilder<P> {
+impl<P: Pool> fmt::Debug for InstrumentedBuilder<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InstrumentedBuilder")
+            .field("name", &self.name)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("recommend_every", &self.recommend_every)
+            .field("connect_backoff", &self.backoff)
+            .field("on_discard", &self.on_discard.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: Pool> InstrumentedBuilder<P> {
     /// The `db_client_connection_pool_name` label and the name in diagnoses. Default `"default"`.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
         self
     }
 
-    /// The longest a checkout waits (the caller's deadline can shorten it). Default 5 s.
+    /// The longest a checkout waits (the caller's deadline can shorten it). Default 5 s; at
+    /// most [`MAX_WAIT`](crate::MAX_WAIT) (one hour): there is no "wait forever".
     pub fn wait_timeout(mut self, timeout: Duration) -> Self {
         self.wait_timeout = timeout;
         self
@@ -151,6 +185,51 @@ impl<P> InstrumentedBuilder<P> {
         self
     }
 
+    /// How long checkouts fail fast after a connection attempt failed: `first` after one
+    /// failure, doubling with each failure in a row up to `max`, each pause shortened by a
+    /// random share of up to half. Meanwhile a checkout that would have to open a connection
+    /// fails at once with [`PoolError::Unavailable`] (naming the last connection error); idle
+    /// connections still serve, and once the pause is over one checkout tries again. Default
+    /// 50 ms up to 2 s.
+    ///
+    /// Without it a database that is down is hammered: over deadpool every checkout opens a
+    /// connection of its own, and one service made 176,000 attempts in 5 s. The checkout that
+    /// tries again after a pause and gets nothing in its time counts as one more failure. bb8
+    /// retries in the background with its own backoff: with its manager in
+    /// [`Measured`](crate::Measured) and its [`creations`](Self::creations) given here, those
+    /// attempts drive this backoff too, and checkouts fail fast instead of each waiting out its
+    /// bound.
+    pub fn connect_backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.backoff = (first, max);
+        self
+    }
+
+    /// Runs `hook` on each connection about to be discarded ([`Checkout::discard`], or a
+    /// checkout cut off mid-use), before it is closed: the place to cancel the work the server
+    /// may still be running for it. Closing a connection does not stop a query in flight;
+    /// PostgreSQL, for one, notices only when it next writes to the socket.
+    ///
+    /// ```no_run
+    /// # fn run(pool: deadpool_postgres::Pool) -> Result<(), brisk_pool::BuildError> {
+    /// use brisk_pool::Instrumented;
+    ///
+    /// let pool = Instrumented::builder(pool)
+    ///     .on_discard(|client: &mut deadpool_postgres::Object| {
+    ///         // Ask the server to cancel the query still running on this connection.
+    ///         let token = client.cancel_token();
+    ///         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+    ///             runtime.spawn(async move { token.cancel_query(tokio_postgres::NoTls).await });
+    ///         }
+    ///     })
+    ///     .build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn on_discard(mut self, hook: impl Fn(&mut P::Connection) + Send + Sync + 'static) -> Self {
+        self.on_discard = Some(Box::new(hook));
+        self
+    }
+
     /// How much history the recommended-size gauge averages over. Default 60 s.
     pub fn recommend_every(mut self, window: Duration) -> Self {
         self.recommend_every = window;
@@ -160,51 +239,75 @@ impl<P> InstrumentedBuilder<P> {
     /// Checks the settings and wraps the pool.
     ///
     /// # Errors
-    /// [`BuildError`] for a zero wait timeout, an empty name, or a pool whose maximum size is
-    /// zero (it could never hand out a connection).
-    pub fn build(self) -> Result<Instrumented<P>, BuildError>
-    where
-        P: Pool,
-    {
-        if self.wait_timeout.is_zero() {
-            return Err(BuildError(
-                "wait_timeout must be positive: a pool must never wait forever, nor fail every checkout",
-            ));
-        }
+    /// [`BuildError`] for a wait timeout of zero or above [`MAX_WAIT`](crate::MAX_WAIT), a
+    /// `recommend_every` below 100 ms or above [`MAX_PERIOD`](crate::MAX_PERIOD), backoff
+    /// pauses of zero, above `MAX_WAIT` or with the first above the longest, an empty name, or
+    /// a pool whose maximum size is zero (it could never hand out a connection).
+    pub fn build(self) -> Result<Instrumented<P>, BuildError> {
+        BuildError::check("wait_timeout", self.wait_timeout, MAX_WAIT)?;
         if self.name.is_empty() {
-            return Err(BuildError("name must not be empty"));
+            return Err(BuildError::invalid("name", "must not be empty"));
         }
         if self.pool.status().max_size == Some(0) {
-            return Err(BuildError(
+            return Err(BuildError::invalid(
+                "max size",
                 "the pool's max size is 0: it could never hand out a connection",
             ));
         }
+        BuildError::check("recommend_every", self.recommend_every, MAX_PERIOD)?;
+        let (first, max) = self.backoff;
+        BuildError::check("connect_backoff first", first, MAX_WAIT)?;
+        BuildError::check("connect_backoff max", max, MAX_WAIT)?;
+        if first > max {
+            return Err(BuildError::invalid(
+                "connect_backoff",
+                "the first pause must not exceed the longest",
+            ));
+        }
         if self.recommend_every < Duration::from_millis(REFRESH_EVERY_MS) {
-            return Err(BuildError("recommend_every must be at least 100 ms"));
+            return Err(BuildError::invalid(
+                "recommend_every",
+                "must be at least 100 ms",
+            ));
         }
         let holders = Holders::new(self.pool.status().max_size);
+        let created = Instant::now();
         let shared = Shared {
             metrics: Metrics::new(&self.name),
             pool: self.pool,
             creations: self.creations,
+            on_discard: self.on_discard,
             name: self.name,
             wait_timeout: self.wait_timeout,
             waiting: AtomicUsize::new(0),
             in_use: AtomicUsize::new(0),
             holders,
             last_error: Mutex::default(),
+            idle_since: Mutex::default(),
             refreshed_ns: AtomicU64::new(0),
-            created: Instant::now(),
+            refresher: AtomicBool::new(false),
+            created,
             demand_ns: AtomicU64::new(0),
             window_start_ms: AtomicU64::new(0),
             recommend_every: self.recommend_every,
+            backoff: Arc::new(Backoff::new(first, max, created)),
             closed: AtomicBool::new(false),
             drained: tokio::sync::Notify::new(),
         };
         let instrumented = Instrumented {
             shared: Arc::new(shared),
         };
+        if let Some(creations) = &instrumented.shared.creations {
+            creations.report_to(&instrumented.shared.backoff);
+        }
         instrumented.refresh_sizes();
+        // No recommendation before the first window closes: until then the gauge reads the
+        // pool's size, "no change", rather than 0, which reads as "shrink the pool".
+        let status = instrumented.shared.pool.status();
+        #[allow(clippy::cast_precision_loss)] // a pool's size fits an f64 exactly
+        let size = status.max_size.unwrap_or(status.size).max(1) as f64;
+        instrumented.shared.metrics.recommended.set(size);
+        instrumented.start_refresher();
         Ok(instrumented)
     }
 }
@@ -215,9 +318,11 @@ impl<P: Pool> Instrumented<P> {
         InstrumentedBuilder {
             pool,
             creations: None,
+            on_discard: None,
             name: "default".to_owned(),
             wait_timeout: Duration::from_secs(5),
             recommend_every: Duration::from_secs(60),
+            backoff: (Duration::from_millis(50), Duration::from_secs(2)),
         }
     }
 
@@ -242,12 +347,32 @@ impl<P: Pool> Instrumented<P> {
     /// out; [`PoolError::Backend`] when opening a connection failed; [`PoolError::Closed`].
     pub async fn get(&self) -> Result<Checkout<P>, PoolError<P::Error>> {
         let shared = &self.shared;
-        if shared.closed.load(Ordering::Acquire) {
+        let task = tokio::task::try_id().map(task_tag);
+        self.notice_nested(task);
+        // Counted as out from here, before `closed` is read: `close` stores `closed` and then
+        // reads `in_use` (all SeqCst), so either this checkout sees the pool closed, or `close`
+        // waits for it — a checkout still connecting is not forgotten. The guard uncounts it
+        // if it fails or is dropped.
+        let out = shared.in_use.fetch_add(1, Ordering::SeqCst);
+        let entered = Entered(shared);
+        if shared.closed.load(Ordering::SeqCst) {
             shared.metrics.closed.increment(1);
             return Err(PoolError::Closed);
         }
-        let task = tokio::task::try_id().map(task_tag);
-        self.notice_nested(task);
+        if !shared.refresher.load(Ordering::Relaxed) {
+            self.start_refresher();
+        }
+        let backing_off = shared.backoff.until_ns.load(Ordering::Relaxed);
+        let mut probe = false;
+        if backing_off != HEALTHY {
+            match self.held_back(backing_off) {
+                Ok(claimed) => probe = claimed,
+                Err(unavailable) => {
+                    shared.metrics.unavailable.increment(1);
+                    return Err(PoolError::Unavailable(Box::new(unavailable)));
+                }
+            }
+        }
         let mut wait = std::pin::pin!(deadline::bounded(shared.wait_timeout, shared.pool.get()));
         // Most checkouts find a connection at once: then nobody waits, and no clock is read and
         // no waiter counted for it.
@@ -266,15 +391,26 @@ impl<P: Pool> Instrumented<P> {
         };
         match result {
             Ok(Ok(connection)) => {
+                if shared.closed.load(Ordering::SeqCst) {
+                    // Closed while this checkout was connecting or waiting: `close` waited for
+                    // it, and it must not hand out a connection now.
+                    drop(connection);
+                    shared.metrics.closed.increment(1);
+                    return Err(PoolError::Closed);
+                }
+                std::mem::forget(entered);
+                if backing_off != HEALTHY {
+                    shared.backoff.succeeded();
+                }
                 shared.metrics.wait.record(waited.as_secs_f64());
                 let since = now;
                 let since_ns = shared.nanos_at(since);
-                let out = shared.in_use.fetch_add(1, Ordering::AcqRel);
                 let slot = shared.holders.claim(task.unwrap_or(NO_TASK), since_ns, out);
                 shared.metrics.used.increment(1.0);
                 self.maybe_refresh_sizes(since_ns);
                 Ok(Checkout {
                     connection: Some(connection),
+                    cut_off: false,
                     slot,
                     since,
                     owner: self.clone(),
@@ -282,7 +418,11 @@ impl<P: Pool> Instrumented<P> {
             }
             Ok(Err(GetError::Backend(err))) => {
                 shared.metrics.backend_errors.increment(1);
-                *lock(&shared.last_error) = Some(err.to_string());
+                *lock(&shared.last_error) = Some(crate::error::chain(&err));
+                // A measured manager reports each attempt itself.
+                if shared.creations.is_none() {
+                    shared.backoff.failed(now);
+                }
                 Err(PoolError::Backend(err))
             }
             Ok(Err(GetError::Closed)) => {
@@ -291,10 +431,18 @@ impl<P: Pool> Instrumented<P> {
             }
             Ok(Err(GetError::Timeout)) => {
                 shared.metrics.timeouts.increment(1);
+                if probe {
+                    shared.backoff.failed(now);
+                }
                 Err(PoolError::Exhausted(Box::new(self.diagnose(waited))))
             }
             Err(elapsed) => {
                 shared.metrics.timeouts.increment(1);
+                // The checkout that was to try connecting again got nothing in its time: a
+                // connection that hangs, or a backend (bb8) still failing in the background.
+                if probe {
+                    shared.backoff.failed(now);
+                }
                 let diagnosis = Box::new(self.diagnose(waited));
                 if elapsed.is_deadline() {
                     Err(PoolError::Deadline { elapsed, diagnosis })
@@ -305,21 +453,50 @@ impl<P: Pool> Instrumented<P> {
         }
     }
 
-    /// Opens up to `connections` connections now (all at once, each bounded by the wait
-    /// timeout) and returns them to the pool idle, so the first requests do not pay for them.
-    /// Returns how many are idle afterwards.
+    /// Opens connections now until `connections` are idle, or as many as the pool's size
+    /// allows, so the first requests do not pay for them. Returns how many are idle afterwards.
+    ///
+    /// It works beside requests rather than as one: the connections it opens are not
+    /// checkouts (no wait, use-time or recommended-size measurement, no nested-checkout count),
+    /// it opens only what is missing and never waits for a connection in use, and it does
+    /// nothing while callers wait for a connection (they need it more). A pool hands out idle
+    /// connections first, so it holds those open meanwhile, for the time connecting takes.
     ///
     /// # Errors
-    /// The first checkout error; the connections opened before it stay in the pool.
+    /// The first error opening a connection (or its wait bound passing); those opened before
+    /// it stay in the pool.
     pub async fn warm_up(&self, connections: usize) -> Result<usize, PoolError<P::Error>> {
-        let checkouts = (0..connections).map(|_| self.get());
-        let opened = futures_util::future::join_all(checkouts).await;
+        let shared = &self.shared;
+        let status = self.status();
+        let room = status
+            .max_size
+            .map_or(usize::MAX, |max| max.saturating_sub(status.size));
+        let missing = connections.saturating_sub(status.idle).min(room);
+        if missing == 0 || status.waiting.unwrap_or(0) > 0 || shared.closed.load(Ordering::Acquire)
+        {
+            return Ok(status.idle);
+        }
+        let started = Instant::now();
+        let opening = (0..status.idle + missing)
+            .map(|_| deadline::bounded(shared.wait_timeout, shared.pool.get()));
+        let opened = futures_util::future::join_all(opening).await;
         let mut first_error = None;
         for result in opened {
-            match result {
-                Ok(checkout) => drop(checkout),
-                Err(err) => first_error = first_error.or(Some(err)),
-            }
+            let err = match result {
+                Ok(Ok(connection)) => {
+                    drop(connection);
+                    continue;
+                }
+                Ok(Err(GetError::Backend(err))) => {
+                    *lock(&shared.last_error) = Some(crate::error::chain(&err));
+                    PoolError::Backend(err)
+                }
+                Ok(Err(GetError::Closed)) => PoolError::Closed,
+                Ok(Err(GetError::Timeout)) | Err(_) => {
+                    PoolError::Exhausted(Box::new(self.diagnose(started.elapsed())))
+                }
+            };
+            first_error = first_error.or(Some(err));
         }
         self.refresh_sizes();
         match first_error {
@@ -328,8 +505,12 @@ impl<P: Pool> Instrumented<P> {
         }
     }
 
-    /// Closes the pool: new checkouts fail with [`PoolError::Closed`] at once; waits up to
-    /// `timeout` for the connections checked out to come back, then closes the backend pool.
+    /// Closes the pool: new checkouts fail with [`PoolError::Closed`] at once, and so do those
+    /// waiting for a connection (over deadpool, whose pool is closed at once; over bb8 they
+    /// wait out their bound); then waits up to `timeout` (at most
+    /// [`MAX_WAIT`](crate::MAX_WAIT), one hour, whatever is asked) for the connections checked
+    /// out, and the checkouts still connecting, to come back. Connections out keep working
+    /// meanwhile and are closed as they return.
     ///
     /// # Errors
     /// [`CloseTimeout`] with the connections still out when the timeout passed; the pool is
@@ -339,6 +520,10 @@ impl<P: Pool> Instrumented<P> {
         // SeqCst here and in `Checkout::drop`: either the last return sees `closed` and
         // notifies, or this sees `in_use` at zero.
         shared.closed.store(true, Ordering::SeqCst);
+        // At once, not after draining: callers waiting for a connection then fail with
+        // `Closed` (over deadpool) instead of holding `close` up until their wait timeout;
+        // connections out keep working and are closed as they come back.
+        shared.pool.close();
         let started = Instant::now();
         let drained = async {
             loop {
@@ -350,8 +535,7 @@ impl<P: Pool> Instrumented<P> {
                 notified.await;
             }
         };
-        let result = tokio::time::timeout(timeout, drained).await;
-        shared.pool.close();
+        let result = tokio::time::timeout(timeout.min(MAX_WAIT), drained).await;
         self.refresh_sizes();
         result.map_err(|_| CloseTimeout {
             pool: shared.name.clone(),
@@ -363,7 +547,11 @@ impl<P: Pool> Instrumented<P> {
     /// Closes the idle connections `lifecycle` no longer keeps (over deadpool; bb8 reaps by
     /// itself) and returns how many.
     pub fn reap(&self, lifecycle: &Lifecycle) -> usize {
-        let reaped = self.shared.pool.reap(lifecycle).unwrap_or(0);
+        let reaped = self
+            .shared
+            .pool
+            .reap(lifecycle, &mut lock(&self.shared.idle_since))
+            .unwrap_or(0);
         self.refresh_sizes();
         reaped
     }
@@ -388,7 +576,10 @@ impl<P: Pool> Instrumented<P> {
             .max_size
             .is_some_and(|max| lifecycle.min_idle > max)
         {
-            return Err(BuildError("min_idle must not exceed the pool's max size"));
+            return Err(BuildError::invalid(
+                "min_idle",
+                "must not exceed the pool's max size",
+            ));
         }
         let shared = Arc::downgrade(&self.shared);
         Ok(tokio::spawn(async move {
@@ -403,15 +594,56 @@ impl<P: Pool> Instrumented<P> {
                     }
                     let pool = Instrumented { shared };
                     pool.reap(&lifecycle);
-                    if pool.status().idle < lifecycle.min_idle {
-                        // A failure here shows in the checkout metrics; the next round tries
-                        // again.
-                        let _ = pool.warm_up(lifecycle.min_idle).await;
-                    }
+                    // A failure here shows in the diagnoses' last connection error (and, with
+                    // `Measured`, in its metrics); the next round tries again.
+                    let _ = pool.warm_up(lifecycle.min_idle).await;
                 }
                 tokio::time::sleep(lifecycle.reap_every).await;
             }
         }))
+    }
+
+    /// Whether a checkout made while backing off (until `until_ns`) goes through — `Ok(true)`
+    /// when it is the one to try connecting again — or must fail fast, and why. Idle
+    /// connections still serve. Once the pause is over, the first checkout to claim the
+    /// attempt (pushing the pause on for the others until it reports) goes through; if it gets
+    /// no connection in its time, that counts as one more failure.
+    #[cold]
+    fn held_back(&self, until_ns: u64) -> Result<bool, Unavailable> {
+        let shared = &self.shared;
+        let now_ns = shared.nanos_at(Instant::now());
+        let backoff = &shared.backoff;
+        let claimed = now_ns >= until_ns && {
+            let next = backoff.until(backoff.failures.load(Ordering::Relaxed), now_ns);
+            backoff
+                .until_ns
+                .compare_exchange(until_ns, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        };
+        if claimed {
+            return Ok(true);
+        }
+        if shared.pool.status().idle > 0 {
+            return Ok(false);
+        }
+        let until = backoff.until_ns.load(Ordering::Relaxed);
+        Err(Unavailable {
+            pool: shared.name.clone(),
+            failures: backoff.failures.load(Ordering::Relaxed),
+            retry_in: Duration::from_nanos(until.saturating_sub(now_ns)),
+            last_error: self.last_error(),
+        })
+    }
+
+    /// The last error opening a connection: a measured manager sees every attempt, bb8's
+    /// background ones included.
+    fn last_error(&self) -> Option<String> {
+        let shared = &self.shared;
+        shared
+            .creations
+            .as_ref()
+            .and_then(Creations::last_error)
+            .or_else(|| lock(&shared.last_error).clone())
     }
 
     /// A task holding a connection that waits for another can deadlock the pool: when every
@@ -449,13 +681,37 @@ impl<P: Pool> Instrumented<P> {
             max_size: status.max_size,
             waiting: status.waiting.unwrap_or(0).max(1),
             oldest_checkout: oldest,
-            // A measured manager sees every attempt, bb8's background ones included.
-            last_error: shared
-                .creations
-                .as_ref()
-                .and_then(Creations::last_error)
-                .or_else(|| lock(&shared.last_error).clone()),
+            last_error: self.last_error(),
         }
+    }
+
+    /// Starts, once and on a tokio runtime (at build, or the first checkout), the task that
+    /// refreshes the gauges every [`QUIET_REFRESH`]: checkouts and returns refresh them at most
+    /// every 100 ms, so without one the last change before a quiet spell went unseen (4 open,
+    /// 0 in use showed 3 idle for minutes), and the recommended size never closed its window.
+    /// It ends once the pool is dropped.
+    #[cold]
+    fn start_refresher(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.shared.refresher.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let shared = Arc::downgrade(&self.shared);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(QUIET_REFRESH).await;
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                let pool = Instrumented { shared };
+                let now_ns = pool.shared.nanos_at(Instant::now());
+                pool.shared.refreshed_ns.store(now_ns, Ordering::Relaxed);
+                pool.refresh_sizes();
+                pool.maybe_recommend(now_ns / 1_000_000);
+            }
+        });
     }
 
     /// Reads the idle and max gauges from the pool's status.
@@ -509,7 +765,7 @@ impl<P: Pool> Instrumented<P> {
     }
 }
 
-impl<P> Shared<P> {
+impl<P: Pool> Shared<P> {
     /// `at` as nanoseconds since the pool was wrapped.
     fn nanos_at(&self, at: Instant) -> u64 {
         u64::try_from(at.duration_since(self.created).as_nanos()).unwrap_or(u64::MAX)
@@ -521,15 +777,35 @@ impl<P> Shared<P> {
     }
 }
 
+impl<P: Pool> Shared<P> {
+    /// One checkout less out (or in progress); wakes `close` when it was the last.
+    fn release(&self) {
+        // Notify takes a lock: only when `close` may be waiting.
+        if self.in_use.fetch_sub(1, Ordering::SeqCst) == 1 && self.closed.load(Ordering::SeqCst) {
+            self.drained.notify_waiters();
+        }
+    }
+}
+
+/// A checkout in progress, counted in `in_use` until it becomes a [`Checkout`] (then
+/// forgotten) or fails or is dropped (then uncounted).
+struct Entered<'a, P: Pool>(&'a Shared<P>);
+
+impl<P: Pool> Drop for Entered<'_, P> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Nothing panics while these locks are held.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Counts a caller as waiting until its checkout ends, even if it is dropped meanwhile.
-struct Waiting<'a, P>(&'a Shared<P>);
+struct Waiting<'a, P: Pool>(&'a Shared<P>);
 
-impl<'a, P> Waiting<'a, P> {
+impl<'a, P: Pool> Waiting<'a, P> {
     fn new(shared: &'a Shared<P>) -> Self {
         shared.waiting.fetch_add(1, Ordering::AcqRel);
         shared.metrics.pending.increment(1.0);
@@ -537,7 +813,7 @@ impl<'a, P> Waiting<'a, P> {
     }
 }
 
-impl<P> Drop for Waiting<'_, P> {
+impl<P: Pool> Drop for Waiting<'_, P> {
     fn drop(&mut self) {
         self.0.waiting.fetch_sub(1, Ordering::AcqRel);
         self.0.metrics.pending.decrement(1.0);
@@ -546,8 +822,30 @@ impl<P> Drop for Waiting<'_, P> {
 
 /// A checked-out connection: derefs to the backend's connection and goes back to the pool when
 /// dropped, recording how long it was used.
+///
+/// # A connection whose operation was cut off is not handed out again
+///
+/// When a request's deadline drops a query half-way, the server may still be running it: a
+/// connection returned then would make the next callers queue behind that query. So a
+/// checkout is closed (taken out of the pool, [`Pool::discard`]) rather than returned when it
+/// is dropped
+/// - after the request's deadline has passed (`deadline::remaining()` is zero: the usual way an
+///   operation is cut off; a request that overran its deadline yet finished its queries loses
+///   a connection it could have kept, a reconnection's worth),
+/// - while a panic unwinds, or
+/// - with a Redis command or pipeline run through it (its [`ConnectionLike`] implementation,
+///   with the `redis` feature) that never finished.
+///
+/// A checkout dropped for another reason (a client disconnect cancelling the handler, a
+/// `select!` that lost) cannot be told from one returned after its work: when you cut an
+/// operation yourself, call [`Checkout::discard`].
+///
+/// [`ConnectionLike`]: ::redis::aio::ConnectionLike
 pub struct Checkout<P: Pool> {
     connection: Option<P::Connection>,
+    /// Set while an operation runs through this checkout, and by `discard`: closed, not
+    /// returned, on drop.
+    pub(crate) cut_off: bool,
     /// Where this checkout is recorded in [`Holders`], unless it went untracked.
     slot: Option<usize>,
     since: Instant,
@@ -577,24 +875,123 @@ impl<P: Pool> fmt::Debug for Checkout<P> {
     }
 }
 
+impl<P: Pool> Checkout<P> {
+    /// Closes the connection instead of returning it to the pool: for one whose operation you
+    /// cut off, or left in a state the next caller must not inherit (an open transaction, a
+    /// session setting). The pool opens a new one when needed.
+    ///
+    /// Over bb8 this needs the manager wrapped in [`Measured`](crate::Measured); over another
+    /// bb8 manager the connection goes back to the pool.
+    pub fn discard(mut self) {
+        self.cut_off = true;
+    }
+}
+
 impl<P: Pool> Drop for Checkout<P> {
     fn drop(&mut self) {
-        // Return the connection first, so the gauges below see it back in the pool.
-        drop(self.connection.take());
         let shared = &self.owner.shared;
+        // The slot is freed before the connection goes back: freed after, a checkout on another
+        // thread could take the connection and find every slot still taken.
         if let Some(slot) = self.slot {
             shared.holders.release(slot);
         }
-        // Notify takes a lock: only when `close` may be waiting.
-        if shared.in_use.fetch_sub(1, Ordering::SeqCst) == 1 && shared.closed.load(Ordering::SeqCst)
-        {
-            shared.drained.notify_waiters();
+        // Return (or close) the connection before the gauges below are read.
+        if let Some(connection) = self.connection.take() {
+            let cut_off = self.cut_off
+                || std::thread::panicking()
+                || deadline::remaining().is_some_and(|left| left.is_zero());
+            if cut_off {
+                let mut connection = connection;
+                if let Some(hook) = &shared.on_discard {
+                    hook(&mut connection);
+                }
+                shared.pool.discard(connection);
+            } else {
+                drop(connection);
+            }
         }
+        shared.release();
         shared.metrics.used.decrement(1.0);
         let now = Instant::now();
         let held = now.duration_since(self.since);
         shared.metrics.use_time.record(held.as_secs_f64());
         shared.add_demand(held);
         self.owner.maybe_refresh_sizes(shared.nanos_at(now));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{OnceLock, Weak};
+
+    use super::*;
+    use crate::Status;
+
+    type Probe = Arc<OnceLock<Weak<Shared<OnePool>>>>;
+
+    /// A pool of one connection that, as the connection goes back, checks whether a checkout
+    /// made at that instant (on another thread, say) would find a holder slot free.
+    struct OnePool {
+        probe: Probe,
+        slot_was_free: Arc<AtomicBool>,
+    }
+
+    struct Connection {
+        probe: Probe,
+        slot_was_free: Arc<AtomicBool>,
+    }
+
+    impl Drop for Connection {
+        fn drop(&mut self) {
+            let shared = self.probe.get().and_then(Weak::upgrade).unwrap();
+            let claimed = shared.holders.claim(99, 0, 0);
+            self.slot_was_free
+                .store(claimed.is_some(), Ordering::SeqCst);
+            if let Some(at) = claimed {
+                shared.holders.release(at);
+            }
+        }
+    }
+
+    impl Pool for OnePool {
+        type Connection = Connection;
+        type Error = std::io::Error;
+
+        async fn get(&self) -> Result<Connection, GetError<std::io::Error>> {
+            Ok(Connection {
+                probe: Arc::clone(&self.probe),
+                slot_was_free: Arc::clone(&self.slot_was_free),
+            })
+        }
+
+        fn status(&self) -> Status {
+            Status {
+                size: 1,
+                idle: 0,
+                max_size: Some(1),
+                waiting: None,
+            }
+        }
+    }
+
+    #[test]
+    fn a_returned_connection_finds_its_holder_slot_already_free() {
+        let probe = Probe::default();
+        let slot_was_free = Arc::new(AtomicBool::new(false));
+        let pool = Instrumented::builder(OnePool {
+            probe: Arc::clone(&probe),
+            slot_was_free: Arc::clone(&slot_was_free),
+        })
+        .build()
+        .unwrap();
+        probe.set(Arc::downgrade(&pool.shared)).ok().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        drop(runtime.block_on(pool.get()).unwrap());
+        assert!(
+            slot_was_free.load(Ordering::SeqCst),
+            "a checkout taking the connection as it came back would have gone untracked"
+        );
     }
 }

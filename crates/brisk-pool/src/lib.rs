@@ -40,21 +40,44 @@
 //! average number of callers holding or waiting for a connection is the time they spent doing
 //! so divided by the window; the gauge is 1.5 times that. `docs/pooling.md` explains it.
 //!
-//! With the `redis` feature, [`redis::RedisSource`] is how brisk-cache and brisk-guard reach
-//! Redis: a set of multiplexed connections, any instrumented Redis pool, or a cluster connection.
+//! With the `redis` feature, [`redis_source::RedisSource`] is how brisk-cache and brisk-guard
+//! reach Redis: a set of multiplexed connections, any instrumented Redis pool, or a cluster
+//! connection. (The module is not named `redis`, which would shadow the `redis` crate.)
 //!
 //! Wrap the manager in [`Measured`] to time every connection the pool opens and remember the
 //! last failure, even over bb8, which keeps it to itself.
+//!
+//! # Design decisions, and why
+//!
+//! - **A connection whose operation was cut off is closed, not returned.** The server may still
+//!   be running the query a deadline dropped; the next caller would queue behind it. A
+//!   [`Checkout`] dropped after the request's deadline, during a panic, or with a Redis command
+//!   through it unfinished is taken out of the pool ([`Pool::discard`]), and
+//!   [`Checkout::discard`] does it on demand. So over deadpool the connection handed out is
+//!   deadpool's `Object` (the one thing that can be taken out), and over bb8 discarding needs a
+//!   [`Measured`] manager (bb8 drops a connection only when its manager calls it broken).
+//! - **A database that is down is not hammered.** After a failed connection attempt, checkouts
+//!   that would open one fail fast with [`PoolError::Unavailable`] for a jittered, doubling
+//!   pause ([`InstrumentedBuilder::connect_backoff`]); one checkout per pause tries again.
+//! - **No wait is unbounded**: every timeout is checked at build against [`MAX_WAIT`]
+//!   (`Duration::MAX` would arm no timer at all), and [`BuildError`] names the setting.
+//! - **Warm-up is not a request**: it opens only what is missing, never waits for a connection
+//!   in use, yields to waiting callers and stays out of the checkout metrics.
+//! - **Idle time runs from a connection's return** ([`IdleSince`]), not from its last
+//!   checkout as deadpool counts it.
+//! - **Errors name what fired**: the pool's wait timeout, the request's deadline, the backend
+//!   (with its causes' text), the backoff or `close`.
 //!
 //! | feature | default | what it brings |
 //! |---|---|---|
 //! | `deadpool` | yes | [`Pool`] for `deadpool::managed::Pool` |
 //! | `bb8` | yes | [`Pool`] for `bb8::Pool` |
-//! | `redis` | no | [`redis::RedisSource`] and [`redis::Multiplexed`] |
-//! | `tls` | no | `rediss://` for [`redis::Multiplexed`] (rustls with ring) |
+//! | `redis` | no | [`redis_source::RedisSource`] and [`redis_source::Multiplexed`] |
+//! | `tls` | no | `rediss://` for [`redis_source::Multiplexed`] (rustls with ring) |
 //! | `serde` | no | [`Lifecycle`] from configuration |
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+mod backoff;
 mod error;
 mod holders;
 mod instrumented;
@@ -62,11 +85,13 @@ mod lifecycle;
 mod measured;
 mod pool;
 #[cfg(feature = "redis")]
-pub mod redis;
+pub mod redis_source;
 
-pub use error::{BuildError, CloseTimeout, Exhausted, PoolError};
+pub use error::{
+    BackendError, BuildError, CloseTimeout, Exhausted, MAX_PERIOD, MAX_WAIT, PoolError, Unavailable,
+};
 pub use instrumented::{Checkout, Instrumented, InstrumentedBuilder};
-pub use lifecycle::Lifecycle;
+pub use lifecycle::{IdleSince, Lifecycle};
 pub use measured::{Creations, Measured};
 pub use pool::{GetError, Pool, Status};
 

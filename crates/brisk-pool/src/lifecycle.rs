@@ -1,9 +1,10 @@
 //! How long connections live: the same settings for deadpool and bb8.
 
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
-use crate::BuildError;
+use crate::{BuildError, MAX_PERIOD};
 
 /// Connection lifetimes, applied the same way over either backend.
 ///
@@ -53,24 +54,18 @@ impl Lifecycle {
     /// Checks the settings.
     ///
     /// # Errors
-    /// [`BuildError`] for a zero `reap_every`, lifetime or idle timeout, or a jitter not below
-    /// the lifetime.
+    /// [`BuildError`] for a `reap_every`, lifetime or idle timeout of zero or above
+    /// [`MAX_PERIOD`] (use `None` for no limit), or a jitter not below the lifetime.
     pub fn validate(&self) -> Result<(), BuildError> {
-        if self.reap_every.is_zero() {
-            return Err(BuildError("reap_every must be positive"));
+        BuildError::check("reap_every", self.reap_every, MAX_PERIOD)?;
+        if let Some(max) = self.max_lifetime {
+            BuildError::check("max_lifetime", max, MAX_PERIOD)?;
         }
-        if self.max_lifetime.is_some_and(|max| max.is_zero()) {
-            return Err(BuildError(
-                "max_lifetime must be positive (None for no limit)",
-            ));
-        }
-        if self.idle_timeout.is_some_and(|idle| idle.is_zero()) {
-            return Err(BuildError(
-                "idle_timeout must be positive (None for no limit)",
-            ));
+        if let Some(idle) = self.idle_timeout {
+            BuildError::check("idle_timeout", idle, MAX_PERIOD)?;
         }
         if self.max_lifetime.is_some_and(|max| self.jitter >= max) {
-            return Err(BuildError("jitter must be below max_lifetime"));
+            return Err(BuildError::invalid("jitter", "must be below max_lifetime"));
         }
         Ok(())
     }
@@ -87,7 +82,8 @@ impl Lifecycle {
         Some(max.saturating_sub(self.jitter.mul_f64(share)))
     }
 
-    /// Whether a connection created at `created` and unused for `idle` should stay open.
+    /// Whether a connection created at `created` and idle (in the pool, not checked out) for
+    /// `idle` should stay open.
     #[must_use]
     pub fn keeps(&self, created: Instant, idle: Duration) -> bool {
         let young = self
@@ -110,6 +106,40 @@ impl Lifecycle {
             .idle_timeout(self.idle_timeout)
             .min_idle((min_idle > 0).then_some(min_idle))
             .reaper_rate(self.reap_every)
+    }
+}
+
+/// Since when each idle connection has been idle, as far as [`Pool::reap`](crate::Pool::reap)
+/// rounds can tell.
+///
+/// deadpool records when a connection was last *checked out*, not when it came back, so its
+/// "idle for" counts the time the connection was in use: one held longer than the idle timeout
+/// was closed the moment it returned. A connection is idle since the first reap round that saw
+/// it in the pool with the use count it still has; so an idle timeout closes a connection
+/// between `idle_timeout` and `idle_timeout + reap_every` after its return, never earlier.
+#[derive(Debug, Default)]
+pub struct IdleSince {
+    /// Per connection (by creation instant): its use count and when it was first seen idle so.
+    seen: HashMap<Instant, (usize, Instant)>,
+    /// The same for the round in progress; connections it does not see are forgotten.
+    current: HashMap<Instant, (usize, Instant)>,
+}
+
+impl IdleSince {
+    /// How long the connection created at `created`, checked out `uses` times so far, has
+    /// been idle at `now`: zero the first time a round sees it idle with that count.
+    pub fn idle_for(&mut self, created: Instant, uses: usize, now: Instant) -> Duration {
+        let since = match self.seen.get(&created) {
+            Some(&(seen_uses, since)) if seen_uses == uses => since,
+            _ => now,
+        };
+        self.current.insert(created, (uses, since));
+        now.saturating_duration_since(since)
+    }
+
+    /// Ends a round: the connections it did not see (closed, or checked out) are forgotten.
+    pub fn end_round(&mut self) {
+        self.seen = std::mem::take(&mut self.current);
     }
 }
 
@@ -161,6 +191,9 @@ mod tests {
         assert!(bad(|l| l.max_lifetime = Some(Duration::ZERO)).contains("max_lifetime"));
         assert!(bad(|l| l.idle_timeout = Some(Duration::ZERO)).contains("idle_timeout"));
         assert!(bad(|l| l.jitter = Duration::from_secs(3_600)).contains("jitter"));
+        assert!(bad(|l| l.reap_every = Duration::MAX).contains("reap_every of"));
+        assert!(bad(|l| l.max_lifetime = Some(Duration::MAX)).contains("max_lifetime of"));
+        assert!(bad(|l| l.idle_timeout = Some(Duration::MAX)).contains("idle_timeout of"));
         assert!(Lifecycle::default().validate().is_ok());
     }
 }

@@ -3,14 +3,16 @@
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use brisk_metrics::catalog::{POOL_CREATE_ERRORS, POOL_CREATE_TIME};
+use brisk_metrics::catalog::{POOL_CONNECT_ATTEMPTS, POOL_CREATE_ERRORS, POOL_CREATE_TIME};
 use brisk_metrics::{Counter, Histogram};
 use metrics::Label;
 
-/// Wraps a deadpool `Manager` or a bb8 `ManageConnection`: every connection the pool opens is
-/// timed (`db_client_connection_create_time_seconds`), every failure counted
+/// Wraps a deadpool `Manager` or a bb8 `ManageConnection`: every attempt to open a connection
+/// is counted (`brisk_pool_connect_attempts_total`) and timed
+/// (`db_client_connection_create_time_seconds`), every failure counted
 /// (`brisk_pool_create_errors_total`) and remembered, so that [`Instrumented`](crate::Instrumented)
-/// can name the last one in its diagnosis even over bb8, which does not report it.
+/// can name the last one in its diagnosis even over bb8, which does not report it. Over bb8 it
+/// is also what lets [`Checkout::discard`](crate::Checkout::discard) close a connection.
 ///
 /// ```no_run
 /// # async fn run(manager: bb8_postgres::PostgresConnectionManager<tokio_postgres::NoTls>) -> Result<(), Box<dyn std::error::Error>> {
@@ -34,6 +36,21 @@ impl<M> fmt::Debug for Measured<M> {
     }
 }
 
+thread_local! {
+    /// Set while [`Pool::discard`](crate::Pool::discard) drops a bb8 connection: bb8 asks its
+    /// manager's `has_broken` as the connection goes back, on this thread, and a `Measured`
+    /// manager answers yes, so bb8 closes it instead of keeping it.
+    static DISCARDING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `drop_connection` with connections marked as being discarded.
+#[cfg_attr(not(feature = "bb8"), allow(dead_code))]
+pub(crate) fn discarding(drop_connection: impl FnOnce()) {
+    DISCARDING.with(|flag| flag.set(true));
+    drop_connection();
+    DISCARDING.with(|flag| flag.set(false));
+}
+
 /// What a [`Measured`] manager saw of the connections it opened; cheap to clone.
 #[derive(Clone)]
 pub struct Creations(Arc<Inner>);
@@ -41,6 +58,9 @@ pub struct Creations(Arc<Inner>);
 // Without a backend feature nothing measures; the handle still serves `Instrumented`.
 #[cfg_attr(not(any(feature = "deadpool", feature = "bb8")), allow(dead_code))]
 struct Inner {
+    /// The backoff of the `Instrumented` pool these creations were given to, if any.
+    backoff: std::sync::OnceLock<std::sync::Weak<crate::backoff::Backoff>>,
+    attempts: Counter,
     time: Histogram,
     errors: Counter,
     last_error: Mutex<Option<String>>,
@@ -55,6 +75,12 @@ impl fmt::Debug for Creations {
 }
 
 impl Creations {
+    /// Makes every attempt this manager sees count in `backoff` (the first pool given these
+    /// creations keeps them).
+    pub(crate) fn report_to(&self, backoff: &Arc<crate::backoff::Backoff>) {
+        let _ = self.0.backoff.set(Arc::downgrade(backoff));
+    }
+
     /// The last error opening a connection, if any.
     #[must_use]
     pub fn last_error(&self) -> Option<String> {
@@ -66,20 +92,32 @@ impl Creations {
     }
 
     #[cfg(any(feature = "deadpool", feature = "bb8"))]
-    async fn measure<T, E: fmt::Display>(
+    async fn measure<T, E: std::error::Error + 'static>(
         &self,
         open: impl Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
+        self.0.attempts.increment(1);
         let started = std::time::Instant::now();
         let result = open.await;
         self.0.time.record(started.elapsed().as_secs_f64());
+        if let Some(backoff) = self.0.backoff.get().and_then(std::sync::Weak::upgrade) {
+            match &result {
+                Err(_) => backoff.failed(quanta::Instant::now()),
+                Ok(_) if backoff.until_ns.load(std::sync::atomic::Ordering::Relaxed)
+                    != crate::backoff::HEALTHY =>
+                {
+                    backoff.succeeded();
+                }
+                Ok(_) => {}
+            }
+        }
         if let Err(err) = &result {
             self.0.errors.increment(1);
             *self
                 .0
                 .last_error
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(err.to_string());
+                .unwrap_or_else(PoisonError::into_inner) = Some(crate::error::chain(err));
         }
         result
     }
@@ -97,6 +135,8 @@ impl<M> Measured<M> {
         Self {
             inner: manager,
             creations: Creations(Arc::new(Inner {
+                backoff: std::sync::OnceLock::new(),
+                attempts: POOL_CONNECT_ATTEMPTS.counter(label()),
                 time: POOL_CREATE_TIME.histogram(label()),
                 errors: POOL_CREATE_ERRORS.counter(label()),
                 last_error: Mutex::default(),
@@ -120,7 +160,7 @@ impl<M> Measured<M> {
 impl<M> deadpool::managed::Manager for Measured<M>
 where
     M: deadpool::managed::Manager,
-    M::Error: fmt::Display,
+    M::Error: std::error::Error + 'static,
 {
     type Type = M::Type;
     type Error = M::Error;
@@ -146,7 +186,7 @@ where
 impl<M> bb8::ManageConnection for Measured<M>
 where
     M: bb8::ManageConnection,
-    M::Error: fmt::Display,
+    M::Error: std::error::Error + 'static,
 {
     type Connection = M::Connection;
     type Error = M::Error;
@@ -160,6 +200,6 @@ where
     }
 
     fn has_broken(&self, connection: &mut M::Connection) -> bool {
-        self.inner.has_broken(connection)
+        DISCARDING.with(std::cell::Cell::get) || self.inner.has_broken(connection)
     }
 }

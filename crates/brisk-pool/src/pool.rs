@@ -2,7 +2,7 @@
 
 use std::future::Future;
 
-use crate::Lifecycle;
+use crate::{IdleSince, Lifecycle};
 
 /// How full a pool is right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -56,16 +56,28 @@ pub trait Pool: Send + Sync + 'static {
     /// nothing (a bb8 pool closes when its last handle is dropped).
     fn close(&self) {}
 
+    /// Takes `connection` out of the pool for good and closes it, instead of returning it to be
+    /// handed out again: for a connection whose last operation was cut off, and may still be
+    /// running on the server. The default drops it, which returns it to the pool.
+    fn discard(&self, connection: Self::Connection) {
+        drop(connection);
+    }
+
     /// Closes the idle connections `lifecycle` no longer keeps; returns how many, or `None` when
-    /// the backend reaps by itself (bb8, configured with [`Lifecycle::bb8`]).
-    fn reap(&self, lifecycle: &Lifecycle) -> Option<usize> {
-        let _ = lifecycle;
+    /// the backend reaps by itself (bb8, configured with [`Lifecycle::bb8`]). `idle` tells how
+    /// long each has been idle across rounds; the caller keeps it from one round to the next.
+    fn reap(&self, lifecycle: &Lifecycle, idle: &mut IdleSince) -> Option<usize> {
+        let _ = (lifecycle, idle);
         None
     }
 }
 
-/// Any deadpool pool, including those that hand out a wrapper of their own (deadpool-redis's
+/// Any deadpool pool, including those typed with a wrapper of their own (deadpool-redis's
 /// `Connection`, for one).
+///
+/// The connection handed out is deadpool's `Object<M>` whatever the wrapper `W`: an `Object` is
+/// what can be taken out of the pool for good ([`Pool::discard`]); a wrapper cannot be turned
+/// back into one. It dereferences to the manager's connection, as the wrapper does.
 #[cfg(feature = "deadpool")]
 impl<M, W> Pool for deadpool::managed::Pool<M, W>
 where
@@ -74,32 +86,58 @@ where
     M::Error: std::error::Error + Send + Sync + 'static,
     W: From<deadpool::managed::Object<M>> + Send + 'static,
 {
-    type Connection = W;
+    type Connection = deadpool::managed::Object<M>;
     type Error = M::Error;
 
     async fn get(&self) -> Result<Self::Connection, GetError<M::Error>> {
-        use deadpool::managed::PoolError;
-        deadpool::managed::Pool::get(self)
-            .await
-            .map_err(|err| match err {
-                PoolError::Backend(err) => GetError::Backend(err),
-                PoolError::Timeout(_) => GetError::Timeout,
-                PoolError::Closed => GetError::Closed,
-                PoolError::PostCreateHook(deadpool::managed::HookError::Backend(err)) => {
-                    GetError::Backend(err)
-                }
-                // A hook's own message or a missing runtime: the pool cannot hand out connections.
-                _ => GetError::Closed,
+        use deadpool::managed::{Object, PoolError};
+        use std::any::Any;
+        // The usual pool hands out `Object`s already (`W` is `Object<M>`, a comparison of
+        // constants): take it as it is. A wrapper is avoided by checking out of the same pool
+        // typed without it, which costs an `Arc` upgrade per checkout.
+        let result = if std::any::TypeId::of::<W>() == std::any::TypeId::of::<Object<M>>() {
+            deadpool::managed::Pool::get(self).await.map(|wrapped| {
+                let mut wrapped = Some(wrapped);
+                (&mut wrapped as &mut dyn Any)
+                    .downcast_mut::<Option<Object<M>>>()
+                    .and_then(Option::take)
+                    .expect("W is Object<M>: the type ids are equal")
             })
+        } else {
+            match self.weak().upgrade() {
+                Some(objects) => objects.get().await,
+                None => Err(PoolError::Closed),
+            }
+        };
+        result.map_err(|err| match err {
+            PoolError::Backend(err) => GetError::Backend(err),
+            PoolError::Timeout(_) => GetError::Timeout,
+            PoolError::Closed => GetError::Closed,
+            PoolError::PostCreateHook(deadpool::managed::HookError::Backend(err)) => {
+                GetError::Backend(err)
+            }
+            // A hook's own message or a missing runtime: the pool cannot hand out connections.
+            _ => GetError::Closed,
+        })
     }
 
     fn close(&self) {
         deadpool::managed::Pool::close(self);
     }
 
-    fn reap(&self, lifecycle: &Lifecycle) -> Option<usize> {
-        let result =
-            self.retain(|_, metrics| lifecycle.keeps(metrics.created, metrics.last_used()));
+    fn discard(&self, connection: Self::Connection) {
+        drop(deadpool::managed::Object::take(connection));
+    }
+
+    fn reap(&self, lifecycle: &Lifecycle, idle: &mut IdleSince) -> Option<usize> {
+        // deadpool's `last_used` is the time since the last checkout, in use or not: idle time
+        // is counted from the first round that saw the connection back instead.
+        let now = std::time::Instant::now();
+        let result = self.retain(|_, metrics| {
+            let idle_for = idle.idle_for(metrics.created, metrics.recycle_count, now);
+            lifecycle.keeps(metrics.created, idle_for)
+        });
+        idle.end_round();
         Some(result.removed.len())
     }
 
@@ -130,12 +168,19 @@ where
         })
     }
 
+    /// bb8 takes a connection out only when its manager's `has_broken` says it is broken: wrap
+    /// the manager in [`Measured`](crate::Measured), which says so for a connection being
+    /// discarded. Over another manager the connection goes back to the pool.
+    fn discard(&self, connection: Self::Connection) {
+        crate::measured::discarding(|| drop(connection));
+    }
+
     fn status(&self) -> Status {
         let state = self.state();
         Status {
             size: state.connections as usize,
             idle: state.idle_connections as usize,
-            max_size: None,
+            max_size: Some(self.config().max_size as usize),
             waiting: None,
         }
     }

@@ -100,11 +100,7 @@ async fn bb8_checkouts_work_through_the_same_trait() {
     let row = client.query_one("SELECT 2::INT4", &[]).await.unwrap();
     assert_eq!(row.get::<_, i32>(0), 2);
     assert_eq!(pool.status().in_use(), 1);
-    assert_eq!(
-        pool.status().max_size,
-        None,
-        "bb8 does not report its maximum"
-    );
+    assert_eq!(pool.status().max_size, Some(2), "read from bb8's config");
 }
 
 async fn exhausted<P: Pool>(pool: Instrumented<P>, expect_max: Option<usize>) {
@@ -127,7 +123,7 @@ async fn exhausted<P: Pool>(pool: Instrumented<P>, expect_max: Option<usize>) {
     assert!(diagnosis.waited >= Duration::from_millis(200));
     let text = err.to_string();
     assert!(
-        text.starts_with("pool `main`: no connection after"),
+        text.starts_with("the pool's wait timeout fired: pool `main`: no connection after"),
         "{text}"
     );
     assert!(text.contains("1 in use"), "{text}");
@@ -157,7 +153,7 @@ async fn an_exhausted_bb8_says_why() {
         .wait_timeout(Duration::from_millis(200))
         .build()
         .unwrap();
-    exhausted(pool, None).await;
+    exhausted(pool, Some(1)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,7 +248,25 @@ async fn the_callers_deadline_cuts_the_wait_short() {
         started.elapsed() < Duration::from_secs(1),
         "not the 5 s wait timeout"
     );
-    assert_eq!(capture.counter(POOL_TIMEOUTS.name, &POOL), 1);
+    let text = err.to_string();
+    assert!(
+        text.starts_with("the request's deadline fired: the checkout was allowed"),
+        "{text}"
+    );
+    let spent = deadline::scope(Instant::now(), pool.get())
+        .await
+        .unwrap_err();
+    assert!(
+        spent
+            .to_string()
+            .starts_with("the request's deadline had passed before the checkout began"),
+        "{spent}"
+    );
+    assert_eq!(
+        capture.counter(POOL_TIMEOUTS.name, &POOL),
+        2,
+        "both checkouts"
+    );
 }
 
 #[tokio::test]
@@ -293,6 +307,27 @@ fn bad_settings_are_build_errors() {
         err.to_string().contains("wait_timeout must be positive"),
         "{err}"
     );
+    let err = Instrumented::builder(pool())
+        .wait_timeout(Duration::MAX)
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            brisk_pool::BuildError::TooLong {
+                setting: "wait_timeout",
+                max: brisk_pool::MAX_WAIT,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("wait_timeout of"), "{err}");
+    let err = Instrumented::builder(pool())
+        .recommend_every(Duration::MAX)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("recommend_every of"), "{err}");
     let err = Instrumented::builder(pool()).name("").build().unwrap_err();
     assert!(err.to_string().contains("name"), "{err}");
     let empty =
@@ -567,15 +602,43 @@ async fn deadpool_idle_connections_are_reaped_busy_ones_kept() {
         .build()
         .unwrap();
     pool.warm_up(2).await.unwrap();
+    let lifecycle = lifecycle(None, Some(100));
+    // Idle time counts from the first round that sees a connection back in the pool.
+    assert_eq!(pool.reap(&lifecycle), 0, "first seen idle now");
     tokio::time::sleep(Duration::from_millis(150)).await;
-    // Use one of them: recycling it on return marks it busy again.
+    // Use one of them: it is busy again, and idle anew once back.
     drop(pool.get().await.unwrap());
-    assert_eq!(
-        pool.reap(&lifecycle(None, Some(100))),
-        1,
-        "only the unused one"
-    );
+    assert_eq!(pool.reap(&lifecycle), 1, "only the unused one");
     assert_eq!(pool.status().size, 1);
+}
+
+#[tokio::test]
+async fn deadpool_does_not_reap_a_connection_held_past_the_idle_timeout_as_it_returns() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 2))
+        .build()
+        .unwrap();
+    let lifecycle = lifecycle(None, Some(100));
+    let held = pool.get().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    drop(held);
+    assert_eq!(pool.reap(&lifecycle), 0, "in use all along, idle only now");
+    assert_eq!(pool.status().idle, 1);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(pool.reap(&lifecycle), 1, "idle past the timeout now");
+}
+
+/// Waits until `pool` has `idle` idle connections, failing the test after `limit`.
+async fn idle_within<P: Pool>(pool: &Instrumented<P>, idle: usize, limit: Duration) {
+    let started = Instant::now();
+    while pool.status().idle < idle {
+        assert!(
+            started.elapsed() < limit,
+            "not {idle} idle within {limit:?}: {:?}",
+            pool.status()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 #[tokio::test]
@@ -589,14 +652,8 @@ async fn the_lifecycle_task_warms_the_pool_at_once() {
     // Far longer than the test: only the first round can warm the pool.
     lifecycle.reap_every = Duration::from_secs(3600);
     let task = pool.spawn_lifecycle(lifecycle).unwrap();
-    let started = Instant::now();
-    while pool.status().idle < 3 {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "not warmed before the first reap interval"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // Not warmed before the first reap interval, otherwise.
+    idle_within(&pool, 3, Duration::from_secs(5)).await;
     task.abort();
 }
 
@@ -609,14 +666,7 @@ async fn the_lifecycle_task_reaps_and_keeps_min_idle() {
     let mut lifecycle = lifecycle(Some(200), None);
     lifecycle.min_idle = 2;
     let task = pool.spawn_lifecycle(lifecycle).unwrap();
-    let started = Instant::now();
-    while pool.status().idle < 2 {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "never topped up to min_idle"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    idle_within(&pool, 2, Duration::from_secs(5)).await;
     pool.close(Duration::from_secs(1)).await.unwrap();
     tokio::time::timeout(Duration::from_secs(1), task)
         .await
@@ -760,4 +810,541 @@ async fn a_pool_grown_past_its_wrapped_size_still_hands_out_and_takes_back() {
     drop(held);
     assert_eq!(pool.status().in_use(), 0);
     pool.close(Duration::from_secs(1)).await.unwrap();
+}
+
+/// Runs a 3 s query under a 100 ms deadline, then asks the pool of one for its connection
+/// again: the next query must not queue behind the one cut off.
+async fn a_cut_off_query_is_not_inherited<P, Q, Fut>(pool: Instrumented<P>, query: Q)
+where
+    P: Pool,
+    Q: Fn(brisk_pool::Checkout<P>, &'static str) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    assert_eq!(pool.warm_up(1).await.unwrap(), 1);
+    let started = Instant::now();
+    // As a timeout layer runs a handler: the deadline in scope, the work bounded by it.
+    let cut = deadline::scope(started + Duration::from_millis(100), async {
+        deadline::bounded(Duration::from_secs(10), async {
+            let client = pool.get().await.unwrap();
+            query(client, "SELECT pg_sleep(3)").await
+        })
+        .await
+    })
+    .await;
+    assert!(cut.is_err(), "the deadline cut the query off");
+    let started = Instant::now();
+    let next = tokio::time::timeout(Duration::from_secs(2), async {
+        let client = pool.get().await.unwrap();
+        query(client, "SELECT 1").await
+    })
+    .await;
+    assert!(
+        matches!(next, Ok(true)),
+        "the next query waited behind the cut one: {next:?} after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn deadpool_closes_a_connection_whose_query_was_cut_off() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 1))
+        .wait_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    a_cut_off_query_is_not_inherited(pool, |client, sql| async move {
+        client.simple_query(sql).await.is_ok()
+    })
+    .await;
+}
+
+/// bb8 over a `Measured` manager: what lets a checkout close its connection.
+async fn measured_bb8(
+    url: &str,
+    max: u32,
+) -> bb8::Pool<brisk_pool::Measured<bb8_postgres::PostgresConnectionManager<NoTls>>> {
+    let manager = bb8_postgres::PostgresConnectionManager::new_from_stringlike(url, NoTls).unwrap();
+    bb8::Pool::builder()
+        .max_size(max)
+        .build(brisk_pool::Measured::new(manager, "main"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn bb8_closes_a_connection_whose_query_was_cut_off() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(measured_bb8(&pg.url(), 1).await)
+        .wait_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    a_cut_off_query_is_not_inherited(pool, |client, sql| async move {
+        client.simple_query(sql).await.is_ok()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn discard_closes_the_connection_instead_of_returning_it() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 2))
+        .build()
+        .unwrap();
+    let client = pool.get().await.unwrap();
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    client.discard();
+    let status = pool.status();
+    assert_eq!((status.size, status.in_use()), (0, 0), "{status:?}");
+    let again = pool.get().await.unwrap();
+    let other: i32 = again
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(pid, other, "a new connection, not the discarded one");
+
+    let bb8 = Instrumented::builder(measured_bb8(&pg.url(), 1).await)
+        .build()
+        .unwrap();
+    let client = bb8.get().await.unwrap();
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    client.discard();
+    let again = bb8.get().await.unwrap();
+    let other: i32 = again
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(pid, other, "bb8 opened a new connection");
+}
+
+#[tokio::test]
+async fn close_waits_for_a_checkout_still_connecting_which_then_fails() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 2))
+        .build()
+        .unwrap();
+    let connecting = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.get().await.map(drop) }
+    });
+    // One poll on this current-thread runtime: the checkout is past the `closed` check and
+    // opening a connection (PostgreSQL's handshake takes round trips).
+    tokio::task::yield_now().await;
+    assert!(!connecting.is_finished());
+    pool.close(Duration::from_secs(5)).await.unwrap();
+    assert!(
+        connecting.is_finished(),
+        "close reported drained while a checkout was still connecting"
+    );
+    let result = connecting.await.unwrap();
+    assert!(matches!(result, Err(PoolError::Closed)), "{result:?}");
+}
+
+#[tokio::test]
+async fn a_database_that_is_down_is_not_hammered() {
+    // Nothing listens on this port: every attempt to connect fails at once.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/none");
+    let capture = Capture::new();
+    let pool = capture.run(|| {
+        let config: tokio_postgres::Config = url.parse().unwrap();
+        let manager =
+            brisk_pool::Measured::new(deadpool_postgres::Manager::new(config, NoTls), "main");
+        let pool =
+            deadpool::managed::Pool::<brisk_pool::Measured<deadpool_postgres::Manager>>::builder(
+                manager,
+            )
+            .max_size(4)
+            .build()
+            .unwrap();
+        Instrumented::builder(pool).name("main").build().unwrap()
+    });
+    // A second of checkouts, one every millisecond: about a thousand.
+    let (mut checkouts, mut fast) = (0_u64, 0_u64);
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        let started = Instant::now();
+        match capture.scope(pool.get()).await.map(drop).unwrap_err() {
+            PoolError::Unavailable(why) => {
+                fast += 1;
+                assert!(
+                    started.elapsed() < Duration::from_millis(200),
+                    "failed fast"
+                );
+                assert!(why.failures >= 1 && why.retry_in <= Duration::from_secs(2));
+                let last = why.last_error.as_deref().unwrap_or_default();
+                assert!(last.contains("error connecting"), "{why}");
+            }
+            PoolError::Backend(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        checkouts += 1;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let attempts = capture.counter(brisk_metrics::catalog::POOL_CONNECT_ATTEMPTS.name, &POOL);
+    // 50 ms doubling (each cut by up to half) up to 2 s: at most about ten attempts in a second.
+    assert!(
+        (1..=12).contains(&attempts),
+        "{attempts} connection attempts for {checkouts} checkouts"
+    );
+    assert!(
+        fast >= checkouts.saturating_sub(12),
+        "{fast} of {checkouts} failed fast"
+    );
+    let unavailable = [
+        ("db_client_connection_pool_name", "main"),
+        ("reason", "unavailable"),
+    ];
+    assert_eq!(
+        capture.counter(brisk_metrics::catalog::POOL_ERRORS.name, &unavailable),
+        fast
+    );
+}
+
+#[tokio::test]
+async fn a_backend_error_says_what_the_database_said() {
+    let pg = Postgres::start().unwrap();
+    let port = pg.port().unwrap();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/no_such_database");
+    let capture = Capture::new();
+    let pool = measured_pool(&capture, &url, 1);
+    let err = pool.get().await.unwrap_err();
+    assert!(matches!(err, PoolError::Backend(_)), "{err:?}");
+    // tokio-postgres's own message is a bare "db error"; the database's is in its source.
+    let text = err.to_string();
+    assert!(
+        text.starts_with("the pool could not open a connection: db error")
+            && text.contains("\"no_such_database\" does not exist"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_host_that_never_answers_is_named_as_the_likely_cause() {
+    // Accepts connections (the kernel does, into the backlog) and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let pool = Instrumented::builder(deadpool(
+        &format!("postgres://postgres@127.0.0.1:{port}/none"),
+        2,
+    ))
+    .wait_timeout(Duration::from_millis(200))
+    .build()
+    .unwrap();
+    let err = pool.get().await.unwrap_err();
+    assert!(matches!(err, PoolError::Exhausted(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("reachable but not answering"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn warm_up_above_the_pool_size_opens_up_to_the_size() {
+    let pg = Postgres::start().unwrap();
+    let deadpool = Instrumented::builder(deadpool(&pg.url(), 2))
+        .wait_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    assert_eq!(deadpool.warm_up(5).await.unwrap(), 2);
+    let bb8 = Instrumented::builder(bb8(&pg.url(), 2).await)
+        .wait_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    assert_eq!(bb8.warm_up(5).await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn warm_up_is_not_a_request() {
+    let pg = Postgres::start().unwrap();
+    let capture = Capture::new();
+    let pool = measured_pool(&capture, &pg.url(), 4);
+    // In a task, as a service warms its pool: its connections are not nested checkouts.
+    tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            assert_eq!(pool.warm_up(3).await.unwrap(), 3);
+            assert_eq!(
+                pool.warm_up(3).await.unwrap(),
+                3,
+                "a warm pool stays as it is"
+            );
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(pool.status().size, 3, "opened only what was missing");
+    let nested = brisk_metrics::catalog::POOL_NESTED.name;
+    assert_eq!(capture.counter(nested, &POOL), 0);
+    assert!(capture.histogram(POOL_WAIT_TIME.name, &POOL).is_empty());
+    assert!(capture.histogram(POOL_USE_TIME.name, &POOL).is_empty());
+}
+
+#[tokio::test]
+async fn the_lifecycle_top_up_never_waits_for_a_connection_in_use() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 2))
+        .wait_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let held = pool.get().await.unwrap();
+    let mut lifecycle = lifecycle(None, None);
+    lifecycle.min_idle = 2;
+    lifecycle.reap_every = Duration::from_secs(3600);
+    let task = pool.spawn_lifecycle(lifecycle).unwrap();
+    // Only one connection can be opened beside the held one: the top-up opens it and lets go,
+    // instead of holding it while it waits for the held one.
+    idle_within(&pool, 1, Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let second = pool.get().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "a request queued behind the top-up for {:?}",
+        started.elapsed()
+    );
+    drop((held, second));
+    task.abort();
+}
+
+#[tokio::test]
+async fn the_idle_gauge_catches_up_after_the_last_return() {
+    let pg = Postgres::start().unwrap();
+    let capture = Capture::new();
+    let pool = capture.run(|| {
+        Instrumented::builder(deadpool(&pg.url(), 4))
+            .name("main")
+            .build()
+            .unwrap()
+    });
+    let held: Vec<_> = futures_util::future::join_all((0..4).map(|_| pool.get()))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Returned together: checkouts refresh the gauges at most every 100 ms, so the returns
+    // after the first go unseen by them.
+    drop(held);
+    let idle = [
+        ("db_client_connection_pool_name", "main"),
+        ("db_client_connection_state", "idle"),
+    ];
+    let started = Instant::now();
+    while capture.gauge(POOL_CONNECTIONS.name, &idle) != Some(4.0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "idle gauge stuck at {:?} with 4 idle",
+            capture.gauge(POOL_CONNECTIONS.name, &idle)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn the_recommended_size_reads_the_pool_size_before_its_first_window() {
+    let config: tokio_postgres::Config = "postgres://x@127.0.0.1/db".parse().unwrap();
+    let capture = Capture::new();
+    let _pool = capture.run(|| {
+        let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(config, NoTls))
+            .max_size(8)
+            .build()
+            .unwrap();
+        Instrumented::builder(pool).name("main").build().unwrap()
+    });
+    let recommended = brisk_metrics::catalog::POOL_RECOMMENDED.name;
+    assert_eq!(
+        capture.gauge(recommended, &POOL),
+        Some(8.0),
+        "no change recommended yet, not 0"
+    );
+}
+
+#[tokio::test]
+async fn warm_up_yields_to_callers_waiting_for_a_connection() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 1))
+        .wait_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let held = pool.get().await.unwrap();
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.get().await.map(drop) }
+    });
+    while pool.status().waiting != Some(1) {
+        tokio::task::yield_now().await;
+    }
+    let started = Instant::now();
+    assert_eq!(
+        pool.warm_up(1).await.unwrap(),
+        0,
+        "nothing idle, nothing opened"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "warm-up queued with the waiter for {:?}",
+        started.elapsed()
+    );
+    drop(held);
+    waiter.await.unwrap().unwrap();
+}
+
+#[test]
+fn a_backoff_that_cannot_work_is_refused() {
+    let config: tokio_postgres::Config = "postgres://x@127.0.0.1/db".parse().unwrap();
+    let pool = || {
+        deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(config.clone(), NoTls))
+            .build()
+            .unwrap()
+    };
+    let secs = Duration::from_secs;
+    for (first, max, says) in [
+        (
+            Duration::ZERO,
+            secs(1),
+            "connect_backoff first must be positive",
+        ),
+        (secs(1), Duration::MAX, "connect_backoff max of"),
+        (secs(2), secs(1), "first pause must not exceed"),
+    ] {
+        let err = Instrumented::builder(pool())
+            .connect_backoff(first, max)
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains(says), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn on_discard_can_cancel_the_query_a_deadline_cut_off() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 2))
+        .on_discard(|client: &mut deadpool_postgres::Object| {
+            let token = client.cancel_token();
+            tokio::spawn(async move { token.cancel_query(NoTls).await });
+        })
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let cut = deadline::scope(started + Duration::from_millis(100), async {
+        deadline::bounded(Duration::from_secs(10), async {
+            let client = pool.get().await.unwrap();
+            client.simple_query("SELECT pg_sleep(30)").await.map(drop)
+        })
+        .await
+    })
+    .await;
+    assert!(cut.is_err(), "the deadline cut the query off");
+    // Closing the connection alone would leave the query sleeping on the server for 30 s.
+    let watcher = pool.get().await.unwrap();
+    let started = Instant::now();
+    loop {
+        let running: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if running == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the cut-off query still runs on the server"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn close_fails_the_callers_waiting_at_once() {
+    let pg = Postgres::start().unwrap();
+    let pool = Instrumented::builder(deadpool(&pg.url(), 1))
+        .wait_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let held = pool.get().await.unwrap();
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.get().await.map(drop) }
+    });
+    while pool.status().waiting != Some(1) {
+        tokio::task::yield_now().await;
+    }
+    let closing = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.close(Duration::from_secs(10)).await }
+    });
+    let started = Instant::now();
+    let waited = tokio::time::timeout(Duration::from_secs(1), waiter)
+        .await
+        .expect("the waiter is not left to its 5 s wait timeout")
+        .unwrap();
+    assert!(matches!(waited, Err(PoolError::Closed)), "{waited:?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    held.query_one("SELECT 1", &[]).await.unwrap();
+    drop(held);
+    closing.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn over_bb8_checkouts_fail_fast_while_bb8_cannot_connect() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/none");
+    let manager = bb8_postgres::PostgresConnectionManager::new_from_stringlike(url, NoTls).unwrap();
+    let manager = brisk_pool::Measured::new(manager, "main");
+    let creations = manager.creations();
+    let pool = Instrumented::builder(bb8::Pool::builder().max_size(2).build_unchecked(manager))
+        .wait_timeout(Duration::from_millis(300))
+        .creations(creations)
+        .build()
+        .unwrap();
+    // The first checkout waits while bb8 tries (and retries) in the background.
+    let first = pool.get().await.unwrap_err();
+    assert!(matches!(first, PoolError::Exhausted(_)), "{first:?}");
+    // bb8's failed attempts, reported by `Measured`, make the next checkouts fail at once
+    // instead of each waiting out its 300 ms; once per pause one of them waits, to try again.
+    let (mut fast, mut waited) = (0, 0);
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        match pool.get().await {
+            Err(PoolError::Unavailable(why)) => {
+                let last = why.last_error.as_deref().unwrap_or_default();
+                assert!(last.contains("error connecting"), "{why}");
+                fast += 1;
+            }
+            Err(PoolError::Exhausted(_)) => waited += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        fast >= 20 && waited <= 5,
+        "{fast} failed fast, {waited} waited"
+    );
 }

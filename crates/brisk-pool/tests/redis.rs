@@ -6,7 +6,7 @@ use brisk_pool::{Instrumented, PoolError};
 use brisk_testkit::RedisServer;
 use tokio::time::Instant;
 
-async fn ping(conn: &mut deadpool_redis::Connection) -> bool {
+async fn ping(conn: &mut deadpool_redis::redis::aio::MultiplexedConnection) -> bool {
     deadpool_redis::redis::cmd("PING")
         .query_async::<String>(conn)
         .await

@@ -6,7 +6,7 @@ use std::time::Duration;
 use brisk_metrics::catalog::REDIS_RECONNECTS;
 use brisk_metrics::testing::Capture;
 use brisk_pool::Instrumented;
-use brisk_pool::redis::{Multiplexed, RedisSource, SourceError};
+use brisk_pool::redis_source::{Multiplexed, RedisSource, SourceError};
 use brisk_testkit::{RedisCluster, RedisServer};
 use tokio::time::Instant;
 
@@ -93,38 +93,6 @@ async fn multiplexed_reconnects_after_a_restart() {
     assert!(generation(&source).await.contains("generation: 1"));
     round_trip(&source, "still").await;
     assert_eq!(reconnects(), 1, "one loss, one reconnection, counted once");
-}
-
-/// A runtime shut down in the middle of a reconnection (a test's runtime, a service's
-/// restarted worker pool) must not leave the connection unable to reconnect on another one.
-#[test]
-fn a_reconnection_cut_short_by_its_runtime_does_not_stop_the_next() {
-    let runtime = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    };
-    let mut server = RedisServer::builder().private().start().unwrap();
-    let first = runtime();
-    let source = first
-        .block_on(
-            Multiplexed::builder(&server.url())
-                .response_timeout(Duration::from_millis(200))
-                .connect(),
-        )
-        .unwrap();
-    server.kill().unwrap();
-    first.block_on(async {
-        let mut conn = source.connection().await.unwrap();
-        let down: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
-        assert!(down.is_err());
-        // The reconnection now retries against the dead server, on this runtime.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    });
-    drop(first);
-    server.restart().unwrap();
-    runtime().block_on(serving_within(&source, Duration::from_secs(2)));
 }
 
 #[tokio::test]
@@ -237,8 +205,8 @@ async fn bad_settings_are_errors() {
         .await
         .unwrap_err();
     assert!(
-        format!("{err:?}").contains("connections must be at least 1"),
-        "{err:?}"
+        err.to_string().contains("connections: must be at least 1"),
+        "{err}"
     );
     let err = Multiplexed::connect("not a url").await.unwrap_err();
     assert!(matches!(err, SourceError::Connect { .. }));
@@ -283,4 +251,248 @@ mod tls {
             .unwrap_err();
         assert!(matches!(err, SourceError::Connect { .. }), "{err:?}");
     }
+}
+
+/// A `BLPOP` cut off by a timeout keeps the server busy on that connection for 3 s: the pool of
+/// one must hand out a fresh connection, not that one.
+async fn a_cut_off_command_is_not_inherited<P>(source: Instrumented<P>)
+where
+    P: brisk_pool::Pool,
+    P::Connection: std::ops::DerefMut,
+    <P::Connection as std::ops::Deref>::Target: redis::aio::ConnectionLike,
+{
+    let cut = tokio::time::timeout(Duration::from_millis(100), async {
+        let mut conn = source.connection().await.unwrap();
+        redis::cmd("BLPOP")
+            .arg("nothing-comes")
+            .arg(3)
+            .query_async::<Option<(String, String)>>(&mut conn)
+            .await
+    })
+    .await;
+    assert!(cut.is_err(), "the timeout cut the command off");
+    let started = Instant::now();
+    let next = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut conn = source.connection().await.unwrap();
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    })
+    .await;
+    assert!(
+        matches!(next, Ok(Ok(_))),
+        "the next command waited behind the cut one: {next:?}"
+    );
+    // Not the 500 ms of redis-rs's response timeout, after which the pool's recycling PING
+    // gives up on the busy connection by itself.
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A deadpool-redis pool of one connection named `redis`, instrumented with a `wait` bound.
+fn deadpool_redis_of_one(
+    server: &RedisServer,
+    wait: Duration,
+) -> Instrumented<deadpool_redis::Pool> {
+    let pool = deadpool_redis::Config::from_url(server.url())
+        .builder()
+        .unwrap()
+        .max_size(1)
+        .runtime(deadpool_redis::Runtime::Tokio1)
+        .build()
+        .unwrap();
+    Instrumented::builder(pool)
+        .name("redis")
+        .wait_timeout(wait)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn deadpool_redis_closes_a_connection_whose_command_was_cut_off() {
+    let server = RedisServer::start().unwrap();
+    let source = deadpool_redis_of_one(&server, Duration::from_secs(1));
+    a_cut_off_command_is_not_inherited(source).await;
+}
+
+#[tokio::test]
+async fn bb8_redis_closes_a_connection_whose_command_was_cut_off() {
+    let server = RedisServer::start().unwrap();
+    let manager = bb8_redis::RedisConnectionManager::new(server.url()).unwrap();
+    let pool = bb8::Pool::builder()
+        .max_size(1)
+        .build(brisk_pool::Measured::new(manager, "redis"))
+        .await
+        .unwrap();
+    let source = Instrumented::builder(pool)
+        .wait_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    a_cut_off_command_is_not_inherited(source).await;
+}
+
+/// Loses the connection on a runtime that is then shut down, and checks that another runtime
+/// reconnects: `let_it_run` gives the reconnection task 50 ms on the first runtime (it is cut
+/// short mid-retry) or none (it is dropped before its first poll; a current-thread runtime
+/// polls what it spawned only when `block_on` waits).
+fn reconnects_after_its_runtime_shut_down(let_it_run: bool) {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let mut server = RedisServer::builder().private().start().unwrap();
+    let first = runtime();
+    let source = first
+        .block_on(
+            Multiplexed::builder(&server.url())
+                .response_timeout(Duration::from_millis(200))
+                .connect(),
+        )
+        .unwrap();
+    server.kill().unwrap();
+    first.block_on(async {
+        let mut conn = source.connection().await.unwrap();
+        let down: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+        assert!(down.is_err());
+        if let_it_run {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    drop(first);
+    server.restart().unwrap();
+    runtime().block_on(serving_within(&source, Duration::from_secs(2)));
+}
+
+/// A runtime shut down in the middle of a reconnection (a test's runtime, a service's
+/// restarted worker pool) must not leave the connection unable to reconnect on another one.
+#[test]
+fn a_reconnection_cut_short_by_its_runtime_does_not_stop_the_next() {
+    reconnects_after_its_runtime_shut_down(true);
+}
+
+/// Nor one whose task was dropped before it first ran.
+#[test]
+fn a_reconnection_dropped_before_it_ran_does_not_stop_the_next() {
+    reconnects_after_its_runtime_shut_down(false);
+}
+
+/// redis-rs reads credentials from the query of a unix-socket URL (`?user=`, `?pass=`): they
+/// must not show in the builder's or the source's `Debug`, in errors, nor in the `server` label
+/// of the reconnection counter.
+#[tokio::test]
+async fn credentials_in_the_query_never_show() {
+    let mut server = RedisServer::builder()
+        .private()
+        .unix_socket()
+        .arg("--requirepass")
+        .arg("s3cret-pw")
+        .start()
+        .unwrap();
+    let socket = server.url();
+    let url = format!("{socket}?user=default&pass=s3cret-pw");
+    let builder = Multiplexed::builder(&url).response_timeout(Duration::from_millis(200));
+    let shown = format!("{builder:?}");
+    assert!(!shown.contains("s3cret-pw"), "{shown}");
+    assert!(shown.contains("pass=***"), "{shown}");
+    let capture = Capture::new();
+    let source = capture.scope(builder.connect()).await.unwrap();
+    round_trip(&source, "query-auth").await;
+    let shown = format!("{source:?} {}", source.url());
+    assert!(!shown.contains("s3cret-pw"), "{shown}");
+
+    for wrong in [
+        format!("{socket}?pass=wrong-pw"),
+        format!("{socket}?user=default&password=wrong-pw&pass=wrong-pw"),
+    ] {
+        let err = Multiplexed::connect(&wrong).await.unwrap_err();
+        let shown = format!("{err} {err:?}");
+        assert!(!shown.contains("wrong-pw"), "{shown}");
+    }
+
+    // A reconnection is counted under the socket's path alone.
+    server.kill().unwrap();
+    let mut conn = source.connection().await.unwrap();
+    let down: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+    assert!(down.is_err());
+    server.restart().unwrap();
+    serving_within(&source, Duration::from_secs(2)).await;
+    assert_eq!(
+        capture.counter(REDIS_RECONNECTS.name, &[("server", &socket)]),
+        1
+    );
+}
+
+#[tokio::test]
+async fn timeouts_that_would_wait_forever_are_refused() {
+    for builder in [
+        Multiplexed::builder("redis://127.0.0.1:1").connect_timeout(Duration::MAX),
+        Multiplexed::builder("redis://127.0.0.1:1").response_timeout(Duration::MAX),
+        Multiplexed::builder("redis://127.0.0.1:1").response_timeout(Duration::ZERO),
+    ] {
+        let err = builder.connect().await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SourceError::Build(
+                    brisk_pool::BuildError::TooLong { .. } | brisk_pool::BuildError::Zero { .. }
+                )
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("_timeout"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn a_pool_source_error_is_matchable() {
+    let server = RedisServer::start().unwrap();
+    let source = deadpool_redis_of_one(&server, Duration::from_millis(50));
+    let _held = source.connection().await.unwrap();
+    let err = source.connection().await.unwrap_err();
+    let SourceError::Checkout(brisk_pool::PoolError::Exhausted(diagnosis)) = &err else {
+        panic!("expected an exhausted pool, got {err:?}")
+    };
+    assert_eq!((diagnosis.pool.as_str(), diagnosis.in_use), ("redis", 1));
+    assert!(
+        err.to_string()
+            .starts_with("no Redis connection from the pool: the pool's wait timeout fired"),
+        "{err}"
+    );
+}
+
+/// A peer that is silently gone answers nothing, and never breaks the socket: after three
+/// commands in a row time out, the connection is replaced (here the server was only paused,
+/// and the new connection serves once it resumes).
+#[tokio::test]
+async fn commands_timing_out_in_a_row_replace_the_connection() {
+    let mut server = RedisServer::builder().private().start().unwrap();
+    let url = server.url();
+    let capture = Capture::new();
+    let source = capture
+        .scope(
+            Multiplexed::builder(&url)
+                .response_timeout(Duration::from_millis(100))
+                .connect_timeout(Duration::from_millis(200))
+                .connect(),
+        )
+        .await
+        .unwrap();
+    let reconnects = || capture.counter(REDIS_RECONNECTS.name, &[("server", &url)]);
+    server.pause().unwrap();
+    for expected in [0, 0, 1] {
+        let mut conn = source.connection().await.unwrap();
+        let stuck: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+        assert!(stuck.is_err());
+        assert_eq!(reconnects(), expected);
+    }
+    server.resume().unwrap();
+    let started = Instant::now();
+    while generation(&source).await.contains("generation: 0") {
+        assert!(started.elapsed() < Duration::from_secs(3), "never replaced");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    round_trip(&source, "replaced").await;
 }

@@ -1,4 +1,4 @@
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -8,10 +8,13 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use super::{RedactedUrl, RedisSource, SourceError};
+use crate::{BuildError, MAX_WAIT};
 
 /// The first pause between reconnection attempts; it doubles up to [`RECONNECT_MAX_PAUSE`].
 const RECONNECT_FIRST_PAUSE: Duration = Duration::from_millis(25);
 const RECONNECT_MAX_PAUSE: Duration = Duration::from_millis(500);
+/// Commands in a row that time out before the connection is taken for broken and replaced.
+const TIMEOUTS_BEFORE_RECONNECT: u32 = 3;
 
 /// A set of multiplexed, self-reconnecting connections, handed out round-robin. Cloning is
 /// cheap and clones share the set. See the [module docs](super).
@@ -20,8 +23,15 @@ const RECONNECT_MAX_PAUSE: Duration = Duration::from_millis(500);
 /// socket broken (the server was killed, restarted, or the network cut it), that command fails
 /// at once and one background task reconnects, trying again with pauses from 25 ms doubling to
 /// 500 ms until it succeeds or the last clone is dropped; commands meanwhile fail fast rather
-/// than wait, so a cache can fall back to its loader. A paused server is a slow one, not a
-/// broken one: its commands fail with the response timeout and nothing reconnects.
+/// than wait, so a cache can fall back to its loader.
+///
+/// A command that times out may only have met a slow server, so one timeout does not
+/// reconnect; but a peer that is silently gone (a black-holed host, a failover behind the same
+/// address) never breaks the socket, and would fail every command at the response timeout for
+/// minutes. So three commands in a row that time out on one connection (with no reply between
+/// them) also start a reconnection. On Linux the TCP user timeout is set as well (twice the
+/// response timeout, at least 1 s): the kernel then drops a connection whose sent data stays
+/// unacknowledged that long.
 #[derive(Clone)]
 pub struct Multiplexed {
     slots: Arc<[Arc<Slot>]>,
@@ -44,6 +54,8 @@ struct Slot {
     /// cores would pass back and forth), replaced only on reconnection.
     current: ArcSwap<Current>,
     reconnecting: AtomicBool,
+    /// Commands in a row that timed out on the current connection.
+    timeouts: AtomicU32,
     reconnects: brisk_metrics::Counter,
     client: redis::Client,
     config: AsyncConnectionConfig,
@@ -86,11 +98,14 @@ impl Slot {
         };
         tracing::warn!(url = %self.url, "Redis connection lost; reconnecting");
         self.reconnects.increment(1);
-        runtime.spawn(Self::reconnect_until_done(Arc::downgrade(self)));
+        // The guard that clears the flag is made here and moved into the task, so that a task
+        // dropped before its first poll (its runtime shutting down) clears it as well.
+        let running = Reconnecting(Arc::downgrade(self));
+        runtime.spawn(Self::reconnect_until_done(running));
     }
 
-    async fn reconnect_until_done(slot: Weak<Self>) {
-        let _running = Reconnecting(slot.clone());
+    async fn reconnect_until_done(running: Reconnecting) {
+        let slot = running.0.clone();
         let mut pause = RECONNECT_FIRST_PAUSE;
         loop {
             // Stop once every `Multiplexed` clone and connection is gone.
@@ -121,7 +136,8 @@ impl Slot {
 }
 
 /// Clears `reconnecting` however the reconnection task ends — done, or dropped with the runtime
-/// it ran on — so that a later failure, on another runtime, can start another.
+/// it ran on, even before it first ran — so that a later failure, on another runtime, can
+/// start another.
 struct Reconnecting(Weak<Slot>);
 
 impl Drop for Reconnecting {
@@ -151,10 +167,22 @@ impl std::fmt::Debug for Connection {
 
 impl Connection {
     fn seen<T>(&self, result: RedisResult<T>) -> RedisResult<T> {
-        if let Err(err) = &result
-            && err.is_unrecoverable_error()
-        {
-            self.slot.reconnect(self.generation);
+        let timeouts = &self.slot.timeouts;
+        match &result {
+            // A read, not a write, per reply: the count is written only after a timeout.
+            Ok(_) => {
+                if timeouts.load(Ordering::Relaxed) != 0 {
+                    timeouts.store(0, Ordering::Relaxed);
+                }
+            }
+            Err(err) if err.is_unrecoverable_error() => self.slot.reconnect(self.generation),
+            Err(err) if err.is_timeout() => {
+                if timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= TIMEOUTS_BEFORE_RECONNECT {
+                    timeouts.store(0, Ordering::Relaxed);
+                    self.slot.reconnect(self.generation);
+                }
+            }
+            Err(_) => {}
         }
         result
     }
@@ -189,8 +217,8 @@ impl ConnectionLike for Connection {
     }
 }
 
-/// Settings for [`Multiplexed`].
-#[derive(Debug, Clone)]
+/// Settings for [`Multiplexed`]. Its `Debug` shows the URL redacted.
+#[derive(Clone)]
 #[must_use]
 pub struct MultiplexedBuilder {
     url: String,
@@ -201,6 +229,17 @@ pub struct MultiplexedBuilder {
     tls: Option<redis::TlsCertificates>,
 }
 
+impl std::fmt::Debug for MultiplexedBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MultiplexedBuilder")
+            .field("url", &RedactedUrl::new(&self.url))
+            .field("connections", &self.connections)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 impl MultiplexedBuilder {
     /// How many multiplexed connections to open. Default 1: one connection pipelines every
     /// concurrent command already; more help only when its single socket is the bottleneck.
@@ -209,13 +248,15 @@ impl MultiplexedBuilder {
         self
     }
 
-    /// The longest a (re)connection may take. Default 1 s.
+    /// The longest a (re)connection may take. Default 1 s; at most
+    /// [`MAX_WAIT`](crate::MAX_WAIT).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
-    /// The longest a command may wait for its reply. Default 1 s.
+    /// The longest a command may wait for its reply. Default 1 s; at most
+    /// [`MAX_WAIT`](crate::MAX_WAIT).
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
         self
@@ -241,39 +282,46 @@ impl MultiplexedBuilder {
     }
 
     fn client(&self) -> redis::RedisResult<redis::Client> {
-        if self.url.starts_with("rediss://") {
+        use redis::IntoConnectionInfo;
+        if is_tls(&self.url) {
             #[cfg(not(feature = "tls"))]
             return Err(redis::RedisError::from((
                 redis::ErrorKind::InvalidClientConfig,
-                "rediss:// URLs need brisk-pool's `tls` feature",
+                "rediss:// and valkeys:// URLs need brisk-pool's `tls` feature",
             )));
             #[cfg(feature = "tls")]
             install_crypto_provider();
         }
+        let info = self.url.as_str().into_connection_info()?;
+        #[cfg(target_os = "linux")]
+        let info = {
+            let user_timeout = (self.response_timeout * 2).max(Duration::from_secs(1));
+            let tcp = info.tcp_settings().clone().set_user_timeout(user_timeout);
+            info.set_tcp_settings(tcp)
+        };
         #[cfg(feature = "tls")]
         if let Some(certificates) = &self.tls {
-            return redis::Client::build_with_tls(self.url.as_str(), certificates.clone());
+            return redis::Client::build_with_tls(info, certificates.clone());
         }
-        redis::Client::open(self.url.as_str())
+        redis::Client::open(info)
     }
 
     /// Opens the connections.
     ///
     /// # Errors
-    /// [`SourceError::Connect`] if the URL is invalid, a setting is zero, or the server cannot
-    /// be reached.
+    /// [`SourceError::Build`] for zero connections, or a timeout of zero or above
+    /// [`MAX_WAIT`](crate::MAX_WAIT); [`SourceError::Connect`] if the URL is invalid or the
+    /// server cannot be reached.
     pub async fn connect(self) -> Result<Multiplexed, SourceError> {
         let url = RedactedUrl::new(&self.url);
-        let invalid = |why: &'static str| SourceError::Connect {
-            url: url.clone(),
-            source: redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, why)),
-        };
         if self.connections == 0 {
-            return Err(invalid("connections must be at least 1"));
+            return Err(SourceError::Build(BuildError::invalid(
+                "connections",
+                "must be at least 1",
+            )));
         }
-        if self.connect_timeout.is_zero() || self.response_timeout.is_zero() {
-            return Err(invalid("timeouts must be positive"));
-        }
+        BuildError::check("connect_timeout", self.connect_timeout, MAX_WAIT)?;
+        BuildError::check("response_timeout", self.response_timeout, MAX_WAIT)?;
         let fail = |source| SourceError::Connect {
             url: url.clone(),
             source,
@@ -298,6 +346,7 @@ impl MultiplexedBuilder {
                     generation: 0,
                 }),
                 reconnecting: AtomicBool::new(false),
+                timeouts: AtomicU32::new(0),
                 reconnects: reconnects.clone(),
                 client: client.clone(),
                 config: config.clone(),
@@ -354,6 +403,16 @@ impl RedisSource for Multiplexed {
     }
 }
 
+/// Whether `url` asks for TLS: `rediss://` or `valkeys://`, in any letter case (URL schemes
+/// are case-insensitive, and redis-rs reads them so).
+fn is_tls(url: &str) -> bool {
+    // As the URL parser, ignore leading spaces and control characters.
+    let url = url.trim_start_matches(|c: char| c <= ' ');
+    url.split_once("://").is_some_and(|(scheme, _)| {
+        scheme.eq_ignore_ascii_case("rediss") || scheme.eq_ignore_ascii_case("valkeys")
+    })
+}
+
 #[cfg(feature = "tls")]
 fn no_certificates() -> redis::TlsCertificates {
     redis::TlsCertificates {
@@ -370,5 +429,30 @@ fn install_crypto_provider() {
     if rustls::crypto::CryptoProvider::get_default().is_none() {
         // Err means another thread installed one meanwhile: that one serves as well.
         let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tls_schemes_in_any_case() {
+        for url in [
+            "rediss://h",
+            "REDISS://h",
+            "valkeys://h",
+            "Valkeys://:pw@h:6380",
+            " rediss://h",
+        ] {
+            assert!(super::is_tls(url), "{url}");
+        }
+        for url in [
+            "redis://h",
+            "valkey://h",
+            "redis+unix:///s",
+            "not a url",
+            "h/rediss://",
+        ] {
+            assert!(!super::is_tls(url), "{url}");
+        }
     }
 }
