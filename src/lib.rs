@@ -67,3 +67,8 @@ pub struct BatchingGuideDoctests;
 #[cfg(all(doctest, feature = "http", feature = "prometheus"))]
 #[doc = include_str!("../docs/metrics.md")]
 pub struct MetricsGuideDoctests;
+
+/// The pooling guide's examples, compiled as doc tests as a user of `brisk` writes them.
+#[cfg(all(doctest, feature = "pool", feature = "tls"))]
+#[doc = include_str!("../docs/pooling.md")]
+pub struct PoolingGuideDoctests;

@@ -95,7 +95,12 @@ pub use lifecycle::{IdleSince, Lifecycle};
 pub use measured::{Creations, Measured};
 pub use pool::{GetError, Pool, Status};
 
-/// The pooling guide's examples, compiled as doc tests.
-#[cfg(all(doctest, feature = "tls"))]
-#[doc = include_str!("../../../docs/pooling.md")]
-pub struct PoolingGuideDoctests;
+/// The deadpool this crate is built against (0.13), so that naming a pool type needs no
+/// dependency of your own.
+#[cfg(feature = "deadpool")]
+pub use deadpool;
+
+/// The bb8 this crate is built against (0.9), so that naming a pool type needs no dependency
+/// of your own.
+#[cfg(feature = "bb8")]
+pub use bb8;
