@@ -10,7 +10,9 @@
 //! - `batch/join_storm`: the same 10,000 loads joined inside one task (`join_all`), as a
 //!   GraphQL executor resolves a list: no task per load, so what is measured is the loader's
 //!   own cost. The task is spawned on the two-worker runtime, as a server runs a request.
-//!   `bare` joins the same 10,000 futures answering without a loader.
+//!   `bare` joins the same 10,000 futures answering without a loader; `bare_wait_once` makes
+//!   each of them wait once (a yield) before answering: the floor of any loader, whose every
+//!   load waits for its batch once and is woken.
 //! - `batch/single_load_latency`: one load, from call to result, with an instant batch
 //!   function, on a current-thread runtime. `dataloader` is its non-cached loader.
 //! - `batch/layer`: 1,000 concurrent requests to a bulk service whose every call costs a fixed
@@ -176,6 +178,16 @@ fn join_storm(c: &mut Criterion) {
     group.sample_size(30);
     group.bench_function("bare", |b| {
         b.iter(|| join_in_one_task!(rt, &keys, (), |_l, k| async move { value(k) }));
+    });
+    // The floor of any loader here: every load must wait once and be woken, and `join_all`
+    // charges for that whoever wakes it.
+    group.bench_function("bare_wait_once", |b| {
+        b.iter(|| {
+            join_in_one_task!(rt, &keys, (), |_l, k| async move {
+                tokio::task::yield_now().await;
+                value(k)
+            });
+        });
     });
     group.bench_function("brisk", |b| {
         b.iter(|| {
