@@ -29,6 +29,76 @@ use tokio::time::Instant;
 use crate::error::Setting;
 use crate::{BuildError, LoadError};
 
+tokio::task_local! {
+    /// The batch whose function (or batch layer's inner service) the current task runs.
+    ///
+    /// A request made from there waits on another batch, which two things must know. The
+    /// concurrency limit: such a batch takes no slot, since its requester holds one and waits
+    /// for it (with every slot held that way — a recursive loader, a cycle through loaders —
+    /// nothing would progress); the limit bounds the batches requested from outside any batch,
+    /// which the nested ones hang from. And deduplication: a key already in a batch that
+    /// (transitively) waits on the requester must not join that batch, which could then never
+    /// finish; it is loaded again in a batch of its own.
+    static CURRENT: Arc<Lineage>;
+}
+
+/// Which batches wait on a batch: its requesters, the batches whose functions asked it for a
+/// key. Parents are kept as long as the batch is referenced, so ancestry is read through them.
+#[derive(Debug, Default)]
+pub(crate) struct Lineage {
+    parents: Mutex<Vec<Arc<Lineage>>>,
+}
+
+impl Lineage {
+    /// Whether `self` is `other` or waits on it, through any chain of requests.
+    fn descends_from(self: &Arc<Self>, other: &Arc<Self>) -> bool {
+        let mut seen: Vec<*const Lineage> = Vec::new();
+        let mut stack = vec![Arc::clone(self)];
+        while let Some(node) = stack.pop() {
+            if Arc::ptr_eq(&node, other) {
+                return true;
+            }
+            let ptr = Arc::as_ptr(&node);
+            if seen.contains(&ptr) {
+                continue;
+            }
+            seen.push(ptr);
+            stack.extend(lock(&node.parents).iter().cloned());
+        }
+        false
+    }
+}
+
+/// The batch whose function the current task runs, if any.
+pub(crate) fn requester() -> Option<Arc<Lineage>> {
+    CURRENT.try_with(Arc::clone).ok()
+}
+
+/// Runs `future` as part of the batch function the current task runs, if any: loads it makes
+/// count as made from inside that batch function.
+///
+/// A batch function's own loads are known to be nested; loads made on tasks it spawns are not,
+/// since a spawned task inherits no task-local. Wrap a future you spawn from a batch function
+/// that loads (from the same loader, or one that loads back) in this, so that with every
+/// concurrency slot held by its ancestors it still progresses. Outside a batch function it
+/// changes nothing.
+///
+/// ```
+/// # async fn demo(loader: brisk_batch::Loader<u32, u32, impl brisk_batch::BatchFn<u32, u32>>) {
+/// let child = tokio::spawn(brisk_batch::within_batch(async move { loader.load(7).await }));
+/// # let _ = child;
+/// # }
+/// ```
+pub fn within_batch<F: Future>(future: F) -> impl Future<Output = F::Output> {
+    let requester = requester();
+    async move {
+        match requester {
+            Some(requester) => CURRENT.scope(requester, future).await,
+            None => future.await,
+        }
+    }
+}
+
 /// What happens to a batch whose every waiter has gone before it finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -174,11 +244,16 @@ pub(crate) struct Batch<I, O> {
     /// Sealed early (full, flushed, a waiter's deadline near): the task stops waiting.
     sealed: AtomicBool,
     sealed_notify: Notify,
-    /// A load from inside a batch function of the same chain joined: skip the slot.
+    /// A request from inside a batch function waits for it: skip the slot.
     nested: AtomicBool,
+    /// The batches that wait on this one.
+    lineage: Arc<Lineage>,
     nested_notify: Notify,
-    /// Loader ids of the batch functions this batch was requested from (see `crate::loader`).
-    pub(crate) chain: Mutex<Vec<u64>>,
+    /// The window's timer, made when the batch was (so that a runtime without timers is an
+    /// error for the first load, not a panic in the batch's task).
+    sleep: Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
+    /// Keys may repeat: one was detached from this batch while it collected (see `prime`).
+    pub(crate) gaps: AtomicBool,
     /// Forgotten by its owner: a new request must not join it.
     abandoned: AtomicBool,
     waiters: AtomicUsize,
@@ -214,9 +289,23 @@ impl<I, O: Clone> Batch<I, O> {
         self.sealed_notify.notify_one();
     }
 
-    /// A request from inside a batch function of this batch's chain waits for it: the batch
-    /// must not wait for a slot that its own ancestor may hold.
-    pub(crate) fn make_nested(&self) {
+    /// Whether `requester`'s batch (a batch function asking for a key) may wait on this batch:
+    /// not if this batch waits on it already, which would be a cycle.
+    pub(crate) fn may_serve(&self, requester: Option<&Arc<Lineage>>) -> bool {
+        requester.is_none_or(|requester| !requester.descends_from(&self.lineage))
+    }
+
+    /// Records that `requester` (from inside a batch function) waits on this batch.
+    pub(crate) fn serves(&self, requester: Option<&Arc<Lineage>>) {
+        if let Some(requester) = requester {
+            lock(&self.lineage.parents).push(Arc::clone(requester));
+            self.make_nested();
+        }
+    }
+
+    /// A request from inside a batch function waits for it: the batch must not wait for a slot
+    /// that its requester's batch may hold.
+    fn make_nested(&self) {
         if !self.nested.swap(true, Ordering::AcqRel) {
             self.nested_notify.notify_one();
         }
@@ -262,20 +351,29 @@ impl<I, O: Clone> Batch<I, O> {
             None => {}
             Some(window) => {
                 let sealed = std::pin::pin!(self.sealed_notify.notified());
-                let closed = std::pin::pin!(tokio::time::sleep(window));
+                let sleep = lock(&self.sleep).take();
+                let closed = std::pin::pin!(async move {
+                    match sleep {
+                        Some(sleep) => sleep.await,
+                        None => tokio::time::sleep(window).await,
+                    }
+                });
                 future::select(sealed, closed).await;
             }
         }
     }
 
     /// A concurrency slot, or none for a nested batch.
-    async fn slot<'a>(&self, slots: &'a Semaphore) -> Option<SemaphorePermit<'a>> {
+    async fn slot<'a>(&self, engine: &'a Engine) -> Option<SemaphorePermit<'a>> {
+        let slots = &engine.slots;
         if self.nested.load(Ordering::Acquire) {
             return None;
         }
         if let Ok(permit) = slots.try_acquire() {
             return Some(permit);
         }
+        // Queued from here until a slot is free (or the batch goes).
+        let _queued = Queued::new(&engine.queued);
         let acquire = std::pin::pin!(slots.acquire());
         let nested = std::pin::pin!(self.nested_notify.notified());
         match future::select(acquire, nested).await {
@@ -345,13 +443,22 @@ impl Future for YieldOnce {
 /// A new batch, and what starts its task.
 pub(crate) type Created<W> = (Arc<OwnedBatch<W>>, Starter<W>);
 
-/// Creates a batch, counting it as queued. Fails when `max_queued_batches` are waiting.
+/// Creates a batch. Fails when `max_queued_batches` batches wait for a slot, or when there is
+/// no runtime (or, for a window, no timer) to run it on.
 pub(crate) fn create<W: Owner>(owner: &W) -> Result<Created<W>, LoadError<W::Error>> {
     let engine = owner.engine();
     if engine.queued.load(Ordering::Acquire) >= engine.max_queued {
         return Err(LoadError::Overloaded);
     }
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| LoadError::NoRuntime)?;
+    let sleep = match engine.window {
+        // Made here: `sleep` panics on a runtime built without timers.
+        Some(window) => Some(
+            std::panic::catch_unwind(|| Box::pin(tokio::time::sleep(window)))
+                .map_err(|_| LoadError::NoTimer)?,
+        ),
+        None => None,
+    };
     let yield_first = true;
     let created = (engine.window.is_some() || owner.timed()).then(Instant::now);
     let batch = Arc::new(Batch {
@@ -369,13 +476,14 @@ pub(crate) fn create<W: Owner>(owner: &W) -> Result<Created<W>, LoadError<W::Err
         sealed_notify: Notify::new(),
         nested: AtomicBool::new(false),
         nested_notify: Notify::new(),
-        chain: Mutex::new(Vec::new()),
+        lineage: Arc::default(),
+        sleep: Mutex::new(sleep),
+        gaps: AtomicBool::new(false),
         abandoned: AtomicBool::new(false),
         waiters: AtomicUsize::new(0),
     });
     let starter = Starter {
         runtime,
-        queued: Queued::new(&engine.queued),
         _owner: std::marker::PhantomData,
     };
     Ok((batch, starter))
@@ -384,7 +492,6 @@ pub(crate) fn create<W: Owner>(owner: &W) -> Result<Created<W>, LoadError<W::Err
 /// Starts a created batch's task; call it once the owner's lock is released.
 pub(crate) struct Starter<W: Owner> {
     runtime: tokio::runtime::Handle,
-    queued: Queued,
     _owner: std::marker::PhantomData<fn(W)>,
 }
 
@@ -398,7 +505,7 @@ impl<W: Owner> Starter<W> {
             items: None,
             armed: true,
         };
-        let task = self.runtime.spawn(drive(ending, self.queued));
+        let task = self.runtime.spawn(drive(ending));
         let mut slot = lock(&batch.slot);
         // The task may have ended already (it cannot have been abandoned: its creator still
         // waits on it); then there is nothing to abort.
@@ -409,16 +516,16 @@ impl<W: Owner> Starter<W> {
 }
 
 /// The life of one batch, on its own task.
-async fn drive<W: Owner>(mut guard: Ending<W>, queued: Queued) {
+async fn drive<W: Owner>(mut guard: Ending<W>) {
     let (owner, batch) = (Arc::clone(&guard.owner), Arc::clone(&guard.batch));
     let engine = owner.engine();
     batch.window(engine.window).await;
     guard.items = Some(owner.detach(&batch).unwrap_or_else(|| batch.take_items()));
-    let slot = batch.slot(&engine.slots).await;
-    drop(queued);
+    let slot = batch.slot(engine).await;
     let items = guard.items.take().unwrap_or_default();
-    let outcome = AssertUnwindSafe(async { owner.run(&batch, items).await })
-        .catch_unwind()
+    let run = AssertUnwindSafe(async { owner.run(&batch, items).await }).catch_unwind();
+    let outcome = CURRENT
+        .scope(Arc::clone(&batch.lineage), run)
         .await
         .unwrap_or_else(|panic| Err(LoadError::panicked(&*panic)));
     drop(slot);
@@ -513,7 +620,7 @@ impl<W: Owner> Drop for Wait<W> {
     }
 }
 
-/// Counts a batch as queued until it gets a slot or is dropped.
+/// Counts a batch as queued (waiting for a slot) while it lives.
 struct Queued(Arc<AtomicUsize>);
 
 impl Queued {

@@ -45,6 +45,10 @@ pub enum LoadError<E> {
     /// No tokio runtime was running where the request was made; batches run on tokio tasks.
     #[error("no tokio runtime: batches run on tokio tasks, so load from inside a runtime")]
     NoRuntime,
+    /// The loader has a `window` and the tokio runtime was built without timers
+    /// (`enable_time`).
+    #[error("the batch window needs tokio's timer: build the runtime with `enable_time()`")]
+    NoTimer,
     /// The batch's task ended before it answered: its runtime shut down.
     #[error("the batch was cancelled before it answered (its runtime shut down)")]
     Cancelled,
@@ -65,6 +69,7 @@ impl<E> Clone for LoadError<E> {
             Self::Deadline(elapsed) => Self::Deadline(*elapsed),
             Self::Overloaded => Self::Overloaded,
             Self::NoRuntime => Self::NoRuntime,
+            Self::NoTimer => Self::NoTimer,
             Self::Cancelled => Self::Cancelled,
         }
     }
@@ -87,6 +92,7 @@ impl<E: fmt::Debug> fmt::Debug for LoadError<E> {
             Self::Deadline(elapsed) => f.debug_tuple("Deadline").field(elapsed).finish(),
             Self::Overloaded => f.write_str("Overloaded"),
             Self::NoRuntime => f.write_str("NoRuntime"),
+            Self::NoTimer => f.write_str("NoTimer"),
             Self::Cancelled => f.write_str("Cancelled"),
         }
     }

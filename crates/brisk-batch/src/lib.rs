@@ -41,14 +41,16 @@
 //! [`LoadError::NoRuntime`]). At most `max_concurrent_batches` batches run at once (default 10),
 //! so a burst cannot drain the database pool; at most `max_queued_batches` wait for a slot, past
 //! which loads fail with [`LoadError::Overloaded`]. A batch requested from inside a batch function
-//! of the same loader (a recursive loader, see [`LoaderBuilder::build_cyclic`], or a cycle through
-//! other loaders) takes no slot, so recursion deeper than the limit still completes.
+//! (a recursive loader, see [`LoaderBuilder::build_cyclic`], or one loader loading from another)
+//! takes no slot, so recursion deeper than the limit still completes; and such a load never joins
+//! a batch that waits on its requester (a cycle), but is loaded again in a batch of its own. For
+//! loads on tasks a batch function spawns, wrap the spawned future in [`within_batch`].
 //!
 //! Keys are deduplicated within a batch and against batches in flight, with or without the
 //! cache. The cache ([`LoaderBuilder::cache`]) is off by default and bounded when on.
 //! [`Loader::clear`], [`Loader::clear_all`] and [`Loader::prime`] win over batches already
-//! running: a load after a clear starts a new batch, and a running batch never overwrites a
-//! primed value or writes back a cleared one.
+//! running: a load after a clear is fetched by a batch that has not started yet, and a running
+//! batch never overwrites a primed value or writes back a cleared one.
 //!
 //! # Failure
 //!
@@ -85,6 +87,6 @@ mod loader;
 mod metrics;
 
 pub use batch_fn::BatchFn;
-pub use engine::Abandoned;
+pub use engine::{Abandoned, within_batch};
 pub use error::{BuildError, LoadError, Setting};
 pub use loader::{Load, LoadMany, Loader, LoaderBuilder, MissingKey, WeakLoader};

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::hash::Hash;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -45,17 +45,6 @@ type LoaderWait<K, V, F> = Wait<Shared<K, V, F>>;
 
 /// The result of one load.
 type Loaded<V, E> = Result<Option<V>, LoadError<E>>;
-
-/// Loader ids, to tell a loader's own nested loads (see [`CHAIN`]).
-static NEXT_LOADER: AtomicU64 = AtomicU64::new(0);
-
-tokio::task_local! {
-    /// The ids of the loaders whose batch functions the current task runs inside. A load made
-    /// from inside a batch function of the same loader (a recursive loader, or a cycle through
-    /// others) must not wait for a concurrency slot: its ancestor batch holds one and waits for
-    /// it, so with every slot held that way nothing would ever progress.
-    static CHAIN: Arc<[u64]>;
-}
 
 /// Batches concurrent loads of single keys into calls of a [`BatchFn`]. See the
 /// [crate docs](crate) for the rules.
@@ -113,9 +102,6 @@ impl<K, V, F: BatchFn<K, V>> fmt::Debug for WeakLoader<K, V, F> {
 }
 
 struct Shared<K, V, F: BatchFn<K, V>> {
-    id: u64,
-    /// `[id]`: the chain of a batch requested by no batch function, the common case.
-    chain: Arc<[u64]>,
     name: Arc<str>,
     batch_fn: F,
     engine: Engine,
@@ -253,16 +239,20 @@ impl<F> LoaderBuilder<F> {
         self
     }
 
-    /// The most batches running at once; more wait for a slot. Default: 10. Batches made by
-    /// loads from inside a batch function of the same loader (directly or through other
-    /// loaders) take no slot, so a recursive loader cannot deadlock on this bound.
+    /// The most batches running at once; more wait for a slot. Default: 10. Batches requested
+    /// from inside a batch function (a loader loading from itself or from another loader) take
+    /// no slot, so recursion and cycles cannot deadlock on this bound; they hang from batches
+    /// that took one. Loads made on tasks a batch function spawns count as nested only inside
+    /// [`within_batch`](crate::within_batch).
     pub fn max_concurrent_batches(mut self, max: usize) -> Self {
         self.settings.limits.max_concurrent_batches = max;
         self
     }
 
-    /// The most batches collecting or waiting for a slot; a load that would start another
-    /// fails with [`LoadError::Overloaded`]. Default: 1,000.
+    /// The most batches waiting for a slot: a load that would start a batch while this many
+    /// wait fails with [`LoadError::Overloaded`]. Default: 1,000. Checked when a batch is
+    /// created, against the batches already found waiting by their tasks, so one turn's burst
+    /// (a large `load_many`) is not refused while slots are free.
     pub fn max_queued_batches(mut self, max: usize) -> Self {
         self.settings.limits.max_queued_batches = max;
         self
@@ -312,10 +302,7 @@ impl Settings {
     }
 
     fn shared<K, V, F: BatchFn<K, V>>(self, batch_fn: F) -> Shared<K, V, F> {
-        let id = NEXT_LOADER.fetch_add(1, Ordering::Relaxed);
         Shared {
-            id,
-            chain: Arc::new([id]),
             metrics: Metrics::new(&self.name),
             name: self.name.into(),
             batch_fn,
@@ -447,32 +434,49 @@ where
         let Some(cache) = state.cache.as_mut() else {
             return false;
         };
+        let collecting = state.collecting.as_ref().map(|(batch, _)| batch.id);
         contain::<_, ()>(|| {
-            // Whatever a batch in flight fetched is older than this value.
-            state.in_flight.remove(&key);
+            // The value a batch in flight fetches must not replace this one.
+            if let Some(batch) = state.in_flight.remove(&key)
+                && Some(batch.id) == collecting
+            {
+                batch.gaps.store(true, Ordering::Release);
+            }
             cache.insert_if_absent(key, value)
         })
         .unwrap_or(false)
     }
 
-    /// Forgets the cached value of `key`, and detaches it from any batch already loading it:
-    /// the next load fetches it in a new batch, so it sees every write made before the clear.
+    /// Forgets the cached value of `key`, and detaches it from any batch already running: the
+    /// next load fetches it in a batch that has not started yet (the collecting one, or a new
+    /// one), so it sees every write made before the clear.
     pub fn clear(&self, key: &K) {
         let mut state = lock(&self.shared.state);
         let state = &mut *state;
+        let collecting = state.collecting.as_ref().map(|(batch, _)| batch.id);
         let _ = contain::<_, ()>(|| {
-            state.in_flight.remove(key);
+            if state
+                .in_flight
+                .get(key)
+                .is_some_and(|batch| Some(batch.id) != collecting)
+            {
+                state.in_flight.remove(key);
+            }
             if let Some(cache) = state.cache.as_mut() {
                 cache.remove(key);
             }
         });
     }
 
-    /// Forgets every cached value and detaches every key from the batches loading it, as
+    /// Forgets every cached value and detaches every key from the batches already running, as
     /// [`clear`](Self::clear) does for one.
     pub fn clear_all(&self) {
         let mut state = lock(&self.shared.state);
-        state.in_flight.clear();
+        let collecting = state.collecting.as_ref().map(|(batch, _)| batch.id);
+        // No user code: the scan compares batch ids only.
+        state
+            .in_flight
+            .retain(|_, batch| Some(batch.id) == collecting);
         if let Some(cache) = state.cache.as_mut() {
             cache.clear();
         }
@@ -626,9 +630,9 @@ where
     /// `Eq` or `Clone` fails this load alone and leaves the loader consistent.
     fn enqueue(self: &Arc<Self>, key: K) -> Found<K, V, F> {
         self.metrics.requested.increment(1);
-        let chain = CHAIN.try_with(Arc::clone).ok();
+        let requester = engine::requester();
         let mut state = lock(&self.state);
-        let step = contain(|| self.enqueue_locked(&mut state, key, chain.as_deref()));
+        let step = contain(|| self.enqueue_locked(&mut state, key, requester.as_ref()));
         drop(state);
         let (key, enqueued, started) = step??;
         if let (Some((batch, starter)), Enqueued::Wait(_)) = (started, &enqueued) {
@@ -642,7 +646,7 @@ where
         self: &Arc<Self>,
         state: &mut State<K, V, F::Error>,
         key: K,
-        chain: Option<&[u64]>,
+        requester: Option<&Arc<engine::Lineage>>,
     ) -> Result<
         (
             K,
@@ -656,16 +660,30 @@ where
             let value = value.clone();
             return Ok((key, Enqueued::Cached(value), None));
         }
-        if let Some(batch) = state.in_flight.get(&key).filter(|batch| batch.joinable()) {
+        if let Some(batch) = state
+            .in_flight
+            .get(&key)
+            .filter(|batch| batch.joinable() && batch.may_serve(requester))
+        {
             self.metrics.deduplicated.increment(1);
-            self.join(batch, chain);
+            batch.serves(requester);
             let wait = Wait::new(self, batch);
+            // A near deadline hurries the batch it joins, if that one still collects.
+            if let Some((collecting, keys)) = &state.collecting
+                && collecting.id == batch.id
+                && self.engine.seal_now(batch, keys.len())
+                && let Some((collecting, keys)) = state.collecting.take()
+            {
+                collecting.seal(keys);
+            }
             return Ok((key, Enqueued::Wait(wait), None));
         }
         // User code (`Clone`, `Hash`, `Eq`) runs before anything changes, so a panic in it
         // leaves the state as it was.
         let (kept, batched) = (key.clone(), key.clone());
         let (batch, started) = match &state.collecting {
+            // A collecting batch runs nothing yet, so nothing can wait on the requester through
+            // it: always joinable.
             Some((batch, _)) => (Arc::clone(batch), None),
             None => {
                 let (batch, starter) = engine::create(&**self)?;
@@ -684,7 +702,7 @@ where
                 1
             }
         };
-        self.join(&batch, chain);
+        batch.serves(requester);
         let wait = Wait::new(self, &batch);
         if self.engine.seal_now(&batch, keys)
             && let Some((_, keys)) = state.collecting.take()
@@ -696,20 +714,6 @@ where
             Enqueued::Wait(wait),
             started.map(|starter| (batch, starter)),
         ))
-    }
-
-    /// Records that a load from inside the batch functions `chain` waits for `batch`.
-    fn join(&self, batch: &LoaderBatch<K, V, F::Error>, chain: Option<&[u64]>) {
-        let Some(chain) = chain else { return };
-        if chain.contains(&self.id) {
-            batch.make_nested();
-        }
-        let mut known = lock(&batch.chain);
-        for id in chain {
-            if !known.contains(id) {
-                known.push(*id);
-            }
-        }
     }
 
     /// The result of one key from its batch's outcome. A panic in the key's `Hash`/`Eq` or the
@@ -757,6 +761,17 @@ where
             0
         })
     }
+}
+
+/// `keys` without repeats, first occurrences kept in order. A panic in the keys' `Hash`/`Eq`
+/// fails the batch as `Panicked` (the caller runs this inside the batch's task).
+fn distinct<K: Hash + Eq + Clone>(keys: &[K]) -> Vec<K> {
+    let mut seen =
+        std::collections::HashSet::with_capacity_and_hasher(keys.len(), RandomState::default());
+    keys.iter()
+        .filter(|key| seen.insert(*key))
+        .cloned()
+        .collect()
 }
 
 /// Releases a running batch's keys however its future ends: finished, cancelled or panicked.
@@ -836,14 +851,8 @@ where
         let this = Arc::clone(self);
         let id = batch.id;
         let waited = Engine::age(batch);
-        let chain = {
-            let parents = lock(&batch.chain);
-            if parents.is_empty() {
-                Arc::clone(&self.chain)
-            } else {
-                parents.iter().copied().chain([self.id]).collect()
-            }
-        };
+        // A key detached while the batch collected (by `prime`) may have been added again.
+        let repeats = batch.gaps.load(Ordering::Acquire);
         async move {
             let mut running = Running {
                 shared: &this,
@@ -851,15 +860,19 @@ where
                 keys,
                 released: false,
             };
+            if repeats {
+                // Made apart first: a panic in `Hash`/`Eq` leaves the keys to be released.
+                running.keys = distinct(&running.keys);
+            }
             let keys = &running.keys;
             this.metrics.dispatched(keys.len(), waited);
             let span = tracing::debug_span!("brisk.batch.dispatch", loader = %this.name, keys = keys.len());
             // No clock read when nothing records the duration.
             let started = this.metrics.duration.is_enabled().then(Instant::now);
-            // The batch function runs with this loader in its chain; `load` is called inside
-            // the future, so a panic before it returns its own future is caught too.
+            // `load` is called inside the future, so a panic before it returns its own future is
+            // caught too.
             let load = AssertUnwindSafe(async { this.batch_fn.load(keys).await }).catch_unwind();
-            let result = CHAIN.scope(chain, load).instrument(span).await;
+            let result = load.instrument(span).await;
             if let Some(started) = started {
                 this.metrics
                     .duration

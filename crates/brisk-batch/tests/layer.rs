@@ -146,6 +146,10 @@ async fn past_the_queue_bound_calls_are_overloaded() {
     let mut svc = layer.layer(never);
     let running = svc.call(1);
     let queued = svc.call(2);
+    // Let the batches' tasks run: the first takes the slot, the second waits for it.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
     let refused = svc.call(3).await;
     assert!(matches!(refused, Err(LoadError::Overloaded)), "{refused:?}");
     drop((running, queued));

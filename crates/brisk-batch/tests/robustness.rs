@@ -270,6 +270,10 @@ async fn too_many_queued_batches_is_overloaded() {
         // Let the batch's task take the free slot, if there is one.
         until(|| gated.running.load(Ordering::SeqCst) == 1).await;
     }
+    // And the other two block waiting for it: queued.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
     // One running, two queued: a fourth batch is refused, a duplicate key still joins.
     assert!(matches!(loader.load(99).await, Err(LoadError::Overloaded)));
     let mut dup = Box::pin(loader.load(2));

@@ -70,4 +70,3 @@ impl Backoff {
         now_ns.saturating_add(pause).max(1)
     }
 }
-

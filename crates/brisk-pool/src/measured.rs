@@ -103,8 +103,9 @@ impl Creations {
         if let Some(backoff) = self.0.backoff.get().and_then(std::sync::Weak::upgrade) {
             match &result {
                 Err(_) => backoff.failed(quanta::Instant::now()),
-                Ok(_) if backoff.until_ns.load(std::sync::atomic::Ordering::Relaxed)
-                    != crate::backoff::HEALTHY =>
+                Ok(_)
+                    if backoff.until_ns.load(std::sync::atomic::Ordering::Relaxed)
+                        != crate::backoff::HEALTHY =>
                 {
                     backoff.succeeded();
                 }

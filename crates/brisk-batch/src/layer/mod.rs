@@ -197,6 +197,7 @@ where
                 (batch, 0)
             }
         };
+        batch.serves(engine::requester().as_ref());
         let wait = Wait::new(shared, &batch);
         if shared.engine.seal_now(&batch, index + 1)
             && let Some((_, requests)) = collecting.take()
