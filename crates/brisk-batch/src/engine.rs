@@ -235,10 +235,6 @@ pub(crate) struct Batch<I, O> {
     pub(crate) id: u64,
     /// When it was created: read only when a window or a metric needs it.
     created: Option<Instant>,
-    /// Yield once before sealing: on a multi-thread runtime the task may run right after its
-    /// creator (tokio's LIFO slot), before the tasks that were ready; on a current-thread one a
-    /// spawned task already runs after them.
-    yield_first: bool,
     /// Items, outcome, waiters' wakers and the task: one lock for all of a batch's hand-offs.
     slot: Mutex<Slot<I, O>>,
     /// Sealed early (full, flushed, a waiter's deadline near): the task stops waiting.
@@ -347,8 +343,7 @@ impl<I, O: Clone> Batch<I, O> {
         }
         match window {
             // One turn is as short as a wait gets: nothing to cut short.
-            None if self.yield_first => YieldOnce(false).await,
-            None => {}
+            None => YieldOnce(false).await,
             Some(window) => {
                 let sealed = std::pin::pin!(self.sealed_notify.notified());
                 let sleep = lock(&self.sleep).take();
@@ -423,7 +418,10 @@ impl Wakers {
 }
 
 /// Ready on its second poll, after one trip through the scheduler's run queue: every task that
-/// was ready when the batch started gets its turn to add keys. (`tokio::task::yield_now` would
+/// was ready when the batch started gets its turn to add keys — also those woken after the
+/// batch's task was spawned (on a multi-thread runtime, tokio may even run that task right after
+/// its creator). Measured (`benches/batch_workers.rs`): without it, loaders on current-thread
+/// runtimes made 42% more batches. (`tokio::task::yield_now` would
 /// also wait for the I/O driver, a system call per batch.)
 struct YieldOnce(bool);
 
@@ -459,12 +457,10 @@ pub(crate) fn create<W: Owner>(owner: &W) -> Result<Created<W>, LoadError<W::Err
         ),
         None => None,
     };
-    let yield_first = true;
     let created = (engine.window.is_some() || owner.timed()).then(Instant::now);
     let batch = Arc::new(Batch {
         id: engine.next_id.fetch_add(1, Ordering::Relaxed),
         created,
-        yield_first,
         slot: Mutex::new(Slot {
             items: Vec::new(),
             output: None,
