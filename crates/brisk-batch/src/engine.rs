@@ -513,13 +513,13 @@ impl<W: Owner> Starter<W> {
 
 /// The life of one batch, on its own task.
 async fn drive<W: Owner>(mut guard: Ending<W>) {
-    let (owner, batch) = (Arc::clone(&guard.owner), Arc::clone(&guard.batch));
+    let (owner, batch) = (&guard.owner, &guard.batch);
     let engine = owner.engine();
     batch.window(engine.window).await;
-    guard.items = Some(owner.detach(&batch).unwrap_or_else(|| batch.take_items()));
+    guard.items = Some(owner.detach(batch).unwrap_or_else(|| batch.take_items()));
     let slot = batch.slot(engine).await;
     let items = guard.items.take().unwrap_or_default();
-    let run = AssertUnwindSafe(async { owner.run(&batch, items).await }).catch_unwind();
+    let run = AssertUnwindSafe(async { owner.run(batch, items).await }).catch_unwind();
     let outcome = CURRENT
         .scope(Arc::clone(&batch.lineage), run)
         .await
