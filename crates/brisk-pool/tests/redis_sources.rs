@@ -496,3 +496,34 @@ async fn commands_timing_out_in_a_row_replace_the_connection() {
     }
     round_trip(&source, "replaced").await;
 }
+
+/// A silently dead peer is found even on an idle connection: every socket has TCP keepalive on
+/// (the kernel then runs its keepalive timer, `tr` = 2 in `/proc/net/tcp`, on an idle socket).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn multiplexed_sockets_have_tcp_keepalive() {
+    let server = RedisServer::builder().private().start().unwrap();
+    let port = server.port().expect("a TCP server");
+    let source = Multiplexed::connect(&server.url()).await.unwrap();
+    round_trip(&source, "keepalive").await;
+    let remote = format!(":{port:04X} ");
+    let ours: Vec<String> = std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // Sockets whose remote end is the server, established: ours.
+            fields
+                .get(2)
+                .is_some_and(|rem| format!("{rem} ").ends_with(&remote))
+                && fields.get(3) == Some(&"01")
+        })
+        .map(str::to_owned)
+        .collect();
+    assert!(!ours.is_empty(), "no connection to port {port} found");
+    for line in &ours {
+        let timer = line.split_whitespace().nth(5).unwrap();
+        assert!(timer.starts_with("02:"), "no keepalive timer: {line}");
+    }
+}

@@ -11,6 +11,10 @@ use super::{RedactedUrl, RedisSource, SourceError};
 use crate::{BuildError, MAX_WAIT};
 
 /// The first pause between reconnection attempts; it doubles up to [`RECONNECT_MAX_PAUSE`].
+/// TCP keepalive on every Redis socket: probes after this long idle ...
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// ... and then this far apart, until the kernel gives the connection up.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const RECONNECT_FIRST_PAUSE: Duration = Duration::from_millis(25);
 const RECONNECT_MAX_PAUSE: Duration = Duration::from_millis(500);
 /// Commands in a row that time out before the connection is taken for broken and replaced.
@@ -293,12 +297,15 @@ impl MultiplexedBuilder {
             install_crypto_provider();
         }
         let info = self.url.as_str().into_connection_info()?;
+        // A silently dead peer: keepalive probes after 30 s idle, every 10 s, so an idle
+        // connection to a host that vanished is noticed; busy ones by the user timeout (Linux).
+        let keepalive = redis::io::tcp::socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL);
+        let tcp = info.tcp_settings().clone().set_keepalive(keepalive);
         #[cfg(target_os = "linux")]
-        let info = {
-            let user_timeout = (self.response_timeout * 2).max(Duration::from_secs(1));
-            let tcp = info.tcp_settings().clone().set_user_timeout(user_timeout);
-            info.set_tcp_settings(tcp)
-        };
+        let tcp = tcp.set_user_timeout((self.response_timeout * 2).max(Duration::from_secs(1)));
+        let info = info.set_tcp_settings(tcp);
         #[cfg(feature = "tls")]
         if let Some(certificates) = &self.tls {
             return redis::Client::build_with_tls(info, certificates.clone());
