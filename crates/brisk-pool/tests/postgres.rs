@@ -22,6 +22,20 @@ fn deadpool(url: &str, max: usize) -> deadpool_postgres::Pool {
         .unwrap()
 }
 
+/// Spawns a checkout on `pool` and returns once it waits (every connection is out).
+async fn spawn_waiter<P: Pool + Send + Sync + 'static>(
+    pool: &Instrumented<P>,
+) -> tokio::task::JoinHandle<Result<(), PoolError<P::Error>>> {
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.get().await.map(drop) }
+    });
+    while pool.status().waiting != Some(1) {
+        tokio::task::yield_now().await;
+    }
+    waiter
+}
+
 async fn bb8(url: &str, max: u32) -> bb8::Pool<bb8_postgres::PostgresConnectionManager<NoTls>> {
     let manager = bb8_postgres::PostgresConnectionManager::new_from_stringlike(url, NoTls).unwrap();
     bb8::Pool::builder()
@@ -279,13 +293,7 @@ async fn a_dropped_waiter_stops_counting_as_waiting() {
             .unwrap(),
     );
     let _held = pool.get().await.unwrap();
-    let waiter = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.get().await.map(drop) }
-    });
-    while pool.status().waiting != Some(1) {
-        tokio::task::yield_now().await;
-    }
+    let waiter = spawn_waiter(&pool).await;
     waiter.abort();
     let _ = waiter.await;
     assert_eq!(pool.status().waiting, Some(0));
@@ -1185,13 +1193,7 @@ async fn warm_up_yields_to_callers_waiting_for_a_connection() {
         .build()
         .unwrap();
     let held = pool.get().await.unwrap();
-    let waiter = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.get().await.map(drop) }
-    });
-    while pool.status().waiting != Some(1) {
-        tokio::task::yield_now().await;
-    }
+    let waiter = spawn_waiter(&pool).await;
     let started = Instant::now();
     assert_eq!(
         pool.warm_up(1).await.unwrap(),
@@ -1285,13 +1287,7 @@ async fn close_fails_the_callers_waiting_at_once() {
         .build()
         .unwrap();
     let held = pool.get().await.unwrap();
-    let waiter = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.get().await.map(drop) }
-    });
-    while pool.status().waiting != Some(1) {
-        tokio::task::yield_now().await;
-    }
+    let waiter = spawn_waiter(&pool).await;
     let closing = tokio::spawn({
         let pool = pool.clone();
         async move { pool.close(Duration::from_secs(10)).await }
