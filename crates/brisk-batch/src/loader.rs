@@ -866,7 +866,13 @@ where
             }
             let keys = &running.keys;
             this.metrics.dispatched(keys.len(), waited);
-            let span = tracing::debug_span!("brisk.batch.dispatch", loader = %this.name, keys = keys.len());
+            // Made only when a subscriber wants it: a disabled span still costs its creation
+            // (and a trip through the `log` fallback), per batch.
+            let span = if tracing::enabled!(tracing::Level::DEBUG) {
+                tracing::debug_span!("brisk.batch.dispatch", loader = %this.name, keys = keys.len())
+            } else {
+                tracing::Span::none()
+            };
             // No clock read when nothing records the duration.
             let started = this.metrics.duration.is_enabled().then(Instant::now);
             // `load` is called inside the future, so a panic before it returns its own future is
