@@ -3,7 +3,7 @@
 //! Every batch runs on its own tokio task, spawned when its first item arrives: the task waits
 //! for the collection window (one scheduler turn by default, or a duration) unless the batch is
 //! sealed sooner (full, `flush()`, a near deadline), takes a concurrency slot, runs the batch and
-//! sends its outcome to the waiters through a shared one-shot channel.
+//! stores its outcome in the batch and wakes every waiter.
 //!
 //! Why a task and not the waiters themselves (the design before 0.1 landed): a batch driven by
 //! whichever waiter polls it runs under that waiter's task-locals (its deadline became the whole
