@@ -228,7 +228,7 @@ impl Elapsed {
                 "request deadline exceeded: the budget was already spent".to_owned()
             }
             Bound::Deadline => format!(
-                "request deadline exceeded: {:?} of budget was left",
+                "request deadline exceeded: the wait was allowed {:?}, what the budget had left",
                 self.after
             ),
         }
