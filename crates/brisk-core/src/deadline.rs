@@ -49,11 +49,13 @@ tokio::task_local! {
     static DEADLINE: Instant;
 }
 
-/// Runs `future` with `deadline` as its budget; if a budget is already set, the earlier one wins.
+/// Runs `future` with `deadline` as its budget; if a budget is already set where the scope is
+/// first polled, the earlier one wins.
 pub fn scope<F: IntoFuture>(deadline: Instant, future: F) -> Scope<F::IntoFuture> {
-    let effective = current().map_or(deadline, |outer| outer.min(deadline));
     Scope {
-        inner: DEADLINE.scope(effective, future.into_future()),
+        deadline,
+        future: Some(future.into_future()),
+        inner: None,
     }
 }
 
@@ -113,8 +115,12 @@ pin_project! {
     /// The future returned by [`scope`].
     #[must_use = "futures do nothing unless polled"]
     pub struct Scope<F> {
+        deadline: Instant,
+        // Until the first poll: the outer budget is read there, not where the scope was built
+        // (a scope built outside the outer one, then awaited inside it, must still see it).
+        future: Option<F>,
         #[pin]
-        inner: TaskLocalFuture<Instant, F>,
+        inner: Option<TaskLocalFuture<Instant, F>>,
     }
 }
 
@@ -122,7 +128,15 @@ impl<F: Future> Future for Scope<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.project().inner.poll(cx)
+        let mut this = self.project();
+        if let Some(future) = this.future.take() {
+            let effective = current().map_or(*this.deadline, |outer| outer.min(*this.deadline));
+            this.inner.set(Some(DEADLINE.scope(effective, future)));
+        }
+        match this.inner.as_pin_mut() {
+            Some(inner) => inner.poll(cx),
+            None => unreachable!("the inner future is set on the first poll"),
+        }
     }
 }
 

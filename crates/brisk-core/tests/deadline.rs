@@ -214,3 +214,17 @@ async fn an_endless_timeout_without_a_deadline_waits_for_the_future() {
     let out = deadline::bounded(Duration::MAX, rx).await;
     assert_eq!(out.unwrap().unwrap(), 7);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_scope_built_before_it_is_awaited_inside_another_still_keeps_the_earlier_deadline() {
+    let start = Instant::now();
+    // The inner scope is built (as an argument) before the outer one runs.
+    let left = deadline::scope(
+        start + 100 * MS,
+        deadline::scope(start + Duration::from_secs(3), async {
+            deadline::remaining()
+        }),
+    )
+    .await;
+    assert_eq!(left, Some(100 * MS));
+}

@@ -459,7 +459,8 @@ impl<P: Pool> Instrumented<P> {
     /// It works beside requests rather than as one: the connections it opens are not
     /// checkouts (no wait, use-time or recommended-size measurement, no nested-checkout count),
     /// it opens only what is missing and never waits for a connection in use, and it does
-    /// nothing while callers wait for a connection (they need it more). A pool hands out idle
+    /// nothing while callers wait for a connection (they need it more) or while the pool backs
+    /// off after a failed connection; its own failures start that backoff. A pool hands out idle
     /// connections first, so it holds those open meanwhile, for the time connecting takes.
     ///
     /// # Errors
@@ -476,7 +477,13 @@ impl<P: Pool> Instrumented<P> {
         {
             return Ok(status.idle);
         }
+        // Not while the pool backs off after a failed connection: the top-up would try every
+        // round and hammer a database that is down.
         let started = Instant::now();
+        let backing_off = shared.backoff.until_ns.load(Ordering::Relaxed);
+        if backing_off != HEALTHY && shared.nanos_at(started) < backing_off {
+            return Ok(status.idle);
+        }
         let opening = (0..status.idle + missing)
             .map(|_| deadline::bounded(shared.wait_timeout, shared.pool.get()));
         let opened = futures_util::future::join_all(opening).await;
@@ -485,10 +492,17 @@ impl<P: Pool> Instrumented<P> {
             let err = match result {
                 Ok(Ok(connection)) => {
                     drop(connection);
+                    if backing_off != HEALTHY {
+                        shared.backoff.succeeded();
+                    }
                     continue;
                 }
                 Ok(Err(GetError::Backend(err))) => {
                     *lock(&shared.last_error) = Some(crate::error::chain(&err));
+                    // A measured manager reports each attempt itself.
+                    if shared.creations.is_none() {
+                        shared.backoff.failed(Instant::now());
+                    }
                     PoolError::Backend(err)
                 }
                 Ok(Err(GetError::Closed)) => PoolError::Closed,
@@ -905,6 +919,9 @@ impl<P: Pool> Drop for Checkout<P> {
                 if let Some(hook) = &shared.on_discard {
                     hook(&mut connection);
                 }
+                shared.pool.discard(connection);
+            } else if shared.closed.load(Ordering::SeqCst) {
+                // Returned after `close`: closed, not kept idle (bb8 would keep it open).
                 shared.pool.discard(connection);
             } else {
                 drop(connection);

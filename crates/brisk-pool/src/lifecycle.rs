@@ -94,18 +94,23 @@ impl Lifecycle {
     }
 
     /// Configures a bb8 pool to apply these settings itself. bb8 has no per-connection jitter,
-    /// so its lifetime is the max lifetime minus half the jitter (the average here).
+    /// so its lifetime is the max lifetime minus half the jitter (the average here). Periods
+    /// above [`MAX_PERIOD`] are clamped to it (bb8 panics on a period it cannot add to an
+    /// `Instant`); [`validate`](Self::validate) refuses them.
     #[cfg(feature = "bb8")]
     pub fn bb8<M: bb8::ManageConnection>(&self, builder: bb8::Builder<M>) -> bb8::Builder<M> {
         let lifetime = self
             .max_lifetime
             .map(|max| max.saturating_sub(self.jitter / 2));
         let min_idle = u32::try_from(self.min_idle).unwrap_or(u32::MAX);
+        // Clamped: bb8 panics adding a period too long to an `Instant`, and a lifecycle read
+        // through serde may not have been validated.
+        let period = |d: Duration| d.min(MAX_PERIOD);
         builder
-            .max_lifetime(lifetime)
-            .idle_timeout(self.idle_timeout)
+            .max_lifetime(lifetime.map(period))
+            .idle_timeout(self.idle_timeout.map(period))
             .min_idle((min_idle > 0).then_some(min_idle))
-            .reaper_rate(self.reap_every)
+            .reaper_rate(period(self.reap_every))
     }
 }
 

@@ -198,7 +198,9 @@ where
         self.cut_off = true;
         Box::pin(async move {
             let result = (**self).deref_mut().req_packed_command(cmd).await;
-            self.cut_off = cut_off;
+            // A command that timed out may still be running (a `BLPOP`): its reply would come
+            // to the next user of the connection.
+            self.cut_off = cut_off || result.as_ref().is_err_and(redis::RedisError::is_timeout);
             result
         })
     }
@@ -216,7 +218,7 @@ where
                 .deref_mut()
                 .req_packed_commands(pipeline, offset, count)
                 .await;
-            self.cut_off = cut_off;
+            self.cut_off = cut_off || result.as_ref().is_err_and(redis::RedisError::is_timeout);
             result
         })
     }

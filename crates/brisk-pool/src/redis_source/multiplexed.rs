@@ -11,6 +11,8 @@ use super::{RedactedUrl, RedisSource, SourceError};
 use crate::{BuildError, MAX_WAIT};
 
 /// The first pause between reconnection attempts; it doubles up to [`RECONNECT_MAX_PAUSE`].
+/// The most sockets one `Multiplexed` opens (each pipelines every concurrent command).
+const MAX_CONNECTIONS: usize = 1_024;
 /// TCP keepalive on every Redis socket: probes after this long idle ...
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 /// ... and then this far apart, until the kernel gives the connection up.
@@ -316,7 +318,7 @@ impl MultiplexedBuilder {
     /// Opens the connections.
     ///
     /// # Errors
-    /// [`SourceError::Build`] for zero connections, or a timeout of zero or above
+    /// [`SourceError::Build`] for zero connections or more than 1,024, or a timeout of zero or above
     /// [`MAX_WAIT`](crate::MAX_WAIT); [`SourceError::Connect`] if the URL is invalid or the
     /// server cannot be reached.
     pub async fn connect(self) -> Result<Multiplexed, SourceError> {
@@ -325,6 +327,12 @@ impl MultiplexedBuilder {
             return Err(SourceError::Build(BuildError::invalid(
                 "connections",
                 "must be at least 1",
+            )));
+        }
+        if self.connections > MAX_CONNECTIONS {
+            return Err(SourceError::Build(BuildError::invalid(
+                "connections",
+                "must be at most 1,024 (one socket pipelines every concurrent command)",
             )));
         }
         BuildError::check("connect_timeout", self.connect_timeout, MAX_WAIT)?;
