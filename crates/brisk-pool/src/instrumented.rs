@@ -62,6 +62,8 @@ struct Shared<P: Pool> {
     wait_timeout: Duration,
     metrics: Metrics,
     waiting: AtomicUsize,
+    /// Checkouts of `warm_up` in flight: the backend counts them as waiting callers.
+    warming: AtomicUsize,
     /// Checkouts out, or in progress (past the `closed` check and not yet done).
     in_use: AtomicUsize,
     /// Each connection now out: since when (to name the oldest in a diagnosis) and by which
@@ -280,6 +282,7 @@ impl<P: Pool> InstrumentedBuilder<P> {
             name: self.name,
             wait_timeout: self.wait_timeout,
             waiting: AtomicUsize::new(0),
+            warming: AtomicUsize::new(0),
             in_use: AtomicUsize::new(0),
             holders,
             last_error: Mutex::default(),
@@ -334,8 +337,11 @@ impl<P: Pool> Instrumented<P> {
     /// How full the pool is; `waiting` counts this wrapper's callers when the backend does not.
     pub fn status(&self) -> crate::Status {
         let mut status = self.shared.pool.status();
+        // A warm-up is not a caller, though the backend's own count includes its checkouts.
+        let warming = self.shared.warming.load(Ordering::Acquire);
         status.waiting = status
             .waiting
+            .map(|waiting| waiting.saturating_sub(warming))
             .or(Some(self.shared.waiting.load(Ordering::Acquire)));
         status
     }
@@ -484,8 +490,14 @@ impl<P: Pool> Instrumented<P> {
         if backing_off != HEALTHY && shared.nanos_at(started) < backing_off {
             return Ok(status.idle);
         }
-        let opening = (0..status.idle + missing)
-            .map(|_| deadline::bounded(shared.wait_timeout, shared.pool.get()));
+        let opening = (0..status.idle + missing).map(|_| {
+            let warming = Warming::new(&shared.warming);
+            async move {
+                let got = deadline::bounded(shared.wait_timeout, shared.pool.get()).await;
+                drop(warming);
+                got
+            }
+        });
         let opened = futures_util::future::join_all(opening).await;
         let mut first_error = None;
         for result in opened {
@@ -934,6 +946,22 @@ impl<P: Pool> Drop for Checkout<P> {
         shared.metrics.use_time.record(held.as_secs_f64());
         shared.add_demand(held);
         self.owner.maybe_refresh_sizes(shared.nanos_at(now));
+    }
+}
+
+/// Counts one checkout of `warm_up` as in flight while it lives.
+struct Warming<'a>(&'a AtomicUsize);
+
+impl<'a> Warming<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for Warming<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

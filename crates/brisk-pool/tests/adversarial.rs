@@ -1265,7 +1265,7 @@ async fn a_caller_is_not_starved_by_a_warm_up_stuck_connecting() {
 
 /// "waiting: Callers waiting, this one included": a warm-up is counted as a waiting caller.
 #[tokio::test]
-#[ignore = "known: a warm-up still connecting counts as a waiter in the backend's status; not fixed yet"]
+#[ignore = "known: a connection a stuck warm-up holds shows as in use and the diagnosis blames the database; not fixed yet"]
 async fn the_diagnosis_does_not_count_a_warm_up_as_a_waiting_caller() {
     let (gate, pool) = wrapped(2, Duration::from_millis(500));
     assert_eq!(pool.warm_up(1).await.unwrap(), 1);
@@ -1325,7 +1325,6 @@ async fn a_caller_is_not_starved_by_a_lifecycle_top_up_stuck_connecting() {
 }
 
 #[tokio::test]
-#[ignore = "known: a warm-up still connecting counts as a waiter in the backend's status; not fixed yet"]
 async fn a_warm_up_is_not_counted_as_waiting() {
     let capture = Capture::new();
     let (gate, pool) = capture.run(|| wrapped(2, Duration::from_secs(5)));
