@@ -158,7 +158,7 @@ impl Limits {
             abandoned,
             slots: Semaphore::new(permits),
             max_queued: self.max_queued_batches,
-            queued: Arc::new(AtomicUsize::new(0)),
+            queued: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
         }
     }
@@ -172,8 +172,8 @@ pub(crate) struct Engine {
     pub(crate) abandoned: Abandoned,
     slots: Semaphore,
     max_queued: usize,
-    /// Batches created and not yet holding a slot.
-    queued: Arc<AtomicUsize>,
+    /// Batches whose task found no free slot and waits for one.
+    queued: AtomicUsize,
     next_id: AtomicU64,
 }
 
@@ -242,9 +242,9 @@ pub(crate) struct Batch<I, O> {
     sealed_notify: Notify,
     /// A request from inside a batch function waits for it: skip the slot.
     nested: AtomicBool,
+    nested_notify: Notify,
     /// The batches that wait on this one.
     lineage: Arc<Lineage>,
-    nested_notify: Notify,
     /// The window's timer, made when the batch was (so that a runtime without timers is an
     /// error for the first load, not a panic in the batch's task).
     sleep: Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
@@ -294,7 +294,12 @@ impl<I, O: Clone> Batch<I, O> {
     /// Records that `requester` (from inside a batch function) waits on this batch.
     pub(crate) fn serves(&self, requester: Option<&Arc<Lineage>>) {
         if let Some(requester) = requester {
-            lock(&self.lineage.parents).push(Arc::clone(requester));
+            // Once per requester: a batch function loading many keys joins many times.
+            let mut parents = lock(&self.lineage.parents);
+            if !parents.iter().any(|parent| Arc::ptr_eq(parent, requester)) {
+                parents.push(Arc::clone(requester));
+            }
+            drop(parents);
             self.make_nested();
         }
     }
@@ -617,16 +622,16 @@ impl<W: Owner> Drop for Wait<W> {
 }
 
 /// Counts a batch as queued (waiting for a slot) while it lives.
-struct Queued(Arc<AtomicUsize>);
+struct Queued<'a>(&'a AtomicUsize);
 
-impl Queued {
-    fn new(count: &Arc<AtomicUsize>) -> Self {
+impl<'a> Queued<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
         count.fetch_add(1, Ordering::AcqRel);
-        Self(Arc::clone(count))
+        Self(count)
     }
 }
 
-impl Drop for Queued {
+impl Drop for Queued<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
