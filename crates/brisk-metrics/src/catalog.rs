@@ -113,7 +113,91 @@ pub const CACHE_REQUESTS: MetricDef = MetricDef {
     kind: Kind::Counter,
     unit: Unit::Count,
     labels: &["cache", "tier", "outcome"],
-    help: "Cache lookups; outcome is hit, miss, stale or error.",
+    help: "Cache lookups per tier reached; outcome is hit, miss or error, and stale under the tier a stale value was served from.",
+    emitted_by: "brisk-cache",
+    otel: None,
+    buckets: &[],
+};
+
+/// Loads run by a cache, by outcome.
+pub const CACHE_LOADS: MetricDef = MetricDef {
+    name: "brisk_cache_loads_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["cache", "outcome"],
+    help: "Loader runs (one per key however many callers wait); outcome is loaded, none, error, timeout or panic.",
+    emitted_by: "brisk-cache",
+    otel: None,
+    buckets: &[],
+};
+
+/// How long a cache's loads took.
+pub const CACHE_LOAD_DURATION: MetricDef = MetricDef {
+    name: "brisk_cache_load_duration_seconds",
+    kind: Kind::Histogram,
+    unit: Unit::Seconds,
+    labels: &["cache"],
+    help: "Duration of loader runs, whatever their outcome.",
+    emitted_by: "brisk-cache",
+    otel: None,
+    buckets: SECONDS_BUCKETS,
+};
+
+/// How long a cache's remote-tier operations took.
+pub const CACHE_REMOTE_DURATION: MetricDef = MetricDef {
+    name: "brisk_cache_remote_duration_seconds",
+    kind: Kind::Histogram,
+    unit: Unit::Seconds,
+    labels: &["cache", "operation"],
+    help: "Duration of Redis operations (get, set, del), failed ones included.",
+    emitted_by: "brisk-cache",
+    otel: None,
+    buckets: SECONDS_BUCKETS,
+};
+
+/// The state of a cache's circuit breaker in front of Redis.
+pub const CACHE_BREAKER_STATE: MetricDef = MetricDef {
+    name: "brisk_cache_breaker_state",
+    kind: Kind::Gauge,
+    unit: Unit::Count,
+    labels: &["cache"],
+    help: "Circuit breaker in front of Redis: 0 closed, 1 half-open (probing), 2 open (Redis skipped).",
+    emitted_by: "brisk-cache",
+    otel: None,
+    buckets: &[],
+};
+
+/// Values read from the remote tier that were not this cache's.
+pub const CACHE_DECODE_FAILURES: MetricDef = MetricDef {
+    name: "brisk_cache_decode_failures_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["cache", "reason"],
+    help: "Remote values read as a miss because they did not decode; reason is foreign, version, codec, type, truncated or payload.",
+    emitted_by: "brisk-cache",
+    otel: None,
+    buckets: &[],
+};
+
+/// Values too large for the remote tier.
+pub const CACHE_OVERSIZE: MetricDef = MetricDef {
+    name: "brisk_cache_oversize_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["cache"],
+    help: "Values above the cache's max_value_size, kept out of the remote tier.",
+    emitted_by: "brisk-cache",
+    otel: None,
+    buckets: &[],
+};
+
+/// Entries in a cache's local tier.
+pub const CACHE_LOCAL_ENTRIES: MetricDef = MetricDef {
+    name: "brisk_cache_local_entries",
+    kind: Kind::Gauge,
+    unit: Unit::Count,
+    labels: &["cache"],
+    help: "Entries held in the in-process tier.",
     emitted_by: "brisk-cache",
     otel: None,
     buckets: &[],
@@ -379,6 +463,13 @@ pub const CATALOG: &[MetricDef] = &[
     HTTP_SERVER_REQUEST_DURATION,
     HTTP_SERVER_ACTIVE_REQUESTS,
     CACHE_REQUESTS,
+    CACHE_LOADS,
+    CACHE_LOAD_DURATION,
+    CACHE_REMOTE_DURATION,
+    CACHE_BREAKER_STATE,
+    CACHE_DECODE_FAILURES,
+    CACHE_OVERSIZE,
+    CACHE_LOCAL_ENTRIES,
     BATCH_SIZE,
     BATCH_BATCHES,
     BATCH_SINGLETONS,

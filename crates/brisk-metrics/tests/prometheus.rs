@@ -34,7 +34,7 @@ fn install_gives_real_histograms_and_refuses_a_second_recorder() {
         r#"brisk_batch_size_bucket{loader="authors",le="5"} 0"#,
         r#"brisk_batch_size_bucket{loader="authors",le="10"} 1"#,
         r#"brisk_cache_requests_total{cache="users",tier="local",outcome="hit"} 3"#,
-        "# HELP brisk_cache_requests_total Cache lookups; outcome is hit, miss, stale or error.",
+        "# HELP brisk_cache_requests_total Cache lookups per tier reached; outcome is hit, miss or error, and stale under the tier a stale value was served from.",
         r#"app_own_duration_seconds_bucket{le="0.25"} 1"#,
     ] {
         assert!(text.contains(line), "missing `{line}` in:\n{text}");

@@ -1,0 +1,750 @@
+//! `Cache`: the read path, single-flight loads, and the writes.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::Hash;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Duration;
+
+use brisk_core::deadline;
+use brisk_metrics::catalog::{
+    CACHE_DECODE_FAILURES, CACHE_LOAD_DURATION, CACHE_LOADS, CACHE_LOCAL_ENTRIES, CACHE_OVERSIZE,
+    CACHE_REQUESTS,
+};
+use brisk_metrics::{Counter, Histogram};
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::builder::CacheBuilder;
+use crate::clock::Clock;
+use crate::codec::Codec;
+use crate::envelope::{self, DecodeError, Format, Meta};
+use crate::error::{Error, SharedError};
+use crate::key::{self, CacheKey};
+use crate::local::{Local, LocalTier, Lookup};
+use crate::remote::Remote;
+
+/// The loader registered for read-through.
+pub(crate) type ReadThrough<K, V> =
+    Arc<dyn Fn(K) -> BoxFuture<'static, Result<Option<V>, SharedError>> + Send + Sync>;
+
+pub(crate) fn share(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> SharedError {
+    Arc::from(err.into())
+}
+
+/// The settings `build()` checked.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) ttl: Duration,
+    pub(crate) jitter: f64,
+    pub(crate) negative_ttl: Option<Duration>,
+    pub(crate) stale_for: Duration,
+    pub(crate) soft_timeout: Option<Duration>,
+    pub(crate) hard_timeout: Duration,
+    pub(crate) remote_timeout: Duration,
+    pub(crate) codec: Codec,
+    pub(crate) max_value_size: usize,
+    pub(crate) max_key_len: usize,
+    pub(crate) compress_above: Option<usize>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(60),
+            jitter: 0.0,
+            negative_ttl: None,
+            stale_for: Duration::ZERO,
+            soft_timeout: None,
+            hard_timeout: Duration::from_secs(10),
+            remote_timeout: Duration::from_millis(100),
+            codec: Codec::Json,
+            max_value_size: 1 << 20,
+            max_key_len: 1_024,
+            compress_above: None,
+        }
+    }
+}
+
+/// A two-tier cache of `V` by `K`: an optional in-process tier in front of Redis (or of an
+/// in-memory stand-in). Cheap to clone; clones share everything. See the [crate docs](crate).
+pub struct Cache<K, V> {
+    inner: Arc<Inner<K, V>>,
+}
+
+impl<K, V> Clone for Cache<K, V> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+pub(crate) struct Inner<K, V> {
+    name: Arc<str>,
+    prefix: Vec<u8>,
+    config: Config,
+    format: Format,
+    clock: Clock,
+    local: Option<Local<K, V>>,
+    remote: Remote,
+    loader: Option<ReadThrough<K, V>>,
+    flights: Mutex<HashMap<K, Arc<Flight<V>>, foldhash::fast::RandomState>>,
+    /// Bumped by every write: a remote read that started before one does not fill the local
+    /// tier with what it read.
+    epoch: AtomicU64,
+    metrics: Metrics,
+}
+
+/// Where a value was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tier {
+    Local,
+    Remote,
+}
+
+/// A value past its freshness that a failed or slow load may serve.
+type Stale<V> = Option<(Option<V>, Tier)>;
+
+/// One load in progress, shared by every caller that misses the key meanwhile.
+struct Flight<V> {
+    started: Instant,
+    /// What the caller that started it had as a stale value.
+    stale: Stale<V>,
+    outcome: OnceLock<Result<Option<V>, Error>>,
+    done: Notify,
+    /// A write to the key came after the load began: its result goes to its waiters only.
+    superseded: AtomicBool,
+}
+
+impl<V: Clone> Flight<V> {
+    fn finish(&self, outcome: Result<Option<V>, Error>) {
+        if self.outcome.set(outcome).is_ok() {
+            self.done.notify_waiters();
+        }
+    }
+
+    async fn wait(&self) -> Result<Option<V>, Error> {
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(outcome) = self.outcome.get() {
+                return outcome.clone();
+            }
+            notified.await;
+        }
+    }
+}
+
+struct Metrics {
+    local_hit: Counter,
+    local_miss: Counter,
+    local_stale: Counter,
+    remote_hit: Counter,
+    remote_miss: Counter,
+    remote_error: Counter,
+    remote_stale: Counter,
+    loaded: Counter,
+    load_none: Counter,
+    load_error: Counter,
+    load_timeout: Counter,
+    load_panic: Counter,
+    load_duration: Histogram,
+    decode: [Counter; 6],
+    oversize: Counter,
+}
+
+const DECODE_REASONS: [&str; 6] = ["foreign", "version", "codec", "type", "truncated", "payload"];
+
+impl Metrics {
+    fn new(cache: &str) -> Self {
+        let request = |tier: &'static str, outcome: &'static str| {
+            CACHE_REQUESTS.counter(&[
+                ("cache", cache.to_owned()),
+                ("tier", tier.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ])
+        };
+        let load = |outcome: &'static str| {
+            CACHE_LOADS.counter(&[("cache", cache.to_owned()), ("outcome", outcome.to_owned())])
+        };
+        Self {
+            local_hit: request("local", "hit"),
+            local_miss: request("local", "miss"),
+            local_stale: request("local", "stale"),
+            remote_hit: request("remote", "hit"),
+            remote_miss: request("remote", "miss"),
+            remote_error: request("remote", "error"),
+            remote_stale: request("remote", "stale"),
+            loaded: load("loaded"),
+            load_none: load("none"),
+            load_error: load("error"),
+            load_timeout: load("timeout"),
+            load_panic: load("panic"),
+            load_duration: CACHE_LOAD_DURATION.histogram(&[("cache", cache.to_owned())]),
+            decode: DECODE_REASONS.map(|reason| {
+                CACHE_DECODE_FAILURES
+                    .counter(&[("cache", cache.to_owned()), ("reason", reason.to_owned())])
+            }),
+            oversize: CACHE_OVERSIZE.counter(&[("cache", cache.to_owned())]),
+        }
+    }
+
+    fn served_stale(&self, tier: Tier) {
+        match tier {
+            Tier::Local => self.local_stale.increment(1),
+            Tier::Remote => self.remote_stale.increment(1),
+        }
+    }
+
+    fn decode_failure(&self, err: &DecodeError) {
+        let at = DECODE_REASONS
+            .iter()
+            .position(|r| *r == err.reason())
+            .unwrap_or(DECODE_REASONS.len() - 1);
+        self.decode[at].increment(1);
+    }
+}
+
+/// What the remote tier had.
+enum Found<V> {
+    Fresh(Option<V>, Instant, Instant),
+    Stale(Option<V>),
+    Nothing,
+}
+
+impl<K, V> Cache<K, V>
+where
+    K: CacheKey + Hash + Eq + Clone + Send + Sync + 'static,
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    /// Starts a cache named `name`: 1 to 64 characters of `A-Z a-z 0-9 _ - .`. The name
+    /// prefixes its Redis keys (`brisk:<name>:1:…`) and labels its metrics, so two caches of
+    /// different value types need different names.
+    pub fn builder(name: &str) -> CacheBuilder<K, V> {
+        CacheBuilder::new(name)
+    }
+
+    pub(crate) fn from_inner(inner: Inner<K, V>) -> Self {
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The cache's name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Cache-aside: the value of `key` from the cache, or from `load` on a miss (then stored).
+    ///
+    /// `load` runs at most once per key at a time in this process, however many callers miss
+    /// together: it runs on its own task, so a caller that is dropped or whose deadline passes
+    /// does not stop it for the others, and what it loads fills the cache. `Ok(None)` from it is
+    /// "there is none", cached for the negative TTL. A `load` that fails, panics or passes the
+    /// hard timeout is an error to every waiter, unless a stale value within the stale window is
+    /// at hand: that value is served instead. The wait is bounded by the request's deadline.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Load`], [`Error::Panicked`], [`Error::LoadTimeout`] (each only without a stale
+    /// value), [`Error::Deadline`], [`Error::Key`], [`Error::NoRuntime`]. A remote tier that is
+    /// down, slow or holds bad bytes is never an error here: the read goes on to `load`.
+    pub async fn get_or_load<F, E>(&self, key: &K, load: F) -> Result<Option<V>, Error>
+    where
+        F: Future<Output = Result<Option<V>, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.inner
+            .fetch(key, move || load.map(|result| result.map_err(share)))
+            .await
+    }
+
+    /// Read-through with the builder's [`loader`](CacheBuilder::loader): as
+    /// [`get_or_load`](Self::get_or_load) with it. Without a registered loader: the fresh value
+    /// in the cache, if there is one, and nothing is loaded.
+    ///
+    /// # Errors
+    ///
+    /// As [`get_or_load`](Self::get_or_load); without a loader only [`Error::Key`].
+    pub async fn get(&self, key: &K) -> Result<Option<V>, Error> {
+        match &self.inner.loader {
+            Some(loader) => {
+                let loader = Arc::clone(loader);
+                self.inner.fetch(key, move || loader(key.clone())).await
+            }
+            None => self.inner.peek(key).await,
+        }
+    }
+
+    /// Stores `value` under `key` in both tiers, in place of any load of the key in progress.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Remote`] when the remote tier may still hold what it held before (it refused
+    /// both the write and the removal); [`Error::Key`]; [`Error::Encode`].
+    pub async fn set(&self, key: &K, value: V) -> Result<(), Error> {
+        self.inner.store(key, Some(value)).await
+    }
+
+    /// Removes `key` from both tiers; a load of it in progress still answers its waiters but
+    /// stores nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Remote`] when Redis could not be told (the local entry is gone; other processes
+    /// may serve the old value until its TTL ends); [`Error::Key`].
+    pub async fn invalidate(&self, key: &K) -> Result<(), Error> {
+        let rkey = self.inner.redis_key(key)?;
+        self.inner.forget(key);
+        self.inner.remote.del(&rkey).await.map_err(Error::Remote)
+    }
+
+    /// Write-through: runs `write` (the write to the source of truth) and, if it succeeded,
+    /// stores `value` under `key`. If `write` fails, the cache is not touched. If the cache cannot
+    /// be updated, the key is removed instead, so no old value survives the write; only when
+    /// Redis refuses that too is the result [`Error::Remote`].
+    ///
+    /// Dropped before it finished (a timeout, a cancelled request), it removes the key from the
+    /// local tier at once and from Redis on a task of its own: whether `write` happened is then
+    /// unknown, so neither the old nor the new value is kept.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Write`] with the writer's error (cache untouched); [`Error::Remote`] (source
+    /// written, the remote tier may serve the old value until its TTL ends); [`Error::Key`]
+    /// (checked before `write` runs); [`Error::Encode`] (source written, key removed).
+    pub async fn write_through<W, E>(&self, key: &K, value: V, write: W) -> Result<(), Error>
+    where
+        W: Future<Output = Result<(), E>>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let rkey = self.inner.redis_key(key)?;
+        let mut unsettled = Unsettled {
+            inner: Some(&self.inner),
+            key,
+            rkey: &rkey,
+        };
+        if let Err(err) = write.await {
+            unsettled.inner = None; // the source refused: the cache keeps what it had
+            return Err(Error::Write(share(err)));
+        }
+        let stored = self.inner.store(key, Some(value)).await;
+        unsettled.inner = None;
+        match stored {
+            Ok(()) | Err(Error::Remote(_)) => stored,
+            Err(err) => {
+                // Not stored (the value did not serialize): nothing old may stay.
+                self.inner.forget(key);
+                self.inner.remote.del(&rkey).await.map_err(Error::Remote)?;
+                Err(err)
+            }
+        }
+    }
+}
+
+/// Clears a key whose write-through was dropped midway.
+struct Unsettled<'a, K: CacheKey + Hash + Eq + Clone + Send + Sync + 'static, V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> {
+    inner: Option<&'a Arc<Inner<K, V>>>,
+    key: &'a K,
+    rkey: &'a [u8],
+}
+
+impl<K, V> Drop for Unsettled<'_, K, V>
+where
+    K: CacheKey + Hash + Eq + Clone + Send + Sync + 'static,
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    fn drop(&mut self) {
+        let Some(inner) = self.inner else { return };
+        inner.forget(self.key);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let inner = Arc::clone(inner);
+            let rkey = self.rkey.to_vec();
+            runtime.spawn(async move {
+                if let Err(err) = inner.remote.del(&rkey).await {
+                    tracing::warn!(cache = %inner.name, %err, "a dropped write_through could not remove its key from Redis");
+                }
+            });
+        }
+    }
+}
+
+impl<K, V> Inner<K, V>
+where
+    K: CacheKey + Hash + Eq + Clone + Send + Sync + 'static,
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    pub(crate) fn new(
+        name: Arc<str>,
+        config: Config,
+        local: Option<LocalTier<K, V>>,
+        remote: Remote,
+        loader: Option<ReadThrough<K, V>>,
+    ) -> Self {
+        let local = local.map(|tier| {
+            let ttl = tier.ttl.unwrap_or(config.ttl);
+            Local::new(tier, ttl, CACHE_LOCAL_ENTRIES.gauge(&[("cache", name.to_string())]))
+        });
+        Self {
+            prefix: key::prefix(&name),
+            format: Format {
+                codec: config.codec,
+                fingerprint: envelope::fingerprint(std::any::type_name::<V>()),
+                compress_above: config.compress_above,
+            },
+            clock: Clock::new(),
+            metrics: Metrics::new(&name),
+            name,
+            config,
+            local,
+            remote,
+            loader,
+            flights: Mutex::default(),
+            epoch: AtomicU64::new(0),
+        }
+    }
+
+    fn redis_key(&self, key: &K) -> Result<Vec<u8>, Error> {
+        Ok(key::redis_key(&self.prefix, key, self.config.max_key_len)?)
+    }
+
+    fn flights(&self) -> MutexGuard<'_, HashMap<K, Arc<Flight<V>>, foldhash::fast::RandomState>> {
+        // Nothing that can panic runs under this lock but a key's Hash and Eq; the map is
+        // consistent between operations either way.
+        self.flights.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The read path; `make` builds the load, called only on a miss.
+    async fn fetch<M, L>(self: &Arc<Self>, key: &K, make: M) -> Result<Option<V>, Error>
+    where
+        M: FnOnce() -> L,
+        L: Future<Output = Result<Option<V>, SharedError>> + Send + 'static,
+    {
+        let mut stale = None;
+        if let Some(local) = &self.local {
+            match local.get(key, Instant::now()) {
+                Lookup::Fresh(value) => {
+                    self.metrics.local_hit.increment(1);
+                    return Ok(value);
+                }
+                Lookup::Stale(value) => stale = Some((value, Tier::Local)),
+                Lookup::Absent => {}
+            }
+            self.metrics.local_miss.increment(1);
+        }
+        let joined = self.flights().get(key).cloned();
+        if let Some(flight) = joined {
+            return self.wait(&flight, stale).await;
+        }
+        let rkey = self.redis_key(key)?;
+        let epoch = self.epoch.load(Ordering::Acquire);
+        match self.lookup(&rkey).await {
+            Found::Fresh(value, fresh_until, stale_until) => {
+                self.fill_local(key, &value, fresh_until, stale_until, epoch);
+                return Ok(value);
+            }
+            Found::Stale(value) => stale = Some((value, Tier::Remote)),
+            Found::Nothing => {}
+        }
+        let flight = self.start(key, rkey, stale.clone(), make)?;
+        self.wait(&flight, stale).await
+    }
+
+    /// A read that loads nothing: fresh values only.
+    async fn peek(&self, key: &K) -> Result<Option<V>, Error> {
+        if let Some(local) = &self.local {
+            if let Lookup::Fresh(value) = local.get(key, Instant::now()) {
+                self.metrics.local_hit.increment(1);
+                return Ok(value);
+            }
+            self.metrics.local_miss.increment(1);
+        }
+        let rkey = self.redis_key(key)?;
+        let epoch = self.epoch.load(Ordering::Acquire);
+        match self.lookup(&rkey).await {
+            Found::Fresh(value, fresh_until, stale_until) => {
+                self.fill_local(key, &value, fresh_until, stale_until, epoch);
+                Ok(value)
+            }
+            Found::Stale(_) | Found::Nothing => Ok(None),
+        }
+    }
+
+    fn fill_local(&self, key: &K, value: &Option<V>, fresh_until: Instant, stale_until: Instant, epoch: u64) {
+        if let Some(local) = &self.local
+            && self.epoch.load(Ordering::Acquire) == epoch
+        {
+            local.insert(key.clone(), value.clone(), fresh_until, stale_until, Instant::now());
+        }
+    }
+
+    /// Asks the remote tier; whatever goes wrong there is a miss, counted.
+    async fn lookup(&self, rkey: &[u8]) -> Found<V> {
+        let bytes = match self.remote.get(rkey).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => {
+                self.metrics.remote_miss.increment(1);
+                return Found::Nothing;
+            }
+            Err(err) => {
+                self.metrics.remote_error.increment(1);
+                tracing::debug!(cache = %self.name, %err, "remote read failed; going on as a miss");
+                return Found::Nothing;
+            }
+        };
+        match self.format.decode::<V>(&bytes) {
+            Ok((value, meta)) => {
+                let fresh_until = self.clock.instant(meta.fresh_until_ms);
+                let stale_until = fresh_until + self.config.stale_for;
+                let now = Instant::now();
+                if now < fresh_until {
+                    self.metrics.remote_hit.increment(1);
+                    Found::Fresh(value, fresh_until, stale_until)
+                } else if now < stale_until {
+                    self.metrics.remote_miss.increment(1);
+                    Found::Stale(value)
+                } else {
+                    self.metrics.remote_miss.increment(1);
+                    Found::Nothing
+                }
+            }
+            Err(err) => {
+                self.metrics.decode_failure(&err);
+                self.metrics.remote_miss.increment(1);
+                tracing::debug!(cache = %self.name, reason = err.reason(), ?err, "a remote value did not decode; reloading it");
+                Found::Nothing
+            }
+        }
+    }
+
+    /// Joins the load of `key` in progress, or starts one on its own task.
+    fn start<M, L>(self: &Arc<Self>, key: &K, rkey: Vec<u8>, stale: Stale<V>, make: M) -> Result<Arc<Flight<V>>, Error>
+    where
+        M: FnOnce() -> L,
+        L: Future<Output = Result<Option<V>, SharedError>> + Send + 'static,
+    {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        // A registered loader is user code: a panic building its future is the load's panic.
+        let load = std::panic::catch_unwind(AssertUnwindSafe(make)).map_err(|panic| Error::Panicked {
+            message: envelope::panic_message(&*panic).into(),
+        });
+        let flight = {
+            let mut flights = self.flights();
+            if let Some(flight) = flights.get(key) {
+                return Ok(Arc::clone(flight));
+            }
+            let load = load?;
+            let flight = Arc::new(Flight {
+                started: Instant::now(),
+                stale,
+                outcome: OnceLock::new(),
+                done: Notify::new(),
+                superseded: AtomicBool::new(false),
+            });
+            flights.insert(key.clone(), Arc::clone(&flight));
+            let landing = Landing {
+                inner: Arc::clone(self),
+                key: key.clone(),
+                rkey,
+                flight: Arc::clone(&flight),
+            };
+            // The landing is moved in before the first poll: if the task is dropped unpolled
+            // (its runtime shutting down), its drop still answers the waiters.
+            runtime.spawn(async move { landing.run(load).await });
+            flight
+        };
+        Ok(flight)
+    }
+
+    /// Waits for a load; a stale value stands in for its failure, its soft timeout, or the
+    /// caller's deadline.
+    async fn wait(&self, flight: &Flight<V>, stale: Stale<V>) -> Result<Option<V>, Error> {
+        let stale = stale.or_else(|| flight.stale.clone());
+        let patience = match (&stale, self.config.soft_timeout) {
+            (Some(_), Some(soft)) => (flight.started + soft).saturating_duration_since(Instant::now()),
+            _ => Duration::MAX,
+        };
+        let outcome = match deadline::bounded(patience, flight.wait()).await {
+            Ok(outcome) => outcome,
+            Err(elapsed) => Err(Error::Deadline(elapsed)),
+        };
+        match (outcome, stale) {
+            (Ok(value), _) => Ok(value),
+            (Err(Error::Deadline(_) | Error::Load(_) | Error::Panicked { .. } | Error::LoadTimeout { .. } | Error::Cancelled), Some((value, tier))) => {
+                self.metrics.served_stale(tier);
+                Ok(value)
+            }
+            (Err(err), _) => Err(err),
+        }
+    }
+
+    /// When a value stored now turns stale and leaves the stale window.
+    fn expiry(&self, none: bool, now: Instant) -> (Instant, Instant) {
+        let base = if none {
+            self.config.negative_ttl.unwrap_or(self.config.ttl)
+        } else {
+            self.config.ttl
+        };
+        let ttl = if self.config.jitter > 0.0 {
+            base.mul_f64(1.0 - self.config.jitter * fastrand::f64())
+        } else {
+            base
+        };
+        let fresh_until = now + ttl.max(Duration::from_millis(1));
+        (fresh_until, fresh_until + self.config.stale_for)
+    }
+
+    /// The envelope of a value stored now.
+    fn envelope(&self, value: Option<&V>, fresh_until: Instant, load: Duration, now: Instant) -> Result<Vec<u8>, Error> {
+        let meta = Meta {
+            created_ms: self.clock.unix_ms(now),
+            fresh_until_ms: self.clock.unix_ms(fresh_until),
+            load_micros: u32::try_from(load.as_micros()).unwrap_or(u32::MAX),
+        };
+        self.format.encode(value, meta).map_err(|message| Error::Encode(message.into()))
+    }
+
+    /// Writes stored bytes to Redis with its TTL: the fresh time plus the stale window. A value
+    /// too large is kept out, and what Redis held removed. An error means Redis may still
+    /// hold what it held before.
+    async fn put_remote(&self, rkey: &[u8], bytes: &[u8], stale_until: Instant) -> Result<(), Error> {
+        if bytes.len() > self.config.max_value_size {
+            self.metrics.oversize.increment(1);
+            return self.remote.del(rkey).await.map_err(Error::Remote);
+        }
+        let ttl = stale_until.saturating_duration_since(Instant::now());
+        match self.remote.set(rkey, bytes, ttl).await {
+            Ok(()) => Ok(()),
+            Err(err) => match self.remote.del(rkey).await {
+                Ok(()) => Ok(()),
+                Err(_) => Err(Error::Remote(err)),
+            },
+        }
+    }
+
+    /// `set`: both tiers, in place of any load in progress.
+    async fn store(&self, key: &K, value: Option<V>) -> Result<(), Error> {
+        let rkey = self.redis_key(key)?;
+        let now = Instant::now();
+        let (fresh_until, stale_until) = self.expiry(value.is_none(), now);
+        let bytes = self.envelope(value.as_ref(), fresh_until, Duration::ZERO, now)?;
+        self.forget(key);
+        if let Some(local) = &self.local {
+            local.insert(key.clone(), value, fresh_until, stale_until, now);
+        }
+        self.put_remote(&rkey, &bytes, stale_until).await
+    }
+
+    /// Drops the local entry and cuts off a load in progress from storing.
+    fn forget(&self, key: &K) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        if let Some(flight) = self.flights().remove(key) {
+            flight.superseded.store(true, Ordering::Release);
+        }
+        if let Some(local) = &self.local {
+            local.remove(key);
+        }
+    }
+}
+
+/// A load on its own task, and what happens when it ends, however it ends.
+struct Landing<K: CacheKey + Hash + Eq + Clone + Send + Sync + 'static, V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> {
+    inner: Arc<Inner<K, V>>,
+    key: K,
+    rkey: Vec<u8>,
+    flight: Arc<Flight<V>>,
+}
+
+impl<K, V> Landing<K, V>
+where
+    K: CacheKey + Hash + Eq + Clone + Send + Sync + 'static,
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    async fn run(self, load: impl Future<Output = Result<Option<V>, SharedError>> + Send) {
+        let inner = &self.inner;
+        let m = &inner.metrics;
+        let started = Instant::now();
+        let hard = inner.config.hard_timeout;
+        let outcome = match deadline::bounded(hard, AssertUnwindSafe(load).catch_unwind()).await {
+            Ok(Ok(Ok(value))) => {
+                if value.is_some() { m.loaded.increment(1) } else { m.load_none.increment(1) }
+                Ok(value)
+            }
+            Ok(Ok(Err(err))) => {
+                m.load_error.increment(1);
+                Err(Error::Load(err))
+            }
+            Ok(Err(panic)) => {
+                m.load_panic.increment(1);
+                Err(Error::Panicked { message: envelope::panic_message(&*panic).into() })
+            }
+            Err(_) => {
+                m.load_timeout.increment(1);
+                Err(Error::LoadTimeout { after: hard })
+            }
+        };
+        let took = started.elapsed();
+        m.load_duration.record(took.as_secs_f64());
+        let mut remote = None;
+        if let Ok(value) = &outcome
+            && !self.flight.superseded.load(Ordering::Acquire)
+            && (value.is_some() || !inner.config.negative_ttl.is_some_and(|ttl| ttl.is_zero()))
+        {
+            let now = Instant::now();
+            let (fresh_until, stale_until) = inner.expiry(value.is_none(), now);
+            if let Some(local) = &inner.local {
+                local.insert(self.key.clone(), value.clone(), fresh_until, stale_until, now);
+            }
+            match inner.envelope(value.as_ref(), fresh_until, took, now) {
+                Ok(bytes) => remote = Some((bytes, stale_until)),
+                Err(err) => tracing::warn!(cache = %inner.name, %err, "a loaded value was kept out of the remote tier"),
+            }
+        }
+        self.flight.finish(outcome);
+        // Callers arriving until the remote write is done still join this flight and get its
+        // value, rather than miss in Redis and load again.
+        if let Some((bytes, stale_until)) = remote
+            && !self.flight.superseded.load(Ordering::Acquire)
+            && let Err(err) = inner.put_remote(&self.rkey, &bytes, stale_until).await
+        {
+            tracing::debug!(cache = %inner.name, %err, "a loaded value could not be written to Redis");
+        }
+    }
+}
+
+impl<K, V> Drop for Landing<K, V>
+where
+    K: CacheKey + Hash + Eq + Clone + Send + Sync + 'static,
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    fn drop(&mut self) {
+        // Ended without an outcome: the task was dropped (its runtime shut down).
+        self.flight.finish(Err(Error::Cancelled));
+        let mut flights = self.inner.flights();
+        if flights.get(&self.key).is_some_and(|f| Arc::ptr_eq(f, &self.flight)) {
+            flights.remove(&self.key);
+        }
+    }
+}
+
+impl<K, V> fmt::Debug for Cache<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = &self.inner;
+        f.debug_struct("Cache")
+            .field("name", &inner.name)
+            .field("ttl", &inner.config.ttl)
+            .field("local", &inner.local.as_ref().map(|local| local.ttl))
+            .field("remote", &inner.remote)
+            .field("codec", &inner.config.codec)
+            .finish_non_exhaustive()
+    }
+}

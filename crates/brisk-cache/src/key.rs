@@ -1,0 +1,227 @@
+//! How a key becomes a Redis key.
+//!
+//! Every entry of a cache named `users` lives under
+//!
+//! ```text
+//! brisk:users:1:<the key's encoding>
+//! ```
+//!
+//! `1` is the format version: a change of the key or envelope format bumps it, so entries of the
+//! old format are never read as the new one. A cache name is 1 to 64 characters of
+//! `A-Z a-z 0-9 _ - .` (no `:`), so the prefix ends unambiguously, and two caches never share a
+//! key. Within a cache, [`CacheKey::encode`] is injective: two different keys never write the same
+//! bytes. The encodings brisk provides start with a tag saying which kind of key it is:
+//!
+//! | key | encoding |
+//! |---|---|
+//! | `str`, `String`, `Box<str>`, `Arc<str>` | `s:` and the UTF-8 bytes |
+//! | every integer type | `i:` and the decimal digits (`i:-42`) |
+//! | `bool` | `b:0` or `b:1` |
+//! | `char` | `c:` and its UTF-8 bytes |
+//! | `[u8]`, `Vec<u8>` | `x:` and the bytes as they are |
+//! | tuples of two or three keys | `t:` and each part as `<byte length>:<encoding>` |
+//!
+//! Redis keys are binary-safe, so any bytes are valid; a key whose encoding exceeds the cache's
+//! `max_key_len` (1,024 bytes unless set) is refused with [`KeyError::TooLong`], never cut.
+
+use std::sync::Arc;
+
+/// A key type a cache can store: it writes bytes that no other value of the type writes.
+///
+/// Implement it for your own key types by delegating to the provided impls, for example a
+/// newtype writing its inner value:
+///
+/// ```
+/// use brisk_cache::CacheKey;
+///
+/// #[derive(Clone, PartialEq, Eq, Hash)]
+/// struct UserId(u64);
+///
+/// impl CacheKey for UserId {
+///     fn encode(&self, out: &mut Vec<u8>) {
+///         self.0.encode(out);
+///     }
+/// }
+/// ```
+pub trait CacheKey {
+    /// Appends this key's bytes to `out`. Two different keys must never append the same bytes.
+    fn encode(&self, out: &mut Vec<u8>);
+}
+
+/// A key the cache refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The key's encoding is longer than the cache's `max_key_len`.
+    #[error("the key is {len} bytes long encoded, more than the cache's max_key_len of {max}")]
+    TooLong {
+        /// The encoded length.
+        len: usize,
+        /// The cache's limit.
+        max: usize,
+    },
+    /// A `CacheKey` impl wrote no bytes, so every such key would be the same entry.
+    #[error("the key's CacheKey::encode wrote no bytes")]
+    Empty,
+}
+
+impl<T: CacheKey + ?Sized> CacheKey for &T {
+    fn encode(&self, out: &mut Vec<u8>) {
+        (**self).encode(out);
+    }
+}
+
+impl CacheKey for str {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"s:");
+        out.extend_from_slice(self.as_bytes());
+    }
+}
+
+impl CacheKey for String {
+    fn encode(&self, out: &mut Vec<u8>) {
+        self.as_str().encode(out);
+    }
+}
+
+impl CacheKey for Box<str> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        (**self).encode(out);
+    }
+}
+
+impl CacheKey for Arc<str> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        (**self).encode(out);
+    }
+}
+
+impl CacheKey for [u8] {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"x:");
+        out.extend_from_slice(self);
+    }
+}
+
+impl CacheKey for Vec<u8> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        self.as_slice().encode(out);
+    }
+}
+
+impl CacheKey for bool {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(if *self { b"b:1" } else { b"b:0" });
+    }
+}
+
+impl CacheKey for char {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"c:");
+        out.extend_from_slice(self.encode_utf8(&mut [0; 4]).as_bytes());
+    }
+}
+
+macro_rules! integer_keys {
+    ($($t:ty)*) => {$(
+        impl CacheKey for $t {
+            fn encode(&self, out: &mut Vec<u8>) {
+                use std::io::Write as _;
+                out.extend_from_slice(b"i:");
+                // Writing to a Vec cannot fail.
+                let _ = write!(out, "{self}");
+            }
+        }
+    )*};
+}
+
+integer_keys!(u8 u16 u32 u64 u128 usize i8 i16 i32 i64 i128 isize);
+
+/// Appends one tuple part, prefixed by its length so that parts cannot run into each other.
+fn part(key: &impl CacheKey, out: &mut Vec<u8>) {
+    use std::io::Write as _;
+    let mut bytes = Vec::new();
+    key.encode(&mut bytes);
+    let _ = write!(out, "{}:", bytes.len());
+    out.extend_from_slice(&bytes);
+}
+
+impl<A: CacheKey, B: CacheKey> CacheKey for (A, B) {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"t:");
+        part(&self.0, out);
+        part(&self.1, out);
+    }
+}
+
+impl<A: CacheKey, B: CacheKey, C: CacheKey> CacheKey for (A, B, C) {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"t:");
+        part(&self.0, out);
+        part(&self.1, out);
+        part(&self.2, out);
+    }
+}
+
+/// The Redis key of `key` in the cache whose prefix is `prefix` (`brisk:<name>:1:`).
+pub(crate) fn redis_key(prefix: &[u8], key: &impl CacheKey, max: usize) -> Result<Vec<u8>, KeyError> {
+    let mut out = Vec::with_capacity(prefix.len() + 24);
+    out.extend_from_slice(prefix);
+    key.encode(&mut out);
+    let len = out.len() - prefix.len();
+    if len == 0 {
+        return Err(KeyError::Empty);
+    }
+    if len > max {
+        return Err(KeyError::TooLong { len, max });
+    }
+    Ok(out)
+}
+
+/// The prefix of every key of the cache named `name`.
+pub(crate) fn prefix(name: &str) -> Vec<u8> {
+    format!("brisk:{name}:{}:", crate::envelope::FORMAT_VERSION).into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enc(key: &impl CacheKey) -> Vec<u8> {
+        let mut out = Vec::new();
+        key.encode(&mut out);
+        out
+    }
+
+    #[test]
+    fn encodings_are_tagged_and_injective() {
+        assert_eq!(enc(&"42"), b"s:42");
+        assert_eq!(enc(&42_u64), b"i:42");
+        assert_eq!(enc(&-42_i32), b"i:-42");
+        assert_ne!(enc(&"42"), enc(&42_u8));
+        assert_eq!(enc(&true), b"b:1");
+        assert_eq!(enc(&'é'), "c:é".as_bytes());
+        assert_eq!(enc(&vec![0_u8, 255]), b"x:\x00\xff");
+        // Parts are length-prefixed: ("a:b", "c") and ("a", "b:c") differ.
+        assert_ne!(enc(&("a:b", "c")), enc(&("a", "b:c")));
+        assert_eq!(enc(&("ab", 1_u8)), b"t:4:s:ab3:i:1");
+        assert_ne!(enc(&("", "")), enc(&""));
+    }
+
+    #[test]
+    fn limits_are_errors_not_truncations() {
+        let prefix = prefix("users");
+        assert_eq!(prefix, b"brisk:users:1:");
+        let long = "x".repeat(1_023);
+        assert_eq!(
+            redis_key(&prefix, &long, 1_024),
+            Err(KeyError::TooLong { len: 1_025, max: 1_024 })
+        );
+        assert!(redis_key(&prefix, &"x".repeat(1_022), 1_024).is_ok());
+        struct Nothing;
+        impl CacheKey for Nothing {
+            fn encode(&self, _: &mut Vec<u8>) {}
+        }
+        assert_eq!(redis_key(&prefix, &Nothing, 1_024), Err(KeyError::Empty));
+    }
+}

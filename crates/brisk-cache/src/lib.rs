@@ -1,0 +1,73 @@
+//! A two-tier cache: an optional in-process tier in front of Redis, with single-flight loads,
+//! fail-safe stale values, and a remote tier whose failures make a request slower, never failed.
+//!
+//! ```
+//! use std::time::Duration;
+//! use brisk_cache::{Cache, LocalTier};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // No Redis given: the remote tier is an in-memory map (give one with `.redis(source)`).
+//! let users: Cache<u64, String> = Cache::builder("users")
+//!     .ttl(Duration::from_secs(60))
+//!     .local(LocalTier::entries(10_000).ttl(Duration::from_secs(5)))
+//!     .build()?;
+//!
+//! // Cache-aside: on a miss the future loads the value (once, however many callers miss).
+//! let name = users
+//!     .get_or_load(&42, async { Ok::<_, std::io::Error>(Some("Ada".to_owned())) })
+//!     .await?;
+//! assert_eq!(name.as_deref(), Some("Ada"));
+//! // A hit: the loader is not run.
+//! let again = users.get_or_load(&42, async { unreachable!() as Result<_, std::io::Error> }).await?;
+//! assert_eq!(again.as_deref(), Some("Ada"));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Strategies
+//!
+//! - Cache-aside: [`Cache::get_or_load`] with a future that loads the key.
+//! - Read-through: register a loader with [`CacheBuilder::loader`]; [`Cache::get`] uses it.
+//! - Write-through: [`Cache::write_through`] writes the source of truth first, then the cache.
+//! - Direct: [`Cache::set`], [`Cache::get`] (without a loader: no load), [`Cache::invalidate`].
+//!
+//! # The read path
+//!
+//! 1. The local tier, if any: a fresh entry answers at once.
+//! 2. A load of the key already in progress: wait for it.
+//! 3. The remote tier, within `min(remote_timeout, deadline::remaining())` and through a
+//!    circuit breaker; a fresh value answers (and fills the local tier). Down, slow, open
+//!    breaker, or bytes that are not this cache's: all a miss, counted.
+//! 4. The load, on its own task: one per key in this process at a time, bounded by the hard
+//!    timeout. Its value goes to every waiter and the local tier, then to Redis.
+//!
+//! With a stale value at hand (past its TTL, within [`stale_for`](CacheBuilder::stale_for)), a
+//! load that fails, panics, times out, or passes the [`soft_timeout`](CacheBuilder::soft_timeout)
+//! — or a caller deadline that comes first — serves the stale value instead.
+//!
+//! # Keys and values
+//!
+//! Keys implement [`CacheKey`] (an injective encoding; see [`key`]), values serde's traits;
+//! they travel in an envelope (format version, codec, a fingerprint of the type, times) so that
+//! anything foreign is a miss, never an error. `docs/caching.md` is the guide.
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+mod breaker;
+mod builder;
+mod cache;
+mod clock;
+mod codec;
+mod envelope;
+mod error;
+pub mod key;
+mod local;
+mod remote;
+
+pub use breaker::BreakerConfig;
+pub use builder::{CacheBuilder, MAX_TIMEOUT, MAX_TTL};
+pub use cache::Cache;
+pub use codec::Codec;
+pub use error::{BuildError, Error, RemoteError, SharedError};
+pub use key::{CacheKey, KeyError};
+pub use local::LocalTier;
