@@ -1,5 +1,6 @@
 //! What can go wrong, for a caller and at build time.
 
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,47 +17,84 @@ pub type SharedError = Arc<dyn std::error::Error + Send + Sync + 'static>;
 /// a read slower (it goes to the loader), never an error. [`Error::Remote`] comes only from the
 /// operations that exist to change the remote tier: [`set`](crate::Cache::set),
 /// [`invalidate`](crate::Cache::invalidate) and [`write_through`](crate::Cache::write_through).
-#[derive(Debug, Clone, thiserror::Error)]
+///
+/// [`source()`](std::error::Error::source) of [`Error::Load`] and [`Error::Write`] is your own
+/// error itself, so `err.source().and_then(|e| e.downcast_ref::<MyError>())` finds it.
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Error {
     /// The loader returned an error and no stale value was there to serve instead.
-    #[error("the loader failed: {0}")]
-    Load(#[source] SharedError),
+    Load(SharedError),
     /// The loader panicked; the key can be loaded again.
-    #[error("the loader panicked: {message}")]
     Panicked {
         /// The panic's message.
         message: Arc<str>,
     },
     /// The loader ran past the cache's hard timeout and was dropped.
-    #[error("the loader did not finish within the cache's hard timeout of {after:?}")]
     LoadTimeout {
         /// The hard timeout.
         after: Duration,
     },
     /// The request's deadline (`brisk::deadline::scope`) passed before a value was ready; the
     /// load goes on for the callers still waiting, and fills the cache.
-    #[error("no value before the request's deadline: {0}")]
     Deadline(Elapsed),
     /// The key cannot be stored.
-    #[error("the key was refused: {0}")]
-    Key(#[from] KeyError),
+    Key(KeyError),
     /// The source of truth refused the write in `write_through`; the cache was not touched.
-    #[error("the write to the source of truth failed; the cache was not changed: {0}")]
-    Write(#[source] SharedError),
+    Write(SharedError),
     /// The remote tier could not be changed (`set`, `invalidate`, the cache update of
     /// `write_through`); what it holds for the key may be outdated until its TTL ends.
-    #[error("the remote tier could not be updated, it may serve an old value until the TTL ends: {0}")]
-    Remote(#[source] RemoteError),
+    Remote(RemoteError),
     /// The value could not be serialized; nothing was stored.
-    #[error("the value could not be serialized: {0}")]
     Encode(Arc<str>),
     /// The load's task was dropped before it finished: its runtime shut down.
-    #[error("the load was cancelled: the runtime it ran on shut down")]
     Cancelled,
     /// Called outside a tokio runtime, which loads run on.
-    #[error("brisk-cache needs a tokio runtime with timers (tokio's `rt` and `time` features)")]
     NoRuntime,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Load(err) => write!(f, "the loader failed: {err}"),
+            Self::Panicked { message } => write!(f, "the loader panicked: {message}"),
+            Self::LoadTimeout { after } => {
+                write!(f, "the loader did not finish within the cache's hard timeout of {after:?}")
+            }
+            Self::Deadline(elapsed) => write!(f, "no value before the request's deadline: {elapsed}"),
+            Self::Key(err) => write!(f, "the key was refused: {err}"),
+            Self::Write(err) => {
+                write!(f, "the write to the source of truth failed; the cache was not changed: {err}")
+            }
+            Self::Remote(err) => write!(
+                f,
+                "the remote tier could not be updated, it may serve an old value until the TTL ends: {err}"
+            ),
+            Self::Encode(message) => write!(f, "the value could not be serialized: {message}"),
+            Self::Cancelled => f.write_str("the load was cancelled: the runtime it ran on shut down"),
+            Self::NoRuntime => f.write_str(
+                "brisk-cache needs a tokio runtime with timers (tokio's `rt` and `time` features)",
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Load(err) | Self::Write(err) => Some(&**err),
+            Self::Deadline(elapsed) => Some(elapsed),
+            Self::Key(err) => Some(err),
+            Self::Remote(err) => Some(err),
+            _ => None,
+        }
+    }
+}
+
+impl From<KeyError> for Error {
+    fn from(err: KeyError) -> Self {
+        Self::Key(err)
+    }
 }
 
 /// Why the remote tier did not answer.
