@@ -315,7 +315,8 @@ where
     ///
     /// Dropped before it finished (a timeout, a cancelled request), it removes the key from the
     /// local tier at once and from Redis on a task of its own: whether `write` happened is then
-    /// unknown, so neither the old nor the new value is kept.
+    /// unknown, so neither the old nor the new value is kept. Until that removal lands (one
+    /// round trip), a read may still find the old value in Redis.
     ///
     /// # Errors
     ///
@@ -368,9 +369,12 @@ where
         inner.forget(self.key);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let inner = Arc::clone(inner);
-            let rkey = self.rkey.to_vec();
+            let (key, rkey) = (self.key.clone(), self.rkey.to_vec());
             runtime.spawn(async move {
-                if let Err(err) = inner.remote.del(&rkey).await {
+                let removed = inner.remote.del(&rkey).await;
+                // A read meanwhile may have found the old value in Redis and kept it locally.
+                inner.forget(&key);
+                if let Err(err) = removed {
                     tracing::warn!(cache = %inner.name, %err, "a dropped write_through could not remove its key from Redis");
                 }
             });
@@ -669,6 +673,14 @@ where
     K: CacheKey + Hash + Eq + Clone + Send + Sync + 'static,
     V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 {
+    /// Takes this flight out of the map, unless a write already replaced it.
+    fn leave(&self) {
+        let mut flights = self.inner.flights();
+        if flights.get(&self.key).is_some_and(|f| Arc::ptr_eq(f, &self.flight)) {
+            flights.remove(&self.key);
+        }
+    }
+
     async fn run(self, load: impl Future<Output = Result<Option<V>, SharedError>> + Send) {
         let inner = &self.inner;
         let m = &inner.metrics;
@@ -709,6 +721,9 @@ where
                 Err(err) => tracing::warn!(cache = %inner.name, %err, "a loaded value was kept out of the remote tier"),
             }
         }
+        if outcome.is_err() {
+            self.leave(); // callers from now on load again rather than share this failure
+        }
         self.flight.finish(outcome);
         // Callers arriving until the remote write is done still join this flight and get its
         // value, rather than miss in Redis and load again.
@@ -727,12 +742,9 @@ where
     V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 {
     fn drop(&mut self) {
+        self.leave();
         // Ended without an outcome: the task was dropped (its runtime shut down).
         self.flight.finish(Err(Error::Cancelled));
-        let mut flights = self.inner.flights();
-        if flights.get(&self.key).is_some_and(|f| Arc::ptr_eq(f, &self.flight)) {
-            flights.remove(&self.key);
-        }
     }
 }
 
