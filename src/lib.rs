@@ -13,11 +13,14 @@
 //! | `pool` | no | [`pool`]: instrumented, bounded pooling over deadpool and bb8 (`brisk-pool`) |
 //! | `redis` | no | [`pool::redis_source`]: the Redis connection sources |
 //! | `tls` | no | `rediss://` for the Redis sources (rustls with ring) |
+//! | `cache` | no | [`cache`]: the two-tier cache over Redis or memory (`brisk-cache`); brings `redis` |
+//! | `cache-postcard` | no | the cache's `Codec::Postcard` |
+//! | `cache-lz4` | no | LZ4 compression of large cached values |
 //! | `serde` | no | configuration types (the pool `Lifecycle`) through serde |
 //! | `full` | no | everything above |
 //!
-//! Blocks still to come (cache, guard layers, Axum and Actix glue) join this table as they
-//! land; the README lists their status.
+//! Blocks still to come (guard layers, Axum and Actix glue) join this table as they land; the
+//! README lists their status.
 //!
 //! ```
 //! use std::time::Duration;
@@ -34,6 +37,8 @@
 
 #[cfg(feature = "batch")]
 pub use brisk_batch as batch;
+#[cfg(feature = "cache")]
+pub use brisk_cache as cache;
 pub use brisk_core::deadline;
 #[cfg(feature = "metrics")]
 pub use brisk_metrics as metrics;
@@ -44,6 +49,8 @@ pub use brisk_pool as pool;
 pub mod prelude {
     #[cfg(feature = "batch")]
     pub use crate::batch::{BatchFn, LoadError, Loader};
+    #[cfg(feature = "cache")]
+    pub use crate::cache::{Cache, LocalTier};
     pub use crate::deadline;
     #[cfg(feature = "http")]
     pub use crate::metrics::http::{HttpMetricsLayer, RouteTemplate};
@@ -67,6 +74,11 @@ pub struct BatchingGuideDoctests;
 #[cfg(all(doctest, feature = "http", feature = "prometheus"))]
 #[doc = include_str!("../docs/metrics.md")]
 pub struct MetricsGuideDoctests;
+
+/// The caching guide's examples, compiled and run as doc tests as a user of `brisk` writes them.
+#[cfg(all(doctest, feature = "cache", feature = "batch"))]
+#[doc = include_str!("../docs/caching.md")]
+pub struct CachingGuideDoctests;
 
 /// The pooling guide's examples, compiled as doc tests as a user of `brisk` writes them.
 #[cfg(all(doctest, feature = "pool", feature = "tls"))]

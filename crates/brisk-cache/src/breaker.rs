@@ -77,7 +77,12 @@ impl Breaker {
         // One caller wins the probe; the rest keep skipping.
         let probe = self
             .since
-            .compare_exchange(since, now.max(since + 1), Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(
+                since,
+                now.max(since + 1),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
             .is_ok();
         if probe {
             self.state.store(HALF_OPEN, Ordering::Release);
@@ -95,7 +100,10 @@ impl Breaker {
     }
 
     pub(crate) fn failure(&self) {
-        let failures = self.failures.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+        let failures = self
+            .failures
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_add(1);
         let state = self.state.load(Ordering::Acquire);
         if state == HALF_OPEN || (state == CLOSED && failures >= self.config.failures) {
             self.since.store(self.now_ms(), Ordering::Release);
@@ -123,7 +131,10 @@ mod tests {
 
     fn breaker() -> Breaker {
         Breaker::new(
-            BreakerConfig { failures: 3, open_for: Duration::from_secs(1) },
+            BreakerConfig {
+                failures: 3,
+                open_for: Duration::from_secs(1),
+            },
             brisk_metrics::catalog::CACHE_BREAKER_STATE.gauge(&[("cache", "t")]),
             "t".into(),
         )

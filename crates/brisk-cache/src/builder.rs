@@ -38,7 +38,7 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(3_600);
 /// | [`remote_timeout`](Self::remote_timeout) | 100 ms |
 /// | [`breaker`](Self::breaker) | 5 failures in a row open it for 500 ms |
 /// | [`local`](Self::local) | none |
-/// | [`codec`](Self::codec) | JSON |
+/// | [`codec`](Self::codec) | MessagePack |
 /// | [`max_value_size`](Self::max_value_size) | 1 MiB |
 /// | [`max_key_len`](Self::max_key_len) | 1,024 bytes |
 #[must_use]
@@ -196,10 +196,20 @@ where
     ///
     /// A [`BuildError`] naming the first setting it cannot honour.
     pub fn build(self) -> Result<Cache<K, V>, BuildError> {
-        let Self { name, mut config, local, redis, memory_bytes, breaker, loader } = self;
+        let Self {
+            name,
+            mut config,
+            local,
+            redis,
+            memory_bytes,
+            breaker,
+            loader,
+        } = self;
         let valid_name = !name.is_empty()
             && name.len() <= 64
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
         if !valid_name {
             return Err(BuildError::Name(name));
         }
@@ -208,19 +218,32 @@ where
         if !(0.0..1.0).contains(&config.jitter) {
             return Err(BuildError::Jitter(config.jitter.to_string()));
         }
-        let negative = *config.negative_ttl.get_or_insert(ttl.min(Duration::from_secs(30)));
+        let negative = *config
+            .negative_ttl
+            .get_or_insert(ttl.min(Duration::from_secs(30)));
         if negative > ttl {
-            return Err(BuildError::AboveTtl { setting: "negative_ttl", value: negative, ttl });
+            return Err(BuildError::AboveTtl {
+                setting: "negative_ttl",
+                value: negative,
+                ttl,
+            });
         }
         if config.stale_for > MAX_TTL {
-            return Err(BuildError::TooLong { setting: "stale_for", value: config.stale_for, max: MAX_TTL });
+            return Err(BuildError::TooLong {
+                setting: "stale_for",
+                value: config.stale_for,
+                max: MAX_TTL,
+            });
         }
         within("hard_timeout", config.hard_timeout, MAX_TIMEOUT)?;
         within("remote_timeout", config.remote_timeout, MAX_TIMEOUT)?;
         if let Some(soft) = config.soft_timeout {
             within("soft_timeout", soft, MAX_TIMEOUT)?;
             if soft >= config.hard_timeout {
-                return Err(BuildError::SoftAboveHard { soft, hard: config.hard_timeout });
+                return Err(BuildError::SoftAboveHard {
+                    soft,
+                    hard: config.hard_timeout,
+                });
             }
         }
         if breaker.failures == 0 {
@@ -245,7 +268,11 @@ where
                 return Err(BuildError::Zero("local tier ttl"));
             }
             if local_ttl > ttl {
-                return Err(BuildError::AboveTtl { setting: "local tier ttl", value: local_ttl, ttl });
+                return Err(BuildError::AboveTtl {
+                    setting: "local tier ttl",
+                    value: local_ttl,
+                    ttl,
+                });
             }
         }
         let name: Arc<str> = name.into();
@@ -253,7 +280,9 @@ where
             Some(ops) => Remote::redis(ops, config.remote_timeout, breaker, &name),
             None => Remote::memory(memory_bytes, &name),
         };
-        Ok(Cache::from_inner(Inner::new(name, config, local, remote, loader)))
+        Ok(Cache::from_inner(Inner::new(
+            name, config, local, remote, loader,
+        )))
     }
 }
 
@@ -262,7 +291,11 @@ fn within(setting: &'static str, value: Duration, max: Duration) -> Result<(), B
         return Err(BuildError::Zero(setting));
     }
     if value > max {
-        return Err(BuildError::TooLong { setting, value, max });
+        return Err(BuildError::TooLong {
+            setting,
+            value,
+            max,
+        });
     }
     Ok(())
 }

@@ -64,7 +64,7 @@ impl Default for Config {
             soft_timeout: None,
             hard_timeout: Duration::from_secs(10),
             remote_timeout: Duration::from_millis(100),
-            codec: Codec::Json,
+            codec: Codec::MessagePack,
             max_value_size: 1 << 20,
             max_key_len: 1_024,
             compress_above: None,
@@ -161,7 +161,14 @@ struct Metrics {
     oversize: Counter,
 }
 
-const DECODE_REASONS: [&str; 6] = ["foreign", "version", "codec", "type", "truncated", "payload"];
+const DECODE_REASONS: [&str; 6] = [
+    "foreign",
+    "version",
+    "codec",
+    "type",
+    "truncated",
+    "payload",
+];
 
 impl Metrics {
     fn new(cache: &str) -> Self {
@@ -263,9 +270,16 @@ where
         F: Future<Output = Result<Option<V>, E>> + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        self.inner
-            .fetch(key, move || load.map(|result| result.map_err(share)))
-            .await
+        let stale = match self.inner.local_first(key) {
+            Ok(hit) => return Ok(hit),
+            Err(stale) => stale,
+        };
+        // The miss path lives in its own allocation, so the future of a hit stays small.
+        Box::pin(
+            self.inner
+                .fetch(key, stale, move || load.map(|result| result.map_err(share))),
+        )
+        .await
     }
 
     /// Read-through with the builder's [`loader`](CacheBuilder::loader): as
@@ -276,12 +290,16 @@ where
     ///
     /// As [`get_or_load`](Self::get_or_load); without a loader only [`Error::Key`].
     pub async fn get(&self, key: &K) -> Result<Option<V>, Error> {
+        let stale = match self.inner.local_first(key) {
+            Ok(hit) => return Ok(hit),
+            Err(stale) => stale,
+        };
         match &self.inner.loader {
             Some(loader) => {
                 let loader = Arc::clone(loader);
-                self.inner.fetch(key, move || loader(key.clone())).await
+                Box::pin(self.inner.fetch(key, stale, move || loader(key.clone()))).await
             }
-            None => self.inner.peek(key).await,
+            None => Box::pin(self.inner.peek(key)).await,
         }
     }
 
@@ -353,7 +371,11 @@ where
 }
 
 /// Clears a key whose write-through was dropped midway.
-struct Unsettled<'a, K: CacheKey + Hash + Eq + Clone + Send + Sync + 'static, V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> {
+struct Unsettled<
+    'a,
+    K: CacheKey + Hash + Eq + Clone + Send + Sync + 'static,
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+> {
     inner: Option<&'a Arc<Inner<K, V>>>,
     key: &'a K,
     rkey: &'a [u8],
@@ -396,7 +418,11 @@ where
     ) -> Self {
         let local = local.map(|tier| {
             let ttl = tier.ttl.unwrap_or(config.ttl);
-            Local::new(tier, ttl, CACHE_LOCAL_ENTRIES.gauge(&[("cache", name.to_string())]))
+            Local::new(
+                tier,
+                ttl,
+                CACHE_LOCAL_ENTRIES.gauge(&[("cache", name.to_string())]),
+            )
         });
         Self {
             prefix: key::prefix(&name),
@@ -427,24 +453,35 @@ where
         self.flights.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The read path; `make` builds the load, called only on a miss.
-    async fn fetch<M, L>(self: &Arc<Self>, key: &K, make: M) -> Result<Option<V>, Error>
+    /// The local tier's answer: `Ok` for a fresh hit, `Err` with what a miss found there.
+    #[inline]
+    fn local_first(&self, key: &K) -> Result<Option<V>, Stale<V>> {
+        let Some(local) = &self.local else {
+            return Err(None);
+        };
+        let stale = match local.get(key, Instant::now()) {
+            Lookup::Fresh(value) => {
+                self.metrics.local_hit.increment(1);
+                return Ok(value);
+            }
+            Lookup::Stale(value) => Some((value, Tier::Local)),
+            Lookup::Absent => None,
+        };
+        self.metrics.local_miss.increment(1);
+        Err(stale)
+    }
+
+    /// The read path past the local tier; `make` builds the load, called only on a miss.
+    async fn fetch<M, L>(
+        self: &Arc<Self>,
+        key: &K,
+        mut stale: Stale<V>,
+        make: M,
+    ) -> Result<Option<V>, Error>
     where
         M: FnOnce() -> L,
         L: Future<Output = Result<Option<V>, SharedError>> + Send + 'static,
     {
-        let mut stale = None;
-        if let Some(local) = &self.local {
-            match local.get(key, Instant::now()) {
-                Lookup::Fresh(value) => {
-                    self.metrics.local_hit.increment(1);
-                    return Ok(value);
-                }
-                Lookup::Stale(value) => stale = Some((value, Tier::Local)),
-                Lookup::Absent => {}
-            }
-            self.metrics.local_miss.increment(1);
-        }
         let joined = self.flights().get(key).cloned();
         if let Some(flight) = joined {
             return self.wait(&flight, stale).await;
@@ -463,15 +500,8 @@ where
         self.wait(&flight, stale).await
     }
 
-    /// A read that loads nothing: fresh values only.
+    /// A read past the local tier that loads nothing: fresh values only.
     async fn peek(&self, key: &K) -> Result<Option<V>, Error> {
-        if let Some(local) = &self.local {
-            if let Lookup::Fresh(value) = local.get(key, Instant::now()) {
-                self.metrics.local_hit.increment(1);
-                return Ok(value);
-            }
-            self.metrics.local_miss.increment(1);
-        }
         let rkey = self.redis_key(key)?;
         let epoch = self.epoch.load(Ordering::Acquire);
         match self.lookup(&rkey).await {
@@ -483,11 +513,24 @@ where
         }
     }
 
-    fn fill_local(&self, key: &K, value: &Option<V>, fresh_until: Instant, stale_until: Instant, epoch: u64) {
+    fn fill_local(
+        &self,
+        key: &K,
+        value: &Option<V>,
+        fresh_until: Instant,
+        stale_until: Instant,
+        epoch: u64,
+    ) {
         if let Some(local) = &self.local
             && self.epoch.load(Ordering::Acquire) == epoch
         {
-            local.insert(key.clone(), value.clone(), fresh_until, stale_until, Instant::now());
+            local.insert(
+                key.clone(),
+                value.clone(),
+                fresh_until,
+                stale_until,
+                Instant::now(),
+            );
         }
     }
 
@@ -531,16 +574,23 @@ where
     }
 
     /// Joins the load of `key` in progress, or starts one on its own task.
-    fn start<M, L>(self: &Arc<Self>, key: &K, rkey: Vec<u8>, stale: Stale<V>, make: M) -> Result<Arc<Flight<V>>, Error>
+    fn start<M, L>(
+        self: &Arc<Self>,
+        key: &K,
+        rkey: Vec<u8>,
+        stale: Stale<V>,
+        make: M,
+    ) -> Result<Arc<Flight<V>>, Error>
     where
         M: FnOnce() -> L,
         L: Future<Output = Result<Option<V>, SharedError>> + Send + 'static,
     {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         // A registered loader is user code: a panic building its future is the load's panic.
-        let load = std::panic::catch_unwind(AssertUnwindSafe(make)).map_err(|panic| Error::Panicked {
-            message: envelope::panic_message(&*panic).into(),
-        });
+        let load =
+            std::panic::catch_unwind(AssertUnwindSafe(make)).map_err(|panic| Error::Panicked {
+                message: envelope::panic_message(&*panic).into(),
+            });
         let flight = {
             let mut flights = self.flights();
             if let Some(flight) = flights.get(key) {
@@ -574,7 +624,9 @@ where
     async fn wait(&self, flight: &Flight<V>, stale: Stale<V>) -> Result<Option<V>, Error> {
         let stale = stale.or_else(|| flight.stale.clone());
         let patience = match (&stale, self.config.soft_timeout) {
-            (Some(_), Some(soft)) => (flight.started + soft).saturating_duration_since(Instant::now()),
+            (Some(_), Some(soft)) => {
+                (flight.started + soft).saturating_duration_since(Instant::now())
+            }
             _ => Duration::MAX,
         };
         let outcome = match deadline::bounded(patience, flight.wait()).await {
@@ -583,7 +635,16 @@ where
         };
         match (outcome, stale) {
             (Ok(value), _) => Ok(value),
-            (Err(Error::Deadline(_) | Error::Load(_) | Error::Panicked { .. } | Error::LoadTimeout { .. } | Error::Cancelled), Some((value, tier))) => {
+            (
+                Err(
+                    Error::Deadline(_)
+                    | Error::Load(_)
+                    | Error::Panicked { .. }
+                    | Error::LoadTimeout { .. }
+                    | Error::Cancelled,
+                ),
+                Some((value, tier)),
+            ) => {
                 self.metrics.served_stale(tier);
                 Ok(value)
             }
@@ -608,19 +669,32 @@ where
     }
 
     /// The envelope of a value stored now.
-    fn envelope(&self, value: Option<&V>, fresh_until: Instant, load: Duration, now: Instant) -> Result<Vec<u8>, Error> {
+    fn envelope(
+        &self,
+        value: Option<&V>,
+        fresh_until: Instant,
+        load: Duration,
+        now: Instant,
+    ) -> Result<Vec<u8>, Error> {
         let meta = Meta {
             created_ms: self.clock.unix_ms(now),
             fresh_until_ms: self.clock.unix_ms(fresh_until),
             load_micros: u32::try_from(load.as_micros()).unwrap_or(u32::MAX),
         };
-        self.format.encode(value, meta).map_err(|message| Error::Encode(message.into()))
+        self.format
+            .encode(value, meta)
+            .map_err(|message| Error::Encode(message.into()))
     }
 
     /// Writes stored bytes to Redis with its TTL: the fresh time plus the stale window. A value
     /// too large is kept out, and what Redis held removed. An error means Redis may still
     /// hold what it held before.
-    async fn put_remote(&self, rkey: &[u8], bytes: &[u8], stale_until: Instant) -> Result<(), Error> {
+    async fn put_remote(
+        &self,
+        rkey: &[u8],
+        bytes: &[u8],
+        stale_until: Instant,
+    ) -> Result<(), Error> {
         if bytes.len() > self.config.max_value_size {
             self.metrics.oversize.increment(1);
             return self.remote.del(rkey).await.map_err(Error::Remote);
@@ -661,7 +735,10 @@ where
 }
 
 /// A load on its own task, and what happens when it ends, however it ends.
-struct Landing<K: CacheKey + Hash + Eq + Clone + Send + Sync + 'static, V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> {
+struct Landing<
+    K: CacheKey + Hash + Eq + Clone + Send + Sync + 'static,
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+> {
     inner: Arc<Inner<K, V>>,
     key: K,
     rkey: Vec<u8>,
@@ -676,7 +753,10 @@ where
     /// Takes this flight out of the map, unless a write already replaced it.
     fn leave(&self) {
         let mut flights = self.inner.flights();
-        if flights.get(&self.key).is_some_and(|f| Arc::ptr_eq(f, &self.flight)) {
+        if flights
+            .get(&self.key)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
+        {
             flights.remove(&self.key);
         }
     }
@@ -688,7 +768,11 @@ where
         let hard = inner.config.hard_timeout;
         let outcome = match deadline::bounded(hard, AssertUnwindSafe(load).catch_unwind()).await {
             Ok(Ok(Ok(value))) => {
-                if value.is_some() { m.loaded.increment(1) } else { m.load_none.increment(1) }
+                if value.is_some() {
+                    m.loaded.increment(1);
+                } else {
+                    m.load_none.increment(1);
+                }
                 Ok(value)
             }
             Ok(Ok(Err(err))) => {
@@ -697,7 +781,9 @@ where
             }
             Ok(Err(panic)) => {
                 m.load_panic.increment(1);
-                Err(Error::Panicked { message: envelope::panic_message(&*panic).into() })
+                Err(Error::Panicked {
+                    message: envelope::panic_message(&*panic).into(),
+                })
             }
             Err(_) => {
                 m.load_timeout.increment(1);
@@ -714,11 +800,19 @@ where
             let now = Instant::now();
             let (fresh_until, stale_until) = inner.expiry(value.is_none(), now);
             if let Some(local) = &inner.local {
-                local.insert(self.key.clone(), value.clone(), fresh_until, stale_until, now);
+                local.insert(
+                    self.key.clone(),
+                    value.clone(),
+                    fresh_until,
+                    stale_until,
+                    now,
+                );
             }
             match inner.envelope(value.as_ref(), fresh_until, took, now) {
                 Ok(bytes) => remote = Some((bytes, stale_until)),
-                Err(err) => tracing::warn!(cache = %inner.name, %err, "a loaded value was kept out of the remote tier"),
+                Err(err) => {
+                    tracing::warn!(cache = %inner.name, %err, "a loaded value was kept out of the remote tier");
+                }
             }
         }
         if outcome.is_err() {

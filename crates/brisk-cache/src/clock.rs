@@ -21,7 +21,9 @@ impl Clock {
     pub(crate) fn new() -> Self {
         let unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
+            .map_or(0, |since| {
+                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+            });
         Self {
             instant: Instant::now(),
             unix_ms,

@@ -47,6 +47,7 @@ pub(crate) struct Format {
     pub(crate) codec: Codec,
     pub(crate) fingerprint: u64,
     /// Compress payloads longer than this (feature `lz4`); `None`: never.
+    #[cfg_attr(not(feature = "lz4"), allow(dead_code))]
     pub(crate) compress_above: Option<usize>,
 }
 
@@ -90,7 +91,11 @@ pub(crate) fn fingerprint(name: &str) -> u64 {
 impl Format {
     /// The envelope of `value` (`None`: a cached absence). An error is the serializer's
     /// message (it failed or panicked).
-    pub(crate) fn encode<V: Serialize>(&self, value: Option<&V>, meta: Meta) -> Result<Vec<u8>, String> {
+    pub(crate) fn encode<V: Serialize>(
+        &self,
+        value: Option<&V>,
+        meta: Meta,
+    ) -> Result<Vec<u8>, String> {
         let mut out = Vec::with_capacity(HEADER + 128);
         out.extend_from_slice(&MAGIC);
         out.push(FORMAT_VERSION);
@@ -103,18 +108,23 @@ impl Format {
         out.extend_from_slice(&[0; 4]);
         if let Some(value) = value {
             let codec = self.codec;
-            catch_unwind(AssertUnwindSafe(|| codec.encode(value, &mut out)))
-                .map_err(|panic| format!("the serializer panicked: {}", panic_message(&*panic)))??;
+            catch_unwind(AssertUnwindSafe(|| codec.encode(value, &mut out))).map_err(
+                |panic| format!("the serializer panicked: {}", panic_message(&*panic)),
+            )??;
             self.maybe_compress(&mut out);
         }
-        let len = u32::try_from(out.len() - HEADER).map_err(|_| "the value is over 4 GiB".to_owned())?;
+        let len =
+            u32::try_from(out.len() - HEADER).map_err(|_| "the value is over 4 GiB".to_owned())?;
         out[33..37].copy_from_slice(&len.to_le_bytes());
         Ok(out)
     }
 
     #[cfg(feature = "lz4")]
     fn maybe_compress(&self, out: &mut Vec<u8>) {
-        if self.compress_above.is_some_and(|above| out.len() - HEADER > above) {
+        if self
+            .compress_above
+            .is_some_and(|above| out.len() - HEADER > above)
+        {
             let compressed = lz4_flex::compress_prepend_size(&out[HEADER..]);
             out.truncate(HEADER);
             out.extend_from_slice(&compressed);
@@ -127,7 +137,10 @@ impl Format {
     fn maybe_compress(&self, _: &mut Vec<u8>) {}
 
     /// The value in `bytes` (`None`: a cached absence) and its times.
-    pub(crate) fn decode<V: DeserializeOwned>(&self, bytes: &[u8]) -> Result<(Option<V>, Meta), DecodeError> {
+    pub(crate) fn decode<V: DeserializeOwned>(
+        &self,
+        bytes: &[u8],
+    ) -> Result<(Option<V>, Meta), DecodeError> {
         if bytes.len() < 2 || bytes[..2] != MAGIC {
             return Err(DecodeError::Foreign);
         }
@@ -167,7 +180,11 @@ impl Format {
             return Err(DecodeError::Truncated);
         }
         if flags & NONE != 0 {
-            return if payload.is_empty() { Ok((None, meta)) } else { Err(DecodeError::Truncated) };
+            return if payload.is_empty() {
+                Ok((None, meta))
+            } else {
+                Err(DecodeError::Truncated)
+            };
         }
         let payload = Self::decompress(flags, payload)?;
         let codec = self.codec;
@@ -194,7 +211,11 @@ impl Format {
     #[cfg(not(feature = "lz4"))]
     fn decompress(flags: u8, payload: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, DecodeError> {
         // A compressed value this build cannot read: as good as another codec's.
-        if flags & 2 != 0 { Err(DecodeError::Codec) } else { Ok(payload.into()) }
+        if flags & 2 != 0 {
+            Err(DecodeError::Codec)
+        } else {
+            Ok(payload.into())
+        }
     }
 }
 
@@ -211,10 +232,18 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 mod tests {
     use super::*;
 
-    const META: Meta = Meta { created_ms: 1, fresh_until_ms: 2, load_micros: 3 };
+    const META: Meta = Meta {
+        created_ms: 1,
+        fresh_until_ms: 2,
+        load_micros: 3,
+    };
 
     fn format() -> Format {
-        Format { codec: Codec::Json, fingerprint: fingerprint("u32"), compress_above: None }
+        Format {
+            codec: Codec::Json,
+            fingerprint: fingerprint("u32"),
+            compress_above: None,
+        }
     }
 
     #[test]
@@ -233,20 +262,32 @@ mod tests {
         let good = f.encode(Some(&7_u32), META).unwrap();
         assert_eq!(f.decode::<u32>(b"7"), Err(DecodeError::Foreign));
         assert_eq!(f.decode::<u32>(b""), Err(DecodeError::Foreign));
-        assert_eq!(f.decode::<u32>(&good[..HEADER - 1]), Err(DecodeError::Truncated));
-        assert_eq!(f.decode::<u32>(&good[..good.len() - 1]), Err(DecodeError::Truncated));
+        assert_eq!(
+            f.decode::<u32>(&good[..HEADER - 1]),
+            Err(DecodeError::Truncated)
+        );
+        assert_eq!(
+            f.decode::<u32>(&good[..good.len() - 1]),
+            Err(DecodeError::Truncated)
+        );
         let mut other = good.clone();
         other[2] = 9;
         assert_eq!(f.decode::<u32>(&other), Err(DecodeError::Version));
         let mut other = good.clone();
         other[4] = 2;
         assert_eq!(f.decode::<u32>(&other), Err(DecodeError::Codec));
-        let other_type = Format { fingerprint: fingerprint("String"), ..f };
+        let other_type = Format {
+            fingerprint: fingerprint("String"),
+            ..f
+        };
         assert_eq!(other_type.decode::<u32>(&good), Err(DecodeError::Type));
         let mut garbled = good;
         let last = garbled.len() - 1;
         garbled[last] = b'x';
-        assert!(matches!(f.decode::<u32>(&garbled), Err(DecodeError::Payload(_))));
+        assert!(matches!(
+            f.decode::<u32>(&garbled),
+            Err(DecodeError::Payload(_))
+        ));
     }
 
     #[test]
@@ -264,10 +305,17 @@ mod tests {
     #[cfg(feature = "lz4")]
     #[test]
     fn large_values_are_compressed() {
-        let f = Format { compress_above: Some(64), fingerprint: fingerprint("String"), ..format() };
+        let f = Format {
+            compress_above: Some(64),
+            fingerprint: fingerprint("String"),
+            ..format()
+        };
         let value = "a".repeat(10_000);
         let bytes = f.encode(Some(&value), META).unwrap();
         assert!(bytes.len() < 1_000, "{}", bytes.len());
-        assert_eq!(f.decode::<String>(&bytes).unwrap().0.as_deref(), Some(value.as_str()));
+        assert_eq!(
+            f.decode::<String>(&bytes).unwrap().0.as_deref(),
+            Some(value.as_str())
+        );
     }
 }

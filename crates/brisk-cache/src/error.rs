@@ -59,19 +59,29 @@ impl fmt::Display for Error {
             Self::Load(err) => write!(f, "the loader failed: {err}"),
             Self::Panicked { message } => write!(f, "the loader panicked: {message}"),
             Self::LoadTimeout { after } => {
-                write!(f, "the loader did not finish within the cache's hard timeout of {after:?}")
+                write!(
+                    f,
+                    "the loader did not finish within the cache's hard timeout of {after:?}"
+                )
             }
-            Self::Deadline(elapsed) => write!(f, "no value before the request's deadline: {elapsed}"),
+            Self::Deadline(elapsed) => {
+                write!(f, "no value before the request's deadline: {elapsed}")
+            }
             Self::Key(err) => write!(f, "the key was refused: {err}"),
             Self::Write(err) => {
-                write!(f, "the write to the source of truth failed; the cache was not changed: {err}")
+                write!(
+                    f,
+                    "the write to the source of truth failed; the cache was not changed: {err}"
+                )
             }
             Self::Remote(err) => write!(
                 f,
                 "the remote tier could not be updated, it may serve an old value until the TTL ends: {err}"
             ),
             Self::Encode(message) => write!(f, "the value could not be serialized: {message}"),
-            Self::Cancelled => f.write_str("the load was cancelled: the runtime it ran on shut down"),
+            Self::Cancelled => {
+                f.write_str("the load was cancelled: the runtime it ran on shut down")
+            }
             Self::NoRuntime => f.write_str(
                 "brisk-cache needs a tokio runtime with timers (tokio's `rt` and `time` features)",
             ),

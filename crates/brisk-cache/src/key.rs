@@ -164,7 +164,11 @@ impl<A: CacheKey, B: CacheKey, C: CacheKey> CacheKey for (A, B, C) {
 }
 
 /// The Redis key of `key` in the cache whose prefix is `prefix` (`brisk:<name>:1:`).
-pub(crate) fn redis_key(prefix: &[u8], key: &impl CacheKey, max: usize) -> Result<Vec<u8>, KeyError> {
+pub(crate) fn redis_key(
+    prefix: &[u8],
+    key: &impl CacheKey,
+    max: usize,
+) -> Result<Vec<u8>, KeyError> {
     let mut out = Vec::with_capacity(prefix.len() + 24);
     out.extend_from_slice(prefix);
     key.encode(&mut out);
@@ -215,7 +219,10 @@ mod tests {
         let long = "x".repeat(1_023);
         assert_eq!(
             redis_key(&prefix, &long, 1_024),
-            Err(KeyError::TooLong { len: 1_025, max: 1_024 })
+            Err(KeyError::TooLong {
+                len: 1_025,
+                max: 1_024
+            })
         );
         assert!(redis_key(&prefix, &"x".repeat(1_022), 1_024).is_ok());
         struct Nothing;

@@ -1,4 +1,4 @@
-//! The in-process tier: a bounded quick_cache of entries that know when they expire.
+//! The in-process tier: a bounded `quick_cache` of entries that know when they expire.
 
 use std::fmt;
 use std::hash::Hash;
@@ -42,10 +42,14 @@ impl<K, V> LocalTier<K, V> {
     }
 
     /// At most `capacity` in total weight, each value weighing what `weigher` says (called once
-    /// per insert; a weigher that panics weighs the value as 1, and an absence weighs 1). A value
-    /// weighing more than a shard's share of the capacity is not kept locally.
+    /// per insert; a weigher that panics weighs the value as 1, an absence weighs 1, and weights
+    /// above `u32::MAX` count as `u32::MAX`). A value weighing more than a shard's share of the
+    /// capacity is not kept locally.
     #[must_use]
-    pub fn weighted(capacity: u64, weigher: impl Fn(&K, &V) -> u64 + Send + Sync + 'static) -> Self {
+    pub fn weighted(
+        capacity: u64,
+        weigher: impl Fn(&K, &V) -> u64 + Send + Sync + 'static,
+    ) -> Self {
         Self {
             capacity,
             weigher: Some(Arc::new(weigher)),
@@ -73,17 +77,20 @@ impl<K, V> fmt::Debug for LocalTier<K, V> {
     }
 }
 
-/// A value (or a cached absence) and its times.
-#[derive(Debug)]
+/// A value (or a cached absence) and its times, in nanoseconds since the tier's `base`.
+///
+/// Kept inline in the map rather than behind an `Arc`: a hit then reads one slot instead of
+/// following a pointer to another allocation (a cache miss per cold key: measured 283 ns against
+/// `quick_cache`'s 43 ns per Zipf hit over 100,000 entries with the `Arc`).
+#[derive(Debug, Clone)]
 pub(crate) struct Entry<V> {
-    pub(crate) value: Option<V>,
-    /// Until then the value is served without asking the remote tier.
-    pub(crate) recheck_at: Instant,
-    /// Until then the value is fresh.
-    pub(crate) fresh_until: Instant,
+    value: Option<V>,
+    /// Until then the value is served without asking the remote tier: the local TTL, or the
+    /// value's freshness if that ends first (so one comparison decides a hit).
+    recheck_at: u64,
     /// Until then a failed or slow load may serve it.
-    pub(crate) stale_until: Instant,
-    weight: u64,
+    stale_until: u64,
+    weight: u32,
 }
 
 /// What the local tier holds for a key.
@@ -97,31 +104,45 @@ pub(crate) enum Lookup<V> {
 #[derive(Clone)]
 struct EntryWeight;
 
-impl<K, V> quick_cache::Weighter<K, Arc<Entry<V>>> for EntryWeight {
-    fn weight(&self, _: &K, entry: &Arc<Entry<V>>) -> u64 {
-        entry.weight
+impl<K, V> quick_cache::Weighter<K, Entry<V>> for EntryWeight {
+    fn weight(&self, _: &K, entry: &Entry<V>) -> u64 {
+        u64::from(entry.weight)
     }
 }
 
 pub(crate) struct Local<K, V> {
-    map: quick_cache::sync::Cache<K, Arc<Entry<V>>, EntryWeight>,
+    map: quick_cache::sync::Cache<K, Entry<V>, EntryWeight>,
     weigher: Option<Weigher<K, V>>,
     pub(crate) ttl: Duration,
+    base: Instant,
     entries: Gauge,
 }
 
 impl<K: Hash + Eq + Clone, V: Clone> Local<K, V> {
     pub(crate) fn new(tier: LocalTier<K, V>, ttl: Duration, entries: Gauge) -> Self {
         // quick_cache splits the capacity over shards; it needs an estimate of the entry count.
-        let estimate = if tier.weigher.is_some() { 1_024 } else { tier.capacity };
-        let estimate = usize::try_from(estimate.min(1 << 20)).unwrap_or(1 << 20).max(1);
+        let estimate = if tier.weigher.is_some() {
+            1_024
+        } else {
+            tier.capacity
+        };
+        let estimate = usize::try_from(estimate.min(1 << 20))
+            .unwrap_or(1 << 20)
+            .max(1);
         entries.set(0.0);
         Self {
             map: quick_cache::sync::Cache::with_weighter(estimate, tier.capacity, EntryWeight),
             weigher: tier.weigher,
             ttl,
+            base: Instant::now(),
             entries,
         }
+    }
+
+    /// Nanoseconds since `base`; saturating, so a time before it is 0 and far ones the end.
+    #[inline]
+    fn at(&self, instant: Instant) -> u64 {
+        u64::try_from(instant.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
     }
 
     #[inline]
@@ -129,33 +150,39 @@ impl<K: Hash + Eq + Clone, V: Clone> Local<K, V> {
         let Some(entry) = self.map.get(key) else {
             return Lookup::Absent;
         };
-        if now < entry.recheck_at && now < entry.fresh_until {
-            Lookup::Fresh(entry.value.clone())
+        let now = self.at(now);
+        if now < entry.recheck_at {
+            Lookup::Fresh(entry.value)
         } else if now < entry.stale_until {
-            Lookup::Stale(entry.value.clone())
+            Lookup::Stale(entry.value)
         } else {
             Lookup::Absent
         }
     }
 
-    pub(crate) fn insert(&self, key: K, value: Option<V>, fresh_until: Instant, stale_until: Instant, now: Instant) {
+    pub(crate) fn insert(
+        &self,
+        key: K,
+        value: Option<V>,
+        fresh_until: Instant,
+        stale_until: Instant,
+        now: Instant,
+    ) {
         let weight = match (&self.weigher, &value) {
             (Some(weigher), Some(v)) => {
-                catch_unwind(AssertUnwindSafe(|| weigher(&key, v))).unwrap_or(1)
+                let weight = catch_unwind(AssertUnwindSafe(|| weigher(&key, v))).unwrap_or(1);
+                u32::try_from(weight).unwrap_or(u32::MAX)
             }
             _ => 1,
         };
         let recheck_at = (now + self.ttl).min(fresh_until);
-        self.map.insert(
-            key,
-            Arc::new(Entry {
-                value,
-                recheck_at,
-                fresh_until,
-                stale_until,
-                weight,
-            }),
-        );
+        let entry = Entry {
+            value,
+            recheck_at: self.at(recheck_at),
+            stale_until: self.at(stale_until),
+            weight,
+        };
+        self.map.insert(key, entry);
         self.refresh_gauge();
     }
 

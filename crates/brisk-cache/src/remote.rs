@@ -42,7 +42,12 @@ impl quick_cache::Weighter<Vec<u8>, Arc<Stored>> for StoredWeight {
 /// source's type. One allocation per command, against a network round trip.
 pub(crate) trait RedisOps: Send + Sync + 'static {
     fn get<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Option<Vec<u8>>, RemoteError>>;
-    fn set<'a>(&'a self, key: &'a [u8], value: &'a [u8], ttl_ms: u64) -> BoxFuture<'a, Result<(), RemoteError>>;
+    fn set<'a>(
+        &'a self,
+        key: &'a [u8],
+        value: &'a [u8],
+        ttl_ms: u64,
+    ) -> BoxFuture<'a, Result<(), RemoteError>>;
     fn del<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<(), RemoteError>>;
     fn kind(&self) -> &'static str;
 }
@@ -54,14 +59,29 @@ fn redis_error(err: redis::RedisError) -> RemoteError {
 impl<S: RedisSource> RedisOps for S {
     fn get<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Option<Vec<u8>>, RemoteError>> {
         Box::pin(async move {
-            let mut conn = self.connection().await.map_err(|e| RemoteError::Source(Arc::new(e)))?;
-            redis::cmd("GET").arg(key).query_async(&mut conn).await.map_err(redis_error)
+            let mut conn = self
+                .connection()
+                .await
+                .map_err(|e| RemoteError::Source(Arc::new(e)))?;
+            redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)
         })
     }
 
-    fn set<'a>(&'a self, key: &'a [u8], value: &'a [u8], ttl_ms: u64) -> BoxFuture<'a, Result<(), RemoteError>> {
+    fn set<'a>(
+        &'a self,
+        key: &'a [u8],
+        value: &'a [u8],
+        ttl_ms: u64,
+    ) -> BoxFuture<'a, Result<(), RemoteError>> {
         Box::pin(async move {
-            let mut conn = self.connection().await.map_err(|e| RemoteError::Source(Arc::new(e)))?;
+            let mut conn = self
+                .connection()
+                .await
+                .map_err(|e| RemoteError::Source(Arc::new(e)))?;
             redis::cmd("SET")
                 .arg(key)
                 .arg(value)
@@ -75,8 +95,15 @@ impl<S: RedisSource> RedisOps for S {
 
     fn del<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<(), RemoteError>> {
         Box::pin(async move {
-            let mut conn = self.connection().await.map_err(|e| RemoteError::Source(Arc::new(e)))?;
-            redis::cmd("DEL").arg(key).query_async(&mut conn).await.map_err(redis_error)
+            let mut conn = self
+                .connection()
+                .await
+                .map_err(|e| RemoteError::Source(Arc::new(e)))?;
+            redis::cmd("DEL")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)
         })
     }
 
@@ -102,18 +129,33 @@ enum Op {
 impl Remote {
     pub(crate) fn memory(max_bytes: u64, cache: &str) -> Self {
         let estimate = usize::try_from((max_bytes / 256).clamp(64, 1 << 20)).unwrap_or(1 << 20);
-        Self::with(Store::Memory(quick_cache::sync::Cache::with_weighter(estimate, max_bytes, StoredWeight)), Duration::MAX, cache)
+        Self::with(
+            Store::Memory(quick_cache::sync::Cache::with_weighter(
+                estimate,
+                max_bytes,
+                StoredWeight,
+            )),
+            Duration::MAX,
+            cache,
+        )
     }
 
-    pub(crate) fn redis(ops: Box<dyn RedisOps>, timeout: Duration, breaker: BreakerConfig, cache: &Arc<str>) -> Self {
-        let gauge = brisk_metrics::catalog::CACHE_BREAKER_STATE.gauge(&[("cache", cache.to_string())]);
+    pub(crate) fn redis(
+        ops: Box<dyn RedisOps>,
+        timeout: Duration,
+        breaker: BreakerConfig,
+        cache: &Arc<str>,
+    ) -> Self {
+        let gauge =
+            brisk_metrics::catalog::CACHE_BREAKER_STATE.gauge(&[("cache", cache.to_string())]);
         let breaker = Breaker::new(breaker, gauge, cache.clone());
         Self::with(Store::Redis { ops, breaker }, timeout, cache)
     }
 
     fn with(store: Store, timeout: Duration, cache: &str) -> Self {
         let histogram = |op: &'static str| {
-            CACHE_REMOTE_DURATION.histogram(&[("cache", cache.to_owned()), ("operation", op.to_owned())])
+            CACHE_REMOTE_DURATION
+                .histogram(&[("cache", cache.to_owned()), ("operation", op.to_owned())])
         };
         Self {
             store,
@@ -122,9 +164,12 @@ impl Remote {
         }
     }
 
-
     /// Runs one Redis command within `min(timeout, deadline::remaining())`, through the breaker.
-    async fn call<T>(&self, op: Op, command: impl Future<Output = Result<T, RemoteError>>) -> Result<T, RemoteError> {
+    async fn call<T>(
+        &self,
+        op: Op,
+        command: impl Future<Output = Result<T, RemoteError>>,
+    ) -> Result<T, RemoteError> {
         let Store::Redis { breaker, .. } = &self.store else {
             unreachable!("only the Redis store sends commands")
         };
@@ -159,11 +204,22 @@ impl Remote {
         }
     }
 
-    pub(crate) async fn set(&self, key: &[u8], value: &[u8], ttl: Duration) -> Result<(), RemoteError> {
+    pub(crate) async fn set(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<(), RemoteError> {
         match &self.store {
             Store::Memory(map) => {
                 let expires = Instant::now() + ttl;
-                map.insert(key.to_vec(), Arc::new(Stored { bytes: value.to_vec(), expires }));
+                map.insert(
+                    key.to_vec(),
+                    Arc::new(Stored {
+                        bytes: value.to_vec(),
+                        expires,
+                    }),
+                );
                 Ok(())
             }
             Store::Redis { ops, .. } => {

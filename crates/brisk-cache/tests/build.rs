@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use brisk_cache::{BreakerConfig, BuildError, Cache, CacheBuilder, KeyError, LocalTier, Error};
+use brisk_cache::{BreakerConfig, BuildError, Cache, CacheBuilder, Error, KeyError, LocalTier};
 
 fn builder() -> CacheBuilder<u64, String> {
     Cache::builder("t")
@@ -16,38 +16,84 @@ fn refused(builder: CacheBuilder<u64, String>) -> BuildError {
 
 #[test]
 fn names_must_be_short_and_plain() {
-    for name in ["", "has:colon", "has space", "ünïcode", &"x".repeat(65), "brace{tag}"] {
+    for name in [
+        "",
+        "has:colon",
+        "has space",
+        "ünïcode",
+        &"x".repeat(65),
+        "brace{tag}",
+    ] {
         let err = refused(Cache::builder(name));
         assert_eq!(err, BuildError::Name(name.to_owned()));
         assert!(err.to_string().contains("1 to 64 characters"), "{err}");
     }
     for name in ["users", "users.v2", "a-b_c", &"x".repeat(64)] {
-        assert!(Cache::<u64, String>::builder(name).build().is_ok(), "{name}");
+        assert!(
+            Cache::<u64, String>::builder(name).build().is_ok(),
+            "{name}"
+        );
     }
 }
 
 #[test]
 fn zero_durations_are_refused() {
-    assert_eq!(refused(builder().ttl(Duration::ZERO)), BuildError::Zero("ttl"));
-    assert_eq!(refused(builder().hard_timeout(Duration::ZERO)), BuildError::Zero("hard_timeout"));
-    assert_eq!(refused(builder().remote_timeout(Duration::ZERO)), BuildError::Zero("remote_timeout"));
-    assert_eq!(refused(builder().soft_timeout(Duration::ZERO)), BuildError::Zero("soft_timeout"));
-    let no_open = BreakerConfig { failures: 3, open_for: Duration::ZERO };
-    assert_eq!(refused(builder().breaker(no_open)), BuildError::Zero("breaker open_for"));
-    let never = BreakerConfig { failures: 0, open_for: Duration::from_secs(1) };
-    assert_eq!(refused(builder().breaker(never)), BuildError::Zero("breaker failures"));
+    assert_eq!(
+        refused(builder().ttl(Duration::ZERO)),
+        BuildError::Zero("ttl")
+    );
+    assert_eq!(
+        refused(builder().hard_timeout(Duration::ZERO)),
+        BuildError::Zero("hard_timeout")
+    );
+    assert_eq!(
+        refused(builder().remote_timeout(Duration::ZERO)),
+        BuildError::Zero("remote_timeout")
+    );
+    assert_eq!(
+        refused(builder().soft_timeout(Duration::ZERO)),
+        BuildError::Zero("soft_timeout")
+    );
+    let no_open = BreakerConfig {
+        failures: 3,
+        open_for: Duration::ZERO,
+    };
+    assert_eq!(
+        refused(builder().breaker(no_open)),
+        BuildError::Zero("breaker open_for")
+    );
+    let never = BreakerConfig {
+        failures: 0,
+        open_for: Duration::from_secs(1),
+    };
+    assert_eq!(
+        refused(builder().breaker(never)),
+        BuildError::Zero("breaker failures")
+    );
 }
 
 #[test]
 fn zero_sizes_are_refused() {
-    assert_eq!(refused(builder().local(LocalTier::entries(0))), BuildError::Zero("local tier capacity"));
+    assert_eq!(
+        refused(builder().local(LocalTier::entries(0))),
+        BuildError::Zero("local tier capacity")
+    );
     assert_eq!(
         refused(builder().local(LocalTier::weighted(0, |_, v: &String| v.len() as u64))),
         BuildError::Zero("local tier capacity")
     );
-    assert_eq!(refused(builder().max_value_size(0)), BuildError::Zero("max_value_size"));
-    assert_eq!(refused(builder().max_key_len(0)), BuildError::Zero("max_key_len"));
-    assert_eq!(refused(builder().in_memory(0)), BuildError::Zero("in_memory max_bytes"));
+    assert_eq!(
+        refused(builder().max_value_size(0)),
+        BuildError::Zero("max_value_size")
+    );
+    assert_eq!(
+        refused(builder().max_key_len(0)),
+        BuildError::Zero("max_key_len")
+    );
+    assert_eq!(
+        refused(builder().in_memory(0)),
+        BuildError::Zero("in_memory max_bytes")
+    );
     assert_eq!(
         refused(builder().local(LocalTier::entries(1).ttl(Duration::ZERO))),
         BuildError::Zero("local tier ttl")
@@ -67,18 +113,54 @@ fn jitter_must_be_a_fraction() {
 
 #[test]
 fn the_soft_timeout_must_be_below_the_hard_one() {
-    let err = refused(builder().soft_timeout(Duration::from_secs(5)).hard_timeout(Duration::from_secs(5)));
-    assert_eq!(err, BuildError::SoftAboveHard { soft: Duration::from_secs(5), hard: Duration::from_secs(5) });
-    assert!(refused(builder().soft_timeout(Duration::from_secs(11))).to_string().contains("below the hard timeout"));
+    let err = refused(
+        builder()
+            .soft_timeout(Duration::from_secs(5))
+            .hard_timeout(Duration::from_secs(5)),
+    );
+    assert_eq!(
+        err,
+        BuildError::SoftAboveHard {
+            soft: Duration::from_secs(5),
+            hard: Duration::from_secs(5)
+        }
+    );
+    assert!(
+        refused(builder().soft_timeout(Duration::from_secs(11)))
+            .to_string()
+            .contains("below the hard timeout")
+    );
 }
 
 #[test]
 fn ttls_must_not_exceed_the_cache_ttl() {
     let ttl = Duration::from_secs(10);
     let err = refused(builder().ttl(ttl).negative_ttl(Duration::from_secs(11)));
-    assert!(matches!(err, BuildError::AboveTtl { setting: "negative_ttl", .. }), "{err}");
-    let err = refused(builder().ttl(ttl).local(LocalTier::entries(10).ttl(Duration::from_secs(11))));
-    assert!(matches!(err, BuildError::AboveTtl { setting: "local tier ttl", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            BuildError::AboveTtl {
+                setting: "negative_ttl",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = refused(
+        builder()
+            .ttl(ttl)
+            .local(LocalTier::entries(10).ttl(Duration::from_secs(11))),
+    );
+    assert!(
+        matches!(
+            err,
+            BuildError::AboveTtl {
+                setting: "local tier ttl",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -86,10 +168,19 @@ fn huge_durations_are_refused_not_clamped() {
     for (err, setting) in [
         (refused(builder().ttl(Duration::MAX)), "ttl"),
         (refused(builder().stale_for(Duration::MAX)), "stale_for"),
-        (refused(builder().hard_timeout(Duration::MAX)), "hard_timeout"),
-        (refused(builder().remote_timeout(Duration::MAX)), "remote_timeout"),
+        (
+            refused(builder().hard_timeout(Duration::MAX)),
+            "hard_timeout",
+        ),
+        (
+            refused(builder().remote_timeout(Duration::MAX)),
+            "remote_timeout",
+        ),
     ] {
-        assert!(matches!(err, BuildError::TooLong { setting: s, .. } if s == setting), "{err}");
+        assert!(
+            matches!(err, BuildError::TooLong { setting: s, .. } if s == setting),
+            "{err}"
+        );
     }
 }
 
@@ -98,8 +189,14 @@ async fn keys_too_long_are_errors() {
     let cache: Cache<String, String> = Cache::builder("t").max_key_len(10).build().unwrap();
     let long = "x".repeat(9); // "s:" + 9 bytes
     let err = cache.set(&long, "v".into()).await.unwrap_err();
-    assert!(matches!(err, Error::Key(KeyError::TooLong { len: 11, max: 10 })), "{err}");
-    let err = cache.get_or_load(&long, async { Ok::<_, std::io::Error>(Some("v".into())) }).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Key(KeyError::TooLong { len: 11, max: 10 })),
+        "{err}"
+    );
+    let err = cache
+        .get_or_load(&long, async { Ok::<_, std::io::Error>(Some("v".into())) })
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Key(_)), "{err}");
     assert!(matches!(cache.get(&long).await, Err(Error::Key(_))));
     assert!(matches!(cache.invalidate(&long).await, Err(Error::Key(_))));
@@ -112,7 +209,10 @@ async fn keys_too_long_are_errors() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Key(_)), "{err}");
-    assert!(!ran.into_inner(), "the source is not written for a key the cache refuses");
+    assert!(
+        !ran.into_inner(),
+        "the source is not written for a key the cache refuses"
+    );
 }
 
 #[tokio::test]
@@ -124,7 +224,9 @@ async fn debug_never_shows_the_password() {
         .start()
         .unwrap();
     let url = server.url().replace("redis://", "redis://:s3cret-pw@");
-    let redis = brisk_pool::redis_source::Multiplexed::connect(&url).await.unwrap();
+    let redis = brisk_pool::redis_source::Multiplexed::connect(&url)
+        .await
+        .unwrap();
     let builder = Cache::<u64, String>::builder("t").redis(redis);
     let shown = format!("{builder:?}");
     assert!(!shown.contains("s3cret-pw"), "{shown}");
@@ -132,5 +234,8 @@ async fn debug_never_shows_the_password() {
     cache.set(&1, "v".into()).await.unwrap();
     let shown = format!("{cache:?}");
     assert!(!shown.contains("s3cret-pw"), "{shown}");
-    assert!(shown.contains("Multiplexed") && shown.contains("\"t\""), "{shown}");
+    assert!(
+        shown.contains("Multiplexed") && shown.contains("\"t\""),
+        "{shown}"
+    );
 }

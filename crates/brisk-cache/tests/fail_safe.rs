@@ -8,11 +8,14 @@ use brisk_metrics::catalog::{CACHE_LOADS, CACHE_REQUESTS};
 use brisk_metrics::testing::Capture;
 use tokio::time::{Instant, advance, sleep};
 
-fn fail() -> impl Future<Output = Result<Option<String>, std::io::Error>> + Send + use<> {
-    async { Err(std::io::Error::other("db down")) }
+async fn fail() -> Result<Option<String>, std::io::Error> {
+    Err(std::io::Error::other("db down"))
 }
 
-fn slow(after: Duration, value: &str) -> impl Future<Output = Result<Option<String>, std::io::Error>> + Send + use<> {
+fn slow(
+    after: Duration,
+    value: &str,
+) -> impl Future<Output = Result<Option<String>, std::io::Error>> + Send + use<> {
     let value = value.to_owned();
     async move {
         sleep(after).await;
@@ -40,19 +43,35 @@ async fn a_failed_load_serves_the_stale_value() {
     let cache = stale_cache(&capture);
     cache.set(&1, "old".into()).await.unwrap();
     advance(Duration::from_secs(2)).await;
-    assert_eq!(cache.get(&1).await.unwrap(), None, "stale values are not fresh");
-    assert_eq!(cache.get_or_load(&1, fail()).await.unwrap().as_deref(), Some("old"));
+    assert_eq!(
+        cache.get(&1).await.unwrap(),
+        None,
+        "stale values are not fresh"
+    );
+    assert_eq!(
+        cache.get_or_load(&1, fail()).await.unwrap().as_deref(),
+        Some("old")
+    );
     assert_eq!(capture.counter(CACHE_REQUESTS.name, &STALE), 1);
-    assert_eq!(capture.counter(CACHE_LOADS.name, &[("cache", "t"), ("outcome", "error")]), 1);
+    assert_eq!(
+        capture.counter(CACHE_LOADS.name, &[("cache", "t"), ("outcome", "error")]),
+        1
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn without_a_stale_value_the_error_is_returned() {
     let cache = stale_cache(&Capture::new());
-    assert!(matches!(cache.get_or_load(&1, fail()).await, Err(Error::Load(_))));
+    assert!(matches!(
+        cache.get_or_load(&1, fail()).await,
+        Err(Error::Load(_))
+    ));
     cache.set(&2, "old".into()).await.unwrap();
     advance(Duration::from_secs(62)).await; // past the stale window as well
-    assert!(matches!(cache.get_or_load(&2, fail()).await, Err(Error::Load(_))));
+    assert!(matches!(
+        cache.get_or_load(&2, fail()).await,
+        Err(Error::Load(_))
+    ));
 }
 
 #[tokio::test(start_paused = true)]
@@ -62,12 +81,23 @@ async fn past_the_soft_timeout_the_stale_value_is_served_and_the_refresh_finishe
     cache.set(&1, "old".into()).await.unwrap();
     advance(Duration::from_secs(2)).await;
     let started = Instant::now();
-    let served = cache.get_or_load(&1, slow(Duration::from_secs(2), "new")).await.unwrap();
+    let served = cache
+        .get_or_load(&1, slow(Duration::from_secs(2), "new"))
+        .await
+        .unwrap();
     assert_eq!(served.as_deref(), Some("old"));
-    assert_eq!(started.elapsed(), Duration::from_millis(100), "the soft timeout");
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_millis(100),
+        "the soft timeout"
+    );
     assert_eq!(capture.counter(CACHE_REQUESTS.name, &STALE), 1);
     sleep(Duration::from_secs(2)).await;
-    assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("new"), "refreshed in the background");
+    assert_eq!(
+        cache.get(&1).await.unwrap().as_deref(),
+        Some("new"),
+        "refreshed in the background"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -75,10 +105,19 @@ async fn the_hard_timeout_bounds_a_load_without_a_stale_value() {
     let capture = Capture::new();
     let cache = stale_cache(&capture);
     let started = Instant::now();
-    let err = cache.get_or_load(&1, slow(Duration::from_secs(3_600), "never")).await.unwrap_err();
-    assert!(matches!(err, Error::LoadTimeout { after } if after == Duration::from_secs(5)), "{err}");
+    let err = cache
+        .get_or_load(&1, slow(Duration::from_secs(3_600), "never"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::LoadTimeout { after } if after == Duration::from_secs(5)),
+        "{err}"
+    );
     assert_eq!(started.elapsed(), Duration::from_secs(5));
-    assert_eq!(capture.counter(CACHE_LOADS.name, &[("cache", "t"), ("outcome", "timeout")]), 1);
+    assert_eq!(
+        capture.counter(CACHE_LOADS.name, &[("cache", "t"), ("outcome", "timeout")]),
+        1
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -92,9 +131,16 @@ async fn the_hard_timeout_with_a_stale_value_serves_it() {
     cache.set(&1, "old".into()).await.unwrap();
     advance(Duration::from_secs(2)).await;
     let started = Instant::now();
-    let served = cache.get_or_load(&1, slow(Duration::from_secs(3_600), "never")).await.unwrap();
+    let served = cache
+        .get_or_load(&1, slow(Duration::from_secs(3_600), "never"))
+        .await
+        .unwrap();
     assert_eq!(served.as_deref(), Some("old"));
-    assert_eq!(started.elapsed(), Duration::from_secs(5), "no soft timeout: waits the hard one");
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(5),
+        "no soft timeout: waits the hard one"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -106,7 +152,10 @@ async fn the_callers_deadline_bounds_the_wait_and_the_load_goes_on() {
         cache.get_or_load(&1, slow(Duration::from_secs(1), "v")),
     )
     .await;
-    assert!(matches!(&outcome, Err(Error::Deadline(e)) if e.is_deadline()), "{outcome:?}");
+    assert!(
+        matches!(&outcome, Err(Error::Deadline(e)) if e.is_deadline()),
+        "{outcome:?}"
+    );
     assert_eq!(started.elapsed(), Duration::from_millis(50));
     sleep(Duration::from_secs(1)).await;
     assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("v"));
@@ -168,5 +217,8 @@ async fn a_local_entry_past_its_own_ttl_is_served_if_the_reload_fails() {
     cache.set(&1, "v".into()).await.unwrap();
     advance(Duration::from_secs(2)).await;
     // The local tier asks the remote tier again, which still has it fresh.
-    assert_eq!(cache.get_or_load(&1, fail()).await.unwrap().as_deref(), Some("v"));
+    assert_eq!(
+        cache.get_or_load(&1, fail()).await.unwrap().as_deref(),
+        Some("v")
+    );
 }

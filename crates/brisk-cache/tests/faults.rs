@@ -19,8 +19,13 @@ async fn redis_killed_during_two_thousand_calls_fails_none_and_is_used_again_aft
     let mut server = redis();
     let capture = Capture::new();
     let redis = connect(&server).await;
-    let cache: Cache<u64, String> =
-        capture.run(|| Cache::builder("t").redis(redis).remote_timeout(REMOTE_TIMEOUT).build().unwrap());
+    let cache: Cache<u64, String> = capture.run(|| {
+        Cache::builder("t")
+            .redis(redis)
+            .remote_timeout(REMOTE_TIMEOUT)
+            .build()
+            .unwrap()
+    });
     let source = Source::default();
     let (mut errors, mut worst) = (0, Duration::ZERO);
     for round in 0..250_u64 {
@@ -41,8 +46,14 @@ async fn redis_killed_during_two_thousand_calls_fails_none_and_is_used_again_aft
         }
     }
     assert_eq!(errors, 0, "no call failed");
-    assert!(worst < REMOTE_TIMEOUT + SLACK, "the slowest call took {worst:?}");
-    let remote_errors = capture.counter(CACHE_REQUESTS.name, &[("cache", "t"), ("tier", "remote"), ("outcome", "error")]);
+    assert!(
+        worst < REMOTE_TIMEOUT + SLACK,
+        "the slowest call took {worst:?}"
+    );
+    let remote_errors = capture.counter(
+        CACHE_REQUESTS.name,
+        &[("cache", "t"), ("tier", "remote"), ("outcome", "error")],
+    );
     assert!(remote_errors > 0, "Redis was down");
 
     server.restart().unwrap();
@@ -53,7 +64,10 @@ async fn redis_killed_during_two_thousand_calls_fails_none_and_is_used_again_aft
     })
     .await;
     let back_after = restarted.elapsed();
-    assert!(back_after < Duration::from_secs(1), "Redis used again after {back_after:?}");
+    assert!(
+        back_after < Duration::from_secs(1),
+        "Redis used again after {back_after:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,26 +75,52 @@ async fn a_paused_redis_opens_the_breaker_and_a_probe_closes_it_after_resume() {
     let mut server = redis();
     let capture = Capture::new();
     let redis = connect(&server).await;
-    let cache: Cache<u64, String> =
-        capture.run(|| Cache::builder("t").redis(redis).remote_timeout(REMOTE_TIMEOUT).build().unwrap());
+    let cache: Cache<u64, String> = capture.run(|| {
+        Cache::builder("t")
+            .redis(redis)
+            .remote_timeout(REMOTE_TIMEOUT)
+            .build()
+            .unwrap()
+    });
     let source = Source::default();
     cache.set(&0, "warm".into()).await.unwrap();
     server.pause().unwrap();
     let mut took = Vec::new();
     for key in 1..=20 {
         let started = Instant::now();
-        let value = cache.get_or_load(&key, source.load("loaded")).await.unwrap();
+        let value = cache
+            .get_or_load(&key, source.load("loaded"))
+            .await
+            .unwrap();
         assert_eq!(value.as_deref(), Some("loaded"));
         took.push(started.elapsed());
     }
-    assert!(took.iter().all(|t| *t < REMOTE_TIMEOUT + SLACK), "bounded by the remote timeout: {took:?}");
-    assert_eq!(capture.gauge(CACHE_BREAKER_STATE.name, &[("cache", "t")]), Some(2.0), "open");
+    assert!(
+        took.iter().all(|t| *t < REMOTE_TIMEOUT + SLACK),
+        "bounded by the remote timeout: {took:?}"
+    );
+    assert_eq!(
+        capture.gauge(CACHE_BREAKER_STATE.name, &[("cache", "t")]),
+        Some(2.0),
+        "open"
+    );
     // Five reads timed out; once open, the breaker skips Redis: the rest do not wait for it.
-    let skipped = took[5..].iter().filter(|t| **t < REMOTE_TIMEOUT / 2).count();
-    assert!(skipped >= 10, "calls skipping Redis: {skipped} of 15: {took:?}");
+    let skipped = took[5..]
+        .iter()
+        .filter(|t| **t < REMOTE_TIMEOUT / 2)
+        .count();
+    assert!(
+        skipped >= 10,
+        "calls skipping Redis: {skipped} of 15: {took:?}"
+    );
 
     server.resume().unwrap();
-    let hits = || capture.counter(CACHE_REQUESTS.name, &[("cache", "t"), ("tier", "remote"), ("outcome", "hit")]);
+    let hits = || {
+        capture.counter(
+            CACHE_REQUESTS.name,
+            &[("cache", "t"), ("tier", "remote"), ("outcome", "hit")],
+        )
+    };
     let before = hits();
     eventually("a probe closed the breaker", async || {
         let _ = cache.get_or_load(&0, source.load("loaded")).await;
@@ -97,16 +137,27 @@ async fn a_paused_redis_opens_the_breaker_and_a_probe_closes_it_after_resume() {
 #[tokio::test]
 async fn a_cache_write_that_fails_removes_the_key_so_no_stale_value_survives() {
     let server = redis();
-    let cache: Cache<u64, String> = Cache::builder("t").redis(connect(&server).await).build().unwrap();
+    let cache: Cache<u64, String> = Cache::builder("t")
+        .redis(connect(&server).await)
+        .build()
+        .unwrap();
     cache.set(&1, "old".into()).await.unwrap();
     // Redis refuses writes (out of memory, noeviction) but still deletes.
-    server.command(&["CONFIG", "SET", "maxmemory", "1"]).unwrap();
+    server
+        .command(&["CONFIG", "SET", "maxmemory", "1"])
+        .unwrap();
     cache
         .write_through(&1, "new".into(), async { Ok::<_, std::io::Error>(()) })
         .await
         .unwrap();
-    assert_eq!(raw_get(&server, "brisk:t:1:i:1").await, None, "removed, not left old");
-    server.command(&["CONFIG", "SET", "maxmemory", "0"]).unwrap();
+    assert_eq!(
+        raw_get(&server, "brisk:t:1:i:1").await,
+        None,
+        "removed, not left old"
+    );
+    server
+        .command(&["CONFIG", "SET", "maxmemory", "0"])
+        .unwrap();
     assert_eq!(cache.get(&1).await.unwrap(), None, "no stale read");
 }
 
@@ -126,7 +177,11 @@ async fn a_cache_write_and_removal_that_both_fail_are_reported() {
         .unwrap_err();
     assert!(matches!(err, Error::Remote(_)), "{err}");
     assert!(err.to_string().contains("may serve an old value"), "{err}");
-    assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("new"), "this process has the new value");
+    assert_eq!(
+        cache.get(&1).await.unwrap().as_deref(),
+        Some("new"),
+        "this process has the new value"
+    );
 }
 
 #[tokio::test]
@@ -140,12 +195,23 @@ async fn a_write_through_dropped_midway_removes_the_key_everywhere() {
     cache.set(&1, "old".into()).await.unwrap();
     let cut = tokio::time::timeout(
         Duration::from_millis(20),
-        cache.write_through(&1, "new".into(), std::future::pending::<Result<(), std::io::Error>>()),
+        cache.write_through(
+            &1,
+            "new".into(),
+            std::future::pending::<Result<(), std::io::Error>>(),
+        ),
     )
     .await;
     assert!(cut.is_err());
-    eventually("removed from Redis", async || raw_get(&server, "brisk:t:1:i:1").await.is_none()).await;
-    assert_eq!(cache.get(&1).await.unwrap(), None, "neither old nor new is served");
+    eventually("removed from Redis", async || {
+        raw_get(&server, "brisk:t:1:i:1").await.is_none()
+    })
+    .await;
+    assert_eq!(
+        cache.get(&1).await.unwrap(),
+        None,
+        "neither old nor new is served"
+    );
 }
 
 #[tokio::test]
@@ -171,9 +237,16 @@ async fn an_invalidation_during_a_load_wins() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     cache.set(&1, "written".into()).await.unwrap();
     gate.add_permits(1);
-    assert_eq!(loading.await.unwrap().unwrap().as_deref(), Some("read before the write"));
+    assert_eq!(
+        loading.await.unwrap().unwrap().as_deref(),
+        Some("read before the write")
+    );
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("written"), "the load did not overwrite the write");
+    assert_eq!(
+        cache.get(&1).await.unwrap().as_deref(),
+        Some("written"),
+        "the load did not overwrite the write"
+    );
     let raw = raw_get(&server, "brisk:t:1:i:1").await.unwrap();
     assert!(String::from_utf8_lossy(&raw).contains("written"));
 }

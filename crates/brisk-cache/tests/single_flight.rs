@@ -35,7 +35,11 @@ async fn a_thousand_concurrent_misses_load_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
         gate.add_permits(1);
         for caller in callers {
-            assert_eq!(caller.await.unwrap().unwrap().as_deref(), Some("v"), "{shape}");
+            assert_eq!(
+                caller.await.unwrap().unwrap().as_deref(),
+                Some("v"),
+                "{shape}"
+            );
         }
         assert_eq!(source.count(), 1, "{shape}: one load for 1,000 callers");
     }
@@ -64,8 +68,16 @@ async fn a_dropped_caller_does_not_cancel_the_load() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     first.abort();
     assert!(first.await.unwrap_err().is_cancelled());
-    assert_eq!(second.await.unwrap().unwrap().as_deref(), Some("v"), "the load went on");
-    assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("v"), "and filled the cache");
+    assert_eq!(
+        second.await.unwrap().unwrap().as_deref(),
+        Some("v"),
+        "the load went on"
+    );
+    assert_eq!(
+        cache.get(&1).await.unwrap().as_deref(),
+        Some("v"),
+        "and filled the cache"
+    );
     assert_eq!(source.count(), 1);
 }
 
@@ -116,9 +128,19 @@ async fn a_panicking_loader_fails_its_waiters_and_the_key_recovers() {
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(capture.counter(CACHE_LOADS.name, &[("cache", "t"), ("outcome", "panic")]), 1);
+    assert_eq!(
+        capture.counter(CACHE_LOADS.name, &[("cache", "t"), ("outcome", "panic")]),
+        1
+    );
     let source = Source::default();
-    assert_eq!(cache.get_or_load(&1, source.load("ok")).await.unwrap().as_deref(), Some("ok"));
+    assert_eq!(
+        cache
+            .get_or_load(&1, source.load("ok"))
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("ok")
+    );
 }
 
 #[tokio::test]
@@ -160,17 +182,31 @@ async fn a_loader_error_reaches_every_waiter_and_is_not_cached() {
         assert!(matches!(err, Error::Load(_)), "{err}");
         assert_eq!(err.to_string(), "the loader failed: db down");
         let source = std::error::Error::source(&err).unwrap();
-        assert!(source.downcast_ref::<std::io::Error>().is_some(), "the loader's error, typed");
+        assert!(
+            source.downcast_ref::<std::io::Error>().is_some(),
+            "the loader's error, typed"
+        );
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     let source = Source::default();
-    assert_eq!(cache.get_or_load(&1, source.load("ok")).await.unwrap().as_deref(), Some("ok"));
+    assert_eq!(
+        cache
+            .get_or_load(&1, source.load("ok"))
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("ok")
+    );
 }
 
 #[test]
 fn a_load_on_a_runtime_that_shuts_down_fails_its_waiters_elsewhere() {
     let cache: Cache<u64, String> = Cache::builder("t").build().unwrap();
-    let doomed = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let doomed = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     let started = Arc::new(Semaphore::new(0));
     doomed.spawn({
         let (cache, started) = (cache.clone(), started.clone());
@@ -183,19 +219,31 @@ fn a_load_on_a_runtime_that_shuts_down_fails_its_waiters_elsewhere() {
                 .await
         }
     });
-    let other = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let other = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     other.block_on(async {
         let _ = started.acquire().await.unwrap();
         let waiter = tokio::spawn({
             let cache = cache.clone();
-            async move { cache.get_or_load(&1, async { Ok::<_, std::io::Error>(Some("x".to_owned())) }).await }
+            async move {
+                cache
+                    .get_or_load(&1, async { Ok::<_, std::io::Error>(Some("x".to_owned())) })
+                    .await
+            }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         doomed.shutdown_background();
-        let outcome = tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("answered").unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("answered")
+            .unwrap();
         assert!(matches!(outcome, Err(Error::Cancelled)), "{outcome:?}");
         // The key is free again.
-        let again = cache.get_or_load(&1, async { Ok::<_, std::io::Error>(Some("y".to_owned())) }).await;
+        let again = cache
+            .get_or_load(&1, async { Ok::<_, std::io::Error>(Some("y".to_owned())) })
+            .await;
         assert_eq!(again.unwrap().as_deref(), Some("y"));
     });
 }
@@ -206,5 +254,8 @@ fn outside_a_runtime_a_miss_is_an_error() {
     let outcome = futures_util::FutureExt::now_or_never(
         cache.get_or_load(&1, async { Ok::<_, std::io::Error>(Some("x".to_owned())) }),
     );
-    assert!(matches!(outcome, Some(Err(Error::NoRuntime))), "{outcome:?}");
+    assert!(
+        matches!(outcome, Some(Err(Error::NoRuntime))),
+        "{outcome:?}"
+    );
 }

@@ -21,8 +21,16 @@ async fn cache_aside_loads_once_then_hits() {
             assert_eq!(hit.as_deref(), Some("one"), "{shape}");
         }
         assert_eq!(source.count(), 1, "{shape}: loaded once");
-        assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("one"), "{shape}");
-        assert_eq!(cache.get(&2).await.unwrap(), None, "{shape}: get loads nothing");
+        assert_eq!(
+            cache.get(&1).await.unwrap().as_deref(),
+            Some("one"),
+            "{shape}"
+        );
+        assert_eq!(
+            cache.get(&2).await.unwrap(),
+            None,
+            "{shape}: get loads nothing"
+        );
     }
 }
 
@@ -32,7 +40,11 @@ async fn a_clone_shares_the_cache() {
     for (shape, cache) in every_shape(&server, |b| b).await {
         let clone = cache.clone();
         cache.set(&5, "five".into()).await.unwrap();
-        assert_eq!(clone.get(&5).await.unwrap().as_deref(), Some("five"), "{shape}");
+        assert_eq!(
+            clone.get(&5).await.unwrap().as_deref(),
+            Some("five"),
+            "{shape}"
+        );
     }
 }
 
@@ -46,8 +58,16 @@ async fn read_through_uses_the_registered_loader() {
     };
     for (shape, cache) in every_shape(&server, configure).await {
         let before = source.count();
-        assert_eq!(cache.get(&7).await.unwrap().as_deref(), Some("user 7"), "{shape}");
-        assert_eq!(cache.get(&7).await.unwrap().as_deref(), Some("user 7"), "{shape}");
+        assert_eq!(
+            cache.get(&7).await.unwrap().as_deref(),
+            Some("user 7"),
+            "{shape}"
+        );
+        assert_eq!(
+            cache.get(&7).await.unwrap().as_deref(),
+            Some("user 7"),
+            "{shape}"
+        );
         assert_eq!(source.count() - before, 1, "{shape}");
     }
 }
@@ -57,9 +77,17 @@ async fn set_get_and_invalidate() {
     let server = redis();
     for (shape, cache) in every_shape(&server, |b| b).await {
         cache.set(&1, "a".into()).await.unwrap();
-        assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("a"), "{shape}");
+        assert_eq!(
+            cache.get(&1).await.unwrap().as_deref(),
+            Some("a"),
+            "{shape}"
+        );
         cache.set(&1, "b".into()).await.unwrap();
-        assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("b"), "{shape}");
+        assert_eq!(
+            cache.get(&1).await.unwrap().as_deref(),
+            Some("b"),
+            "{shape}"
+        );
         cache.invalidate(&1).await.unwrap();
         assert_eq!(cache.get(&1).await.unwrap(), None, "{shape}");
         let source = Source::default();
@@ -83,7 +111,11 @@ async fn write_through_writes_the_source_then_the_cache() {
             .await
             .unwrap();
         assert_eq!(*written.lock().unwrap(), Some("new"), "{shape}");
-        assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("new"), "{shape}");
+        assert_eq!(
+            cache.get(&1).await.unwrap().as_deref(),
+            Some("new"),
+            "{shape}"
+        );
     }
 }
 
@@ -93,12 +125,18 @@ async fn a_failed_write_leaves_the_cache_as_it_was() {
     for (shape, cache) in every_shape(&server, |b| b).await {
         cache.set(&1, "old".into()).await.unwrap();
         let err = cache
-            .write_through(&1, "new".into(), async { Err::<(), _>(io_error("disk full")) })
+            .write_through(&1, "new".into(), async {
+                Err::<(), _>(io_error("disk full"))
+            })
             .await
             .unwrap_err();
         assert!(matches!(err, Error::Write(_)), "{shape}: {err}");
         assert!(err.to_string().contains("disk full"), "{shape}: {err}");
-        assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("old"), "{shape}");
+        assert_eq!(
+            cache.get(&1).await.unwrap().as_deref(),
+            Some("old"),
+            "{shape}"
+        );
     }
 }
 
@@ -116,23 +154,55 @@ async fn none_is_cached_for_the_negative_ttl() {
                 Ok::<Option<String>, std::io::Error>(None)
             }
         };
-        assert_eq!(cache.get_or_load(&9, none()).await.unwrap(), None, "{shape}");
+        assert_eq!(
+            cache.get_or_load(&9, none()).await.unwrap(),
+            None,
+            "{shape}"
+        );
         common::eventually("the absence reached the remote tier", async || {
             cache.get_or_load(&9, none()).await.unwrap().is_none() && source.count() == 1
         })
         .await;
         tokio::time::sleep(Duration::from_millis(350)).await;
-        assert_eq!(cache.get_or_load(&9, source.load("now")).await.unwrap().as_deref(), Some("now"), "{shape}");
-        assert_eq!(source.count(), 2, "{shape}: reloaded after the negative TTL");
+        assert_eq!(
+            cache
+                .get_or_load(&9, source.load("now"))
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("now"),
+            "{shape}"
+        );
+        assert_eq!(
+            source.count(),
+            2,
+            "{shape}: reloaded after the negative TTL"
+        );
     }
 }
 
 #[tokio::test]
 async fn a_zero_negative_ttl_caches_no_absence() {
-    let cache: Cache<u64, String> = Cache::builder("t").negative_ttl(Duration::ZERO).build().unwrap();
+    let cache: Cache<u64, String> = Cache::builder("t")
+        .negative_ttl(Duration::ZERO)
+        .build()
+        .unwrap();
     let source = Source::default();
-    assert_eq!(cache.get_or_load(&1, async { Ok::<_, std::io::Error>(None) }).await.unwrap(), None);
-    assert_eq!(cache.get_or_load(&1, source.load("x")).await.unwrap().as_deref(), Some("x"));
+    assert_eq!(
+        cache
+            .get_or_load(&1, async { Ok::<_, std::io::Error>(None) })
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        cache
+            .get_or_load(&1, source.load("x"))
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("x")
+    );
 }
 
 #[tokio::test]

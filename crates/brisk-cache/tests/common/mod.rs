@@ -14,7 +14,10 @@ pub type Builder = CacheBuilder<u64, String>;
 
 /// A private redis-server (blocking start: call before the async part or in `spawn_blocking`).
 pub fn redis() -> RedisServer {
-    RedisServer::builder().private().start().expect("redis-server starts")
+    RedisServer::builder()
+        .private()
+        .start()
+        .expect("redis-server starts")
 }
 
 pub async fn connect(server: &RedisServer) -> Multiplexed {
@@ -33,15 +36,31 @@ pub async fn every_shape(
     let redis = connect(server).await;
     let local = || LocalTier::entries(1_000);
     vec![
-        ("memory", configure(Cache::builder("t-memory")).build().unwrap()),
+        (
+            "memory",
+            configure(Cache::builder("t-memory")).build().unwrap(),
+        ),
         (
             "memory+local",
-            configure(Cache::builder("t-memory-local")).local(local()).build().unwrap(),
+            configure(Cache::builder("t-memory-local"))
+                .local(local())
+                .build()
+                .unwrap(),
         ),
-        ("redis", configure(Cache::builder("t-redis")).redis(redis.clone()).build().unwrap()),
+        (
+            "redis",
+            configure(Cache::builder("t-redis"))
+                .redis(redis.clone())
+                .build()
+                .unwrap(),
+        ),
         (
             "redis+local",
-            configure(Cache::builder("t-redis-local")).redis(redis).local(local()).build().unwrap(),
+            configure(Cache::builder("t-redis-local"))
+                .redis(redis)
+                .local(local())
+                .build()
+                .unwrap(),
         ),
     ]
 }
@@ -53,7 +72,10 @@ pub struct Source {
 }
 
 impl Source {
-    pub fn load(&self, value: &str) -> impl Future<Output = Result<Option<String>, std::io::Error>> + Send + use<> {
+    pub fn load(
+        &self,
+        value: &str,
+    ) -> impl Future<Output = Result<Option<String>, std::io::Error>> + Send + use<> {
         let loads = Arc::clone(&self.loads);
         let value = value.to_owned();
         async move {
@@ -75,13 +97,22 @@ pub fn io_error(message: &str) -> std::io::Error {
 pub async fn raw_get(server: &RedisServer, key: &str) -> Option<Vec<u8>> {
     let client = redis::Client::open(server.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    redis::cmd("GET").arg(key).query_async(&mut conn).await.unwrap()
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
 }
 
 pub async fn raw_set(server: &RedisServer, key: &str, value: &[u8]) {
     let client = redis::Client::open(server.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let () = redis::cmd("SET").arg(key).arg(value).query_async(&mut conn).await.unwrap();
+    let () = redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
 }
 
 /// Waits (bounded) until `check` holds: the remote write after a load lands on its own task.

@@ -1,0 +1,337 @@
+//! brisk-cache beside the crates and raw commands it stands on.
+//!
+//! - `cache/codec`: encode + decode of a realistic 1 KiB struct: `json` (`serde_json`),
+//!   `postcard`, `msgpack` (rmp-serde, with field names) — how the default codec was chosen.
+//! - `cache/local_hit`: a local-tier hit, Zipf keys (s = 1) over 100,000 entries: `brisk` (a
+//!   `Cache` with a local tier) beside `quick_cache` (the crate its local tier is) and `moka`
+//!   (sync), each `get` of the same keys.
+//! - `cache/remote_hit`: a hit of a 1 KiB value on a private redis-server, no local tier,
+//!   concurrency 1 in a spawned task: `brisk` beside `redis` (raw redis-rs multiplexed GET plus
+//!   the same JSON decode). After it, `redis-benchmark -c 1` GET p50 on the same server.
+//! - `cache/get_or_load_miss`: a miss of a fresh key, an instant loader, the value stored:
+//!   `brisk` beside `redis` (raw GET, the load, encode, SET, each awaited).
+//!
+//! Run: `cargo bench --bench cache`.
+#![allow(clippy::print_stdout, missing_docs)] // the physical-limit report
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use brisk_cache::{Cache, LocalTier};
+use brisk_pool::redis_source::Multiplexed;
+use brisk_testkit::RedisServer;
+use criterion::{BenchmarkId, Criterion, Throughput};
+use futures_util::FutureExt;
+use serde::{Deserialize, Serialize};
+
+#[path = "support/spread.rs"]
+mod spread;
+#[path = "support/zipf.rs"]
+mod zipf;
+
+use spread::spread;
+
+/// A user profile of about 1 KiB in JSON: what services cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Profile {
+    id: u64,
+    name: String,
+    email: String,
+    created_at: i64,
+    verified: bool,
+    roles: Vec<String>,
+    bio: String,
+    follower_ids: Vec<u64>,
+    settings: Settings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Settings {
+    theme: String,
+    locale: String,
+    notifications: bool,
+    items_per_page: u32,
+}
+
+fn profile(id: u64) -> Profile {
+    Profile {
+        id,
+        name: format!("User Number {id}"),
+        email: format!("user{id}@example.com"),
+        created_at: 1_700_000_000 + i64::try_from(id).unwrap_or(0),
+        verified: id.is_multiple_of(2),
+        roles: vec!["reader".into(), "writer".into(), "reviewer".into()],
+        bio: "Backend engineer who likes fast services, small crates and honest benchmarks. "
+            .repeat(6),
+        follower_ids: (0..40).map(|i| id * 1_000 + i).collect(),
+        settings: Settings {
+            theme: "dark".into(),
+            locale: "en-GB".into(),
+            notifications: true,
+            items_per_page: 50,
+        },
+    }
+}
+
+fn codec(c: &mut Criterion) {
+    let value = profile(42);
+    let json_len = serde_json::to_vec(&value).unwrap().len();
+    println!(
+        "cache/codec sizes: json {json_len} B, postcard {} B, msgpack {} B",
+        postcard::to_stdvec(&value).unwrap().len(),
+        rmp_serde::to_vec_named(&value).unwrap().len()
+    );
+    let mut group = c.benchmark_group("cache/codec");
+    group.throughput(Throughput::Bytes(json_len as u64));
+    group.bench_function("json", |b| {
+        b.iter(|| {
+            let bytes = serde_json::to_vec(&value).unwrap();
+            serde_json::from_slice::<Profile>(&bytes).unwrap()
+        });
+    });
+    group.bench_function("postcard", |b| {
+        b.iter(|| {
+            let bytes = postcard::to_stdvec(&value).unwrap();
+            postcard::from_bytes::<Profile>(&bytes).unwrap()
+        });
+    });
+    group.bench_function("msgpack", |b| {
+        b.iter(|| {
+            let bytes = rmp_serde::to_vec_named(&value).unwrap();
+            rmp_serde::from_slice::<Profile>(&bytes).unwrap()
+        });
+    });
+    group.finish();
+}
+
+const ENTRIES: u64 = 100_000;
+
+fn local_hit(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+    let keys = zipf::zipf_keys(ENTRIES, 1.0, 1 << 20, 0x5EED);
+    let brisk: Cache<u64, u64> = Cache::builder("bench")
+        .ttl(Duration::from_secs(3_600))
+        .local(LocalTier::entries(ENTRIES * 2))
+        .build()
+        .unwrap();
+    let quick = quick_cache::sync::Cache::<u64, u64>::new(usize::try_from(ENTRIES * 2).unwrap());
+    let moka = moka::sync::Cache::<u64, u64>::new(ENTRIES * 2);
+    rt.block_on(async {
+        for k in 0..ENTRIES {
+            brisk.set(&k, k).await.unwrap();
+            quick.insert(k, k);
+            moka.insert(k, k);
+        }
+    });
+    moka.run_pending_tasks();
+    let mut group = c.benchmark_group("cache/local_hit");
+    group.throughput(Throughput::Elements(1));
+    let mut i = 0;
+    let mut next = move || {
+        i = (i + 1) & (keys.len() - 1);
+        keys[i]
+    };
+    group.bench_function("brisk", |b| {
+        b.iter(|| {
+            let k = next();
+            let hit = brisk
+                .get(&k)
+                .now_or_never()
+                .expect("a local hit never waits");
+            assert_eq!(hit.unwrap(), Some(k));
+        });
+    });
+    group.bench_function("quick_cache", |b| {
+        b.iter(|| {
+            let k = next();
+            assert_eq!(quick.get(&k), Some(k));
+        });
+    });
+    group.bench_function("moka", |b| {
+        b.iter(|| {
+            let k = next();
+            assert_eq!(moka.get(&k), Some(k));
+        });
+    });
+    group.finish();
+}
+
+const HOT: u64 = 7;
+
+fn raw_key(k: u64) -> String {
+    format!("brisk:bench:1:i:{k}")
+}
+
+fn remote_hit(c: &mut Criterion, rt: &tokio::runtime::Runtime, url: &str) {
+    let (brisk, raw) = rt.block_on(async {
+        let redis = Multiplexed::connect(url).await.unwrap();
+        let cache: Cache<u64, Profile> = Cache::builder("bench")
+            .ttl(Duration::from_secs(3_600))
+            .redis(redis)
+            .build()
+            .unwrap();
+        cache.set(&HOT, profile(HOT)).await.unwrap();
+        // The raw contender reads its own plain JSON copy.
+        let client = redis::Client::open(url).unwrap();
+        let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+        let json = serde_json::to_vec(&profile(HOT)).unwrap();
+        let () = redis::cmd("SET")
+            .arg("raw:7")
+            .arg(json)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        (Arc::new(cache), raw)
+    });
+    let mut group = c.benchmark_group("cache/remote_hit");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function(BenchmarkId::new("brisk", 1), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let cache = brisk.clone();
+            spread(iters, 1, move || {
+                let cache = cache.clone();
+                async move {
+                    let hit = cache.get(&HOT).await.unwrap();
+                    assert_eq!(hit.map(|p| p.id), Some(HOT));
+                }
+            })
+        });
+    });
+    group.bench_function(BenchmarkId::new("redis", 1), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let conn = raw.clone();
+            spread(iters, 1, move || {
+                let mut conn = conn.clone();
+                async move {
+                    let bytes: Vec<u8> = redis::cmd("GET")
+                        .arg("raw:7")
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    let p: Profile = serde_json::from_slice(&bytes).unwrap();
+                    assert_eq!(p.id, HOT);
+                }
+            })
+        });
+    });
+    group.finish();
+}
+
+fn miss(c: &mut Criterion, rt: &tokio::runtime::Runtime, url: &str) {
+    let (brisk, raw) = rt.block_on(async {
+        let redis = Multiplexed::connect(url).await.unwrap();
+        let cache: Cache<u64, Profile> = Cache::builder("miss")
+            .ttl(Duration::from_secs(60))
+            .redis(redis)
+            .build()
+            .unwrap();
+        let client = redis::Client::open(url).unwrap();
+        (
+            Arc::new(cache),
+            client.get_multiplexed_async_connection().await.unwrap(),
+        )
+    });
+    let fresh = Arc::new(AtomicU64::new(1 << 32));
+    let mut group = c.benchmark_group("cache/get_or_load_miss");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function(BenchmarkId::new("brisk", 1), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (cache, fresh) = (brisk.clone(), fresh.clone());
+            spread(iters, 1, move || {
+                let (cache, fresh) = (cache.clone(), fresh.clone());
+                async move {
+                    let k = fresh.fetch_add(1, Ordering::Relaxed);
+                    let got = cache
+                        .get_or_load(&k, async move { Ok::<_, std::io::Error>(Some(profile(k))) })
+                        .await;
+                    assert!(got.unwrap().is_some());
+                }
+            })
+        });
+    });
+    group.bench_function(BenchmarkId::new("redis", 1), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (conn, fresh) = (raw.clone(), fresh.clone());
+            spread(iters, 1, move || {
+                let (mut conn, fresh) = (conn.clone(), fresh.clone());
+                async move {
+                    let k = fresh.fetch_add(1, Ordering::Relaxed);
+                    let key = raw_key(k);
+                    let found: Option<Vec<u8>> = redis::cmd("GET")
+                        .arg(&key)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    assert!(found.is_none());
+                    let value = profile(k);
+                    let bytes = serde_json::to_vec(&value).unwrap();
+                    let () = redis::cmd("SET")
+                        .arg(&key)
+                        .arg(bytes)
+                        .arg("PX")
+                        .arg(60_000)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                }
+            })
+        });
+    });
+    group.finish();
+}
+
+/// redis-benchmark's GET p50 at one client, 1 KiB values, on the same server.
+fn physical_limit(port: u16) {
+    let output = Command::new("redis-benchmark")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            "get",
+            "-d",
+            "1024",
+            "-n",
+            "50000",
+            "-c",
+            "1",
+        ])
+        .output();
+    match output {
+        Ok(output) => {
+            let text = String::from_utf8_lossy(&output.stdout);
+            let summary: Vec<&str> = text
+                .lines()
+                .skip_while(|l| !l.contains("latency summary"))
+                .take(3)
+                .collect();
+            println!(
+                "redis-benchmark -c 1 -d 1024 GET latency (msec):\n{}",
+                summary.join("\n")
+            );
+        }
+        Err(err) => println!("redis-benchmark not run: {err}"),
+    }
+}
+
+fn main() {
+    let server = RedisServer::builder()
+        .private()
+        .start()
+        .expect("redis-server");
+    let url = server.url();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut criterion = Criterion::default().configure_from_args();
+    codec(&mut criterion);
+    local_hit(&mut criterion, &rt);
+    remote_hit(&mut criterion, &rt, &url);
+    miss(&mut criterion, &rt, &url);
+    criterion.final_summary();
+    physical_limit(server.port().expect("TCP"));
+}
