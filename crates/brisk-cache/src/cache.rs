@@ -20,6 +20,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::builder::CacheBuilder;
 use crate::clock::Clock;
@@ -96,11 +97,15 @@ pub(crate) struct Inner<K, V> {
     remote: Remote,
     loader: Option<ReadThrough<K, V>>,
     flights: Mutex<HashMap<K, Arc<Flight<V>>, foldhash::fast::RandomState>>,
-    /// Bumped by every write: a remote read that started before one does not fill the local
-    /// tier with what it read.
-    epoch: AtomicU64,
+    /// Bumped by every write to a key of its stripe: a remote read that started before one does
+    /// not fill the local tier with what it read. Striped so that writes to other keys rarely
+    /// keep a read from filling the local tier.
+    epochs: [AtomicU64; EPOCH_STRIPES],
+    stripes: foldhash::fast::RandomState,
     metrics: Metrics,
 }
+
+const EPOCH_STRIPES: usize = 64;
 
 /// Where a value was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -439,8 +444,16 @@ where
             remote,
             loader,
             flights: Mutex::default(),
-            epoch: AtomicU64::new(0),
+            epochs: std::array::from_fn(|_| AtomicU64::new(0)),
+            stripes: foldhash::fast::RandomState::default(),
         }
+    }
+
+    fn epoch(&self, key: &K) -> &AtomicU64 {
+        use std::hash::BuildHasher as _;
+        let stripe =
+            usize::try_from(self.stripes.hash_one(key)).unwrap_or_default() % EPOCH_STRIPES;
+        &self.epochs[stripe]
     }
 
     fn redis_key(&self, key: &K) -> Result<Vec<u8>, Error> {
@@ -487,7 +500,7 @@ where
             return self.wait(&flight, stale).await;
         }
         let rkey = self.redis_key(key)?;
-        let epoch = self.epoch.load(Ordering::Acquire);
+        let epoch = self.epoch(key).load(Ordering::Acquire);
         match self.lookup(&rkey).await {
             Found::Fresh(value, fresh_until, stale_until) => {
                 self.fill_local(key, &value, fresh_until, stale_until, epoch);
@@ -503,7 +516,7 @@ where
     /// A read past the local tier that loads nothing: fresh values only.
     async fn peek(&self, key: &K) -> Result<Option<V>, Error> {
         let rkey = self.redis_key(key)?;
-        let epoch = self.epoch.load(Ordering::Acquire);
+        let epoch = self.epoch(key).load(Ordering::Acquire);
         match self.lookup(&rkey).await {
             Found::Fresh(value, fresh_until, stale_until) => {
                 self.fill_local(key, &value, fresh_until, stale_until, epoch);
@@ -522,7 +535,7 @@ where
         epoch: u64,
     ) {
         if let Some(local) = &self.local
-            && self.epoch.load(Ordering::Acquire) == epoch
+            && self.epoch(key).load(Ordering::Acquire) == epoch
         {
             local.insert(
                 key.clone(),
@@ -622,6 +635,11 @@ where
     /// Waits for a load; a stale value stands in for its failure, its soft timeout, or the
     /// caller's deadline.
     async fn wait(&self, flight: &Flight<V>, stale: Stale<V>) -> Result<Option<V>, Error> {
+        if let Some(outcome) = flight.outcome.get()
+            && outcome.is_ok()
+        {
+            return outcome.clone(); // ready: served even if the caller's budget is spent
+        }
         let stale = stale.or_else(|| flight.stale.clone());
         let patience = match (&stale, self.config.soft_timeout) {
             (Some(_), Some(soft)) => {
@@ -724,7 +742,7 @@ where
 
     /// Drops the local entry and cuts off a load in progress from storing.
     fn forget(&self, key: &K) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.epoch(key).fetch_add(1, Ordering::AcqRel);
         if let Some(flight) = self.flights().remove(key) {
             flight.superseded.store(true, Ordering::Release);
         }
@@ -766,7 +784,9 @@ where
         let m = &inner.metrics;
         let started = Instant::now();
         let hard = inner.config.hard_timeout;
-        let outcome = match deadline::bounded(hard, AssertUnwindSafe(load).catch_unwind()).await {
+        let span = tracing::debug_span!("brisk_cache_load", cache = %inner.name);
+        let load = deadline::bounded(hard, AssertUnwindSafe(load).catch_unwind()).instrument(span);
+        let outcome = match load.await {
             Ok(Ok(Ok(value))) => {
                 if value.is_some() {
                     m.loaded.increment(1);

@@ -10,6 +10,7 @@ use brisk_metrics::catalog::CACHE_REMOTE_DURATION;
 use brisk_pool::redis_source::RedisSource;
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::breaker::{Breaker, BreakerConfig};
 use crate::error::RemoteError;
@@ -117,7 +118,10 @@ pub(crate) struct Remote {
     store: Store,
     timeout: Duration,
     durations: [Histogram; 3],
+    cache: Arc<str>,
 }
+
+const OPERATIONS: [&str; 3] = ["get", "set", "del"];
 
 #[derive(Clone, Copy)]
 enum Op {
@@ -160,7 +164,8 @@ impl Remote {
         Self {
             store,
             timeout,
-            durations: [histogram("get"), histogram("set"), histogram("del")],
+            durations: OPERATIONS.map(histogram),
+            cache: cache.into(),
         }
     }
 
@@ -178,7 +183,11 @@ impl Remote {
         }
         let histogram = &self.durations[op as usize];
         let started = histogram.is_enabled().then(Instant::now);
-        let result = match deadline::bounded(self.timeout, command).await {
+        let span = tracing::debug_span!("brisk_cache_remote", cache = %self.cache, operation = OPERATIONS[op as usize]);
+        let result = match deadline::bounded(self.timeout, command)
+            .instrument(span)
+            .await
+        {
             Ok(result) => result,
             Err(elapsed) => Err(RemoteError::Timeout(elapsed)),
         };
