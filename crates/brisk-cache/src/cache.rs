@@ -534,8 +534,9 @@ where
         stale_until: Instant,
         epoch: u64,
     ) {
+        let stripe = self.epoch(key);
         if let Some(local) = &self.local
-            && self.epoch(key).load(Ordering::Acquire) == epoch
+            && stripe.load(Ordering::Acquire) == epoch
         {
             local.insert(
                 key.clone(),
@@ -544,6 +545,10 @@ where
                 stale_until,
                 Instant::now(),
             );
+            // A write between the check and the insert: take back what may now be old.
+            if stripe.load(Ordering::Acquire) != epoch {
+                local.remove(key);
+            }
         }
     }
 
@@ -827,6 +832,10 @@ where
                     stale_until,
                     now,
                 );
+                // A write between the check and the insert: take back what is now old.
+                if self.flight.superseded.load(Ordering::Acquire) {
+                    local.remove(&self.key);
+                }
             }
             match inner.envelope(value.as_ref(), fresh_until, took, now) {
                 Ok(bytes) => remote = Some((bytes, stale_until)),
