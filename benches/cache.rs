@@ -111,9 +111,20 @@ fn codec(c: &mut Criterion) {
 const ENTRIES: u64 = 100_000;
 
 /// One scenario of `cache/local_hit`: every contender holds `value(k)` for each of the keys.
-fn local_hit_of<V>(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>, rt: &tokio::runtime::Runtime, kind: &str, value: fn(u64) -> V)
-where
-    V: Clone + PartialEq + std::fmt::Debug + Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
+fn local_hit_of<V>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &tokio::runtime::Runtime,
+    kind: &str,
+    value: fn(u64) -> V,
+) where
+    V: Clone
+        + PartialEq
+        + std::fmt::Debug
+        + Serialize
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
 {
     let keys = zipf::zipf_keys(ENTRIES, 1.0, 1 << 20, 0x5EED);
     let brisk: Cache<u64, V> = Cache::builder("bench")
@@ -139,7 +150,10 @@ where
     group.bench_function(BenchmarkId::new("brisk", kind), |b| {
         b.iter(|| {
             let k = next();
-            let hit = brisk.get(&k).now_or_never().expect("a local hit never waits");
+            let hit = brisk
+                .get(&k)
+                .now_or_never()
+                .expect("a local hit never waits");
             assert!(hit.unwrap().is_some());
         });
     });

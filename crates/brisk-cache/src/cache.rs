@@ -26,7 +26,7 @@ use crate::builder::CacheBuilder;
 use crate::clock::Clock;
 use crate::codec::Codec;
 use crate::envelope::{self, DecodeError, Format, Meta};
-use crate::error::{Error, SharedError};
+use crate::error::{Error, RemoteError, SharedError};
 use crate::key::{self, CacheKey};
 use crate::local::{Local, LocalTier, Lookup};
 use crate::remote::Remote;
@@ -126,12 +126,36 @@ struct Flight<V> {
     done: Notify,
     /// A write to the key came after the load began: its result goes to its waiters only.
     superseded: AtomicBool,
+    /// The load is writing its value to Redis: a write to the key waits for it to land, so
+    /// that the write lands last. (Set before `superseded` is read, read after it is set: one of
+    /// the two sides always sees the other.)
+    writing: AtomicBool,
+    /// The load has written Redis, or never will.
+    landed: AtomicBool,
+    landing: Notify,
 }
 
 impl<V: Clone> Flight<V> {
     fn finish(&self, outcome: Result<Option<V>, Error>) {
         if self.outcome.set(outcome).is_ok() {
             self.done.notify_waiters();
+        }
+    }
+
+    fn land(&self) {
+        self.landed.store(true, Ordering::Release);
+        self.landing.notify_waiters();
+    }
+
+    async fn landed(&self) {
+        loop {
+            let notified = self.landing.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.landed.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -327,8 +351,7 @@ where
     /// may serve the old value until its TTL ends); [`Error::Key`].
     pub async fn invalidate(&self, key: &K) -> Result<(), Error> {
         let rkey = self.inner.redis_key(key)?;
-        self.inner.forget(key);
-        self.inner.remote.del(&rkey).await.map_err(Error::Remote)
+        self.inner.remove(key, &rkey).await
     }
 
     /// Write-through: runs `write` (the write to the source of truth) and, if it succeeded,
@@ -367,8 +390,7 @@ where
             Ok(()) | Err(Error::Remote(_)) => stored,
             Err(err) => {
                 // Not stored (the value did not serialize): nothing old may stay.
-                self.inner.forget(key);
-                self.inner.remote.del(&rkey).await.map_err(Error::Remote)?;
+                self.inner.remove(key, &rkey).await?;
                 Err(err)
             }
         }
@@ -393,14 +415,14 @@ where
 {
     fn drop(&mut self) {
         let Some(inner) = self.inner else { return };
-        inner.forget(self.key);
+        let _ = inner.forget(self.key);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let inner = Arc::clone(inner);
             let (key, rkey) = (self.key.clone(), self.rkey.to_vec());
             runtime.spawn(async move {
-                let removed = inner.remote.del(&rkey).await;
+                let removed = inner.remove(&key, &rkey).await;
                 // A read meanwhile may have found the old value in Redis and kept it locally.
-                inner.forget(&key);
+                let _ = inner.forget(&key);
                 if let Err(err) = removed {
                     tracing::warn!(cache = %inner.name, %err, "a dropped write_through could not remove its key from Redis");
                 }
@@ -621,6 +643,9 @@ where
                 outcome: OnceLock::new(),
                 done: Notify::new(),
                 superseded: AtomicBool::new(false),
+                writing: AtomicBool::new(false),
+                landed: AtomicBool::new(false),
+                landing: Notify::new(),
             });
             flights.insert(key.clone(), Arc::clone(&flight));
             let landing = Landing {
@@ -709,27 +734,60 @@ where
             .map_err(|message| Error::Encode(message.into()))
     }
 
-    /// Writes stored bytes to Redis with its TTL: the fresh time plus the stale window. A value
-    /// too large is kept out, and what Redis held removed. An error means Redis may still
-    /// hold what it held before.
+    /// Writes stored bytes to Redis with its TTL (the fresh time plus the stale window), all of
+    /// it within one remote timeout. A value too large is kept out, and what Redis held removed;
+    /// a refused write is followed by a removal. An error means Redis may still hold what it
+    /// held before.
     async fn put_remote(
         &self,
         rkey: &[u8],
         bytes: &[u8],
         stale_until: Instant,
     ) -> Result<(), Error> {
+        let timeout = self.config.remote_timeout;
         if bytes.len() > self.config.max_value_size {
             self.metrics.oversize.increment(1);
-            return self.remote.del(rkey).await.map_err(Error::Remote);
+            return self.del_remote(rkey, timeout).await;
         }
+        let until = Instant::now() + timeout;
         let ttl = stale_until.saturating_duration_since(Instant::now());
-        match self.remote.set(rkey, bytes, ttl).await {
+        match self.remote.set(rkey, bytes, ttl, timeout).await {
             Ok(()) => Ok(()),
-            Err(err) => match self.remote.del(rkey).await {
-                Ok(()) => Ok(()),
-                Err(_) => Err(Error::Remote(err)),
-            },
+            Err(err) => {
+                let left = until.saturating_duration_since(Instant::now());
+                self.del_remote(rkey, left)
+                    .await
+                    .map_err(|_| Error::Remote(err))
+            }
         }
+    }
+
+    /// Removes `rkey` from Redis within `within`.
+    async fn del_remote(&self, rkey: &[u8], within: Duration) -> Result<(), Error> {
+        if within.is_zero() {
+            // Nothing left to ask with; not a failure of Redis's own.
+            return Err(Error::Remote(RemoteError::Timeout(
+                deadline::bounded(Duration::ZERO, std::future::ready(()))
+                    .await
+                    .unwrap_err(),
+            )));
+        }
+        self.remote.del(rkey, within).await.map_err(Error::Remote)
+    }
+
+    /// Before a write goes to Redis: lets a load of the key that is already writing Redis
+    /// finish (within one remote timeout), so that the write lands after it and wins.
+    async fn after_landing(&self, flight: Option<Arc<Flight<V>>>) {
+        if let Some(flight) = flight {
+            let _ = deadline::bounded(self.config.remote_timeout, flight.landed()).await;
+        }
+    }
+
+    /// `invalidate`: both tiers.
+    async fn remove(&self, key: &K, rkey: &[u8]) -> Result<(), Error> {
+        let landing = self.forget(key);
+        self.after_landing(landing).await;
+        self.del_remote(rkey, self.config.remote_timeout).await
     }
 
     /// `set`: both tiers, in place of any load in progress.
@@ -738,22 +796,26 @@ where
         let now = Instant::now();
         let (fresh_until, stale_until) = self.expiry(value.is_none(), now);
         let bytes = self.envelope(value.as_ref(), fresh_until, Duration::ZERO, now)?;
-        self.forget(key);
+        let landing = self.forget(key);
         if let Some(local) = &self.local {
             local.insert(key.clone(), value, fresh_until, stale_until, now);
         }
+        self.after_landing(landing).await;
         self.put_remote(&rkey, &bytes, stale_until).await
     }
 
-    /// Drops the local entry and cuts off a load in progress from storing.
-    fn forget(&self, key: &K) {
+    /// Drops the local entry and cuts off a load in progress from storing; returns that load if
+    /// it is already writing Redis.
+    fn forget(&self, key: &K) -> Option<Arc<Flight<V>>> {
         self.epoch(key).fetch_add(1, Ordering::AcqRel);
-        if let Some(flight) = self.flights().remove(key) {
-            flight.superseded.store(true, Ordering::Release);
+        let flight = self.flights().remove(key);
+        if let Some(flight) = &flight {
+            flight.superseded.store(true, Ordering::SeqCst);
         }
         if let Some(local) = &self.local {
             local.remove(key);
         }
+        flight.filter(|flight| flight.writing.load(Ordering::SeqCst))
     }
 }
 
@@ -851,7 +913,10 @@ where
         // Callers arriving until the remote write is done still join this flight and get its
         // value, rather than miss in Redis and load again.
         if let Some((bytes, stale_until)) = remote
-            && !self.flight.superseded.load(Ordering::Acquire)
+            && {
+                self.flight.writing.store(true, Ordering::SeqCst);
+                !self.flight.superseded.load(Ordering::SeqCst)
+            }
             && let Err(err) = inner.put_remote(&self.rkey, &bytes, stale_until).await
         {
             tracing::debug!(cache = %inner.name, %err, "a loaded value could not be written to Redis");
@@ -868,6 +933,7 @@ where
         self.leave();
         // Ended without an outcome: the task was dropped (its runtime shut down).
         self.flight.finish(Err(Error::Cancelled));
+        self.flight.land();
     }
 }
 

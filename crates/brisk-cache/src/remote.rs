@@ -169,10 +169,11 @@ impl Remote {
         }
     }
 
-    /// Runs one Redis command within `min(timeout, deadline::remaining())`, through the breaker.
+    /// Runs one Redis command within `min(within, deadline::remaining())`, through the breaker.
     async fn call<T>(
         &self,
         op: Op,
+        within: Duration,
         command: impl Future<Output = Result<T, RemoteError>>,
     ) -> Result<T, RemoteError> {
         let Store::Redis { breaker, .. } = &self.store else {
@@ -184,10 +185,7 @@ impl Remote {
         let histogram = &self.durations[op as usize];
         let started = histogram.is_enabled().then(Instant::now);
         let span = tracing::debug_span!("brisk_cache_remote", cache = %self.cache, operation = OPERATIONS[op as usize]);
-        let result = match deadline::bounded(self.timeout, command)
-            .instrument(span)
-            .await
-        {
+        let result = match deadline::bounded(within, command).instrument(span).await {
             Ok(result) => result,
             Err(elapsed) => Err(RemoteError::Timeout(elapsed)),
         };
@@ -209,7 +207,7 @@ impl Remote {
                 .get(key)
                 .filter(|stored| Instant::now() < stored.expires)
                 .map(|stored| stored.bytes.clone())),
-            Store::Redis { ops, .. } => self.call(Op::Get, ops.get(key)).await,
+            Store::Redis { ops, .. } => self.call(Op::Get, self.timeout, ops.get(key)).await,
         }
     }
 
@@ -218,6 +216,7 @@ impl Remote {
         key: &[u8],
         value: &[u8],
         ttl: Duration,
+        within: Duration,
     ) -> Result<(), RemoteError> {
         match &self.store {
             Store::Memory(map) => {
@@ -233,18 +232,19 @@ impl Remote {
             }
             Store::Redis { ops, .. } => {
                 let ttl_ms = crate::clock::millis(ttl);
-                self.call(Op::Set, ops.set(key, value, ttl_ms)).await
+                self.call(Op::Set, within, ops.set(key, value, ttl_ms))
+                    .await
             }
         }
     }
 
-    pub(crate) async fn del(&self, key: &[u8]) -> Result<(), RemoteError> {
+    pub(crate) async fn del(&self, key: &[u8], within: Duration) -> Result<(), RemoteError> {
         match &self.store {
             Store::Memory(map) => {
                 map.remove(key);
                 Ok(())
             }
-            Store::Redis { ops, .. } => self.call(Op::Del, ops.del(key)).await,
+            Store::Redis { ops, .. } => self.call(Op::Del, within, ops.del(key)).await,
         }
     }
 }

@@ -29,8 +29,8 @@ fn ok(value: &str) -> impl Future<Output = R> + Send + 'static {
     async move { Ok(Some(value)) }
 }
 
-fn fail() -> impl Future<Output = R> + Send + 'static {
-    async { Err(std::io::Error::other("db down")) }
+async fn fail() -> R {
+    Err(std::io::Error::other("db down"))
 }
 
 fn slow(after: Duration, value: &str) -> impl Future<Output = R> + Send + 'static {
@@ -42,7 +42,11 @@ fn slow(after: Duration, value: &str) -> impl Future<Output = R> + Send + 'stati
 }
 
 /// A loader that waits for `gate` before answering `value`, counting its runs in `runs`.
-fn gated(gate: &Arc<Semaphore>, runs: &Arc<AtomicUsize>, value: &str) -> impl Future<Output = R> + Send + 'static {
+fn gated(
+    gate: &Arc<Semaphore>,
+    runs: &Arc<AtomicUsize>,
+    value: &str,
+) -> impl Future<Output = R> + Send + 'static {
     let (gate, runs, value) = (gate.clone(), runs.clone(), value.to_owned());
     async move {
         runs.fetch_add(1, Ordering::SeqCst);
@@ -107,7 +111,10 @@ async fn a_get_or_load_after_set_is_a_hit_of_the_set_value() {
     });
     sleep(Duration::from_millis(10)).await;
     gate.add_permits(1);
-    assert_eq!(loading.await.unwrap().unwrap().as_deref(), Some("read before the write"));
+    assert_eq!(
+        loading.await.unwrap().unwrap().as_deref(),
+        Some("read before the write")
+    );
     assert_eq!(after.await.unwrap().unwrap().as_deref(), Some("written"));
 }
 
@@ -184,7 +191,11 @@ async fn write_through_wins_over_a_load_that_started_before_it() {
         gate.add_permits(1);
         assert_eq!(loading.await.unwrap().unwrap().as_deref(), Some("old row"));
         sleep(Duration::from_millis(100)).await;
-        assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("new row"), "{cache:?}");
+        assert_eq!(
+            cache.get(&1).await.unwrap().as_deref(),
+            Some("new row"),
+            "{cache:?}"
+        );
     }
 }
 
@@ -268,7 +279,11 @@ async fn get_or_load_dropped_at_every_point_in_memory() {
                     load.await
                 }
             };
-            let _ = timeout(Duration::from_micros(step * 500), cache.get_or_load(&step, first)).await;
+            let _ = timeout(
+                Duration::from_micros(step * 500),
+                cache.get_or_load(&step, first),
+            )
+            .await;
             let second = timeout(
                 Duration::from_secs(11),
                 cache.get_or_load(&step, source.load("second")),
@@ -289,7 +304,13 @@ async fn get_or_load_dropped_at_every_point_against_redis() {
     let server = redis();
     let redis = connect(&server).await;
     for (shape, cache) in [
-        ("redis", Cache::<u64, String>::builder("t").redis(redis.clone()).build().unwrap()),
+        (
+            "redis",
+            Cache::<u64, String>::builder("t")
+                .redis(redis.clone())
+                .build()
+                .unwrap(),
+        ),
         (
             "redis+local",
             Cache::builder("u")
@@ -308,7 +329,11 @@ async fn get_or_load_dropped_at_every_point_against_redis() {
                     load.await
                 }
             };
-            let _ = timeout(Duration::from_micros(step * 100), cache.get_or_load(&step, first)).await;
+            let _ = timeout(
+                Duration::from_micros(step * 100),
+                cache.get_or_load(&step, first),
+            )
+            .await;
             let second = timeout(
                 Duration::from_secs(2),
                 cache.get_or_load(&step, source.load("second")),
@@ -337,7 +362,11 @@ async fn a_caller_dropped_during_a_slow_remote_read_blocks_no_one() {
         .build()
         .unwrap();
     server.pause().unwrap();
-    let _ = timeout(Duration::from_millis(30), cache.get_or_load(&1, ok("first"))).await;
+    let _ = timeout(
+        Duration::from_millis(30),
+        cache.get_or_load(&1, ok("first")),
+    )
+    .await;
     server.resume().unwrap();
     let started = Instant::now();
     let second = timeout(Duration::from_secs(3), cache.get_or_load(&1, ok("second")))
@@ -345,7 +374,11 @@ async fn a_caller_dropped_during_a_slow_remote_read_blocks_no_one() {
         .expect("not stuck")
         .unwrap();
     assert!(second.is_some());
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// `set` and `invalidate` dropped at every point: afterwards the cache works and answers one of
@@ -360,12 +393,22 @@ async fn set_and_invalidate_dropped_at_every_point_against_redis() {
         .unwrap();
     for step in 0..30_u64 {
         cache.set(&step, "old".into()).await.unwrap();
-        let _ = timeout(Duration::from_micros(step * 100), cache.set(&step, "new".into())).await;
+        let _ = timeout(
+            Duration::from_micros(step * 100),
+            cache.set(&step, "new".into()),
+        )
+        .await;
         let got = cache.get(&step).await.unwrap();
-        assert!(matches!(got.as_deref(), Some("old" | "new")), "step {step}: {got:?}");
+        assert!(
+            matches!(got.as_deref(), Some("old" | "new")),
+            "step {step}: {got:?}"
+        );
         let _ = timeout(Duration::from_micros(step * 100), cache.invalidate(&step)).await;
         let got = cache.get(&step).await.unwrap();
-        assert!(matches!(got.as_deref(), None | Some("old" | "new")), "step {step}: {got:?}");
+        assert!(
+            matches!(got.as_deref(), None | Some("old" | "new")),
+            "step {step}: {got:?}"
+        );
         cache.invalidate(&step).await.unwrap();
         assert_eq!(cache.get(&step).await.unwrap(), None, "step {step}");
     }
@@ -435,7 +478,11 @@ async fn the_load_does_not_inherit_the_first_callers_deadline() {
     });
     assert!(matches!(first.await.unwrap(), Err(Error::Deadline(_))));
     let second = second.await.unwrap();
-    assert_eq!(second.unwrap().as_deref(), Some("v"), "the load went on for the others");
+    assert_eq!(
+        second.unwrap().as_deref(),
+        Some("v"),
+        "the load went on for the others"
+    );
 }
 
 /// A loader sees no caller's deadline at all: `deadline::remaining()` inside it is `None`.
@@ -450,7 +497,11 @@ async fn the_loader_runs_under_no_callers_deadline() {
             Ok::<_, std::io::Error>(Some("v".to_owned()))
         }
     };
-    let got = deadline::scope(Instant::now() + Duration::from_secs(1), cache.get_or_load(&1, load)).await;
+    let got = deadline::scope(
+        Instant::now() + Duration::from_secs(1),
+        cache.get_or_load(&1, load),
+    )
+    .await;
     assert_eq!(got.unwrap().as_deref(), Some("v"));
     assert_eq!(*seen.lock().unwrap(), Some(None));
 }
@@ -507,7 +558,11 @@ async fn expired_deadlines_do_not_open_the_breaker() {
         Some(2.0),
         "the breaker opened though Redis never failed"
     );
-    assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("v"), "Redis is used");
+    assert_eq!(
+        cache.get(&1).await.unwrap().as_deref(),
+        Some("v"),
+        "Redis is used"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -560,15 +615,28 @@ async fn the_hard_timeout_counts_from_the_start_of_the_load_for_joiners() {
     let started = Instant::now();
     let first = tokio::spawn({
         let cache = cache.clone();
-        async move { cache.get_or_load(&1, slow(Duration::from_secs(3600), "v")).await }
+        async move {
+            cache
+                .get_or_load(&1, slow(Duration::from_secs(3600), "v"))
+                .await
+        }
     });
     sleep(Duration::from_secs(3)).await;
     let joiner = cache.get_or_load(&1, ok("joiner")).await;
-    assert!(matches!(joiner, Err(Error::LoadTimeout { .. })), "{joiner:?}");
+    assert!(
+        matches!(joiner, Err(Error::LoadTimeout { .. })),
+        "{joiner:?}"
+    );
     assert_eq!(started.elapsed(), Duration::from_secs(10));
-    assert!(matches!(first.await.unwrap(), Err(Error::LoadTimeout { .. })));
+    assert!(matches!(
+        first.await.unwrap(),
+        Err(Error::LoadTimeout { .. })
+    ));
     // The key is free again.
-    assert_eq!(cache.get_or_load(&1, ok("again")).await.unwrap().as_deref(), Some("again"));
+    assert_eq!(
+        cache.get_or_load(&1, ok("again")).await.unwrap().as_deref(),
+        Some("again")
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -579,7 +647,9 @@ async fn without_a_stale_value_the_soft_timeout_does_not_cut_the_wait() {
         .build()
         .unwrap();
     let started = Instant::now();
-    let got = cache.get_or_load(&1, slow(Duration::from_secs(1), "v")).await;
+    let got = cache
+        .get_or_load(&1, slow(Duration::from_secs(1), "v"))
+        .await;
     assert_eq!(got.unwrap().as_deref(), Some("v"));
     assert_eq!(started.elapsed(), Duration::from_secs(1));
 }
@@ -620,7 +690,13 @@ async fn with_stale_for_zero_no_stale_value_is_ever_served() {
     for local in [false, true] {
         let cache: Cache<u64, String> = {
             let b = Cache::builder("t").ttl(Duration::from_secs(1));
-            if local { b.local(LocalTier::entries(10)) } else { b }.build().unwrap()
+            if local {
+                b.local(LocalTier::entries(10))
+            } else {
+                b
+            }
+            .build()
+            .unwrap()
         };
         cache.set(&1, "old".into()).await.unwrap();
         advance(Duration::from_millis(1_001)).await;
@@ -629,7 +705,10 @@ async fn with_stale_for_zero_no_stale_value_is_ever_served() {
         let got = cache
             .get_or_load(&1, slow(Duration::from_secs(60), "never"))
             .await;
-        assert!(matches!(got, Err(Error::LoadTimeout { .. })), "local {local}: {got:?}");
+        assert!(
+            matches!(got, Err(Error::LoadTimeout { .. })),
+            "local {local}: {got:?}"
+        );
     }
 }
 
@@ -641,7 +720,10 @@ async fn the_stale_window_ends_at_ttl_plus_stale_for() {
         cache.set(&1, "old".into()).await.unwrap();
         cache.set(&2, "old".into()).await.unwrap();
         advance(Duration::from_millis(10_900)).await;
-        assert_eq!(cache.get_or_load(&1, fail()).await.unwrap().as_deref(), Some("old"));
+        assert_eq!(
+            cache.get_or_load(&1, fail()).await.unwrap().as_deref(),
+            Some("old")
+        );
         advance(Duration::from_millis(200)).await; // 11.1 s: past 1 s + 10 s
         let got = cache.get_or_load(&2, fail()).await;
         assert!(matches!(got, Err(Error::Load(_))), "local {local}: {got:?}");
@@ -667,7 +749,14 @@ async fn a_panicking_reload_serves_the_stale_value() {
             .await;
         assert_eq!(got.unwrap().as_deref(), Some("old"), "local {local}");
         assert_eq!(stale_served(&capture), 1);
-        assert_eq!(counter(&capture, CACHE_LOADS.name, &[("cache", "t"), ("outcome", "panic")]), 1);
+        assert_eq!(
+            counter(
+                &capture,
+                CACHE_LOADS.name,
+                &[("cache", "t"), ("outcome", "panic")]
+            ),
+            1
+        );
     }
 }
 
@@ -678,7 +767,9 @@ async fn a_reload_answering_none_is_not_replaced_by_the_stale_value() {
         let cache = stale_cache(&Capture::new(), local);
         cache.set(&1, "old".into()).await.unwrap();
         advance(Duration::from_secs(2)).await;
-        let got = cache.get_or_load(&1, async { Ok::<_, std::io::Error>(None) }).await;
+        let got = cache
+            .get_or_load(&1, async { Ok::<_, std::io::Error>(None) })
+            .await;
         assert_eq!(got.unwrap(), None, "local {local}");
         assert_eq!(cache.get(&1).await.unwrap(), None, "local {local}");
     }
@@ -701,7 +792,9 @@ async fn the_soft_timeout_with_a_local_stale_value_is_exact_and_the_refresh_land
     cache.set(&1, "old".into()).await.unwrap();
     advance(Duration::from_secs(2)).await;
     let started = Instant::now();
-    let got = cache.get_or_load(&1, slow(Duration::from_secs(1), "new")).await;
+    let got = cache
+        .get_or_load(&1, slow(Duration::from_secs(1), "new"))
+        .await;
     assert_eq!(got.unwrap().as_deref(), Some("old"));
     assert_eq!(started.elapsed(), Duration::from_millis(100));
     sleep(Duration::from_secs(1)).await;
@@ -721,11 +814,28 @@ async fn the_negative_ttl_defaults_to_the_ttl_at_most_thirty_seconds() {
             .build()
             .unwrap();
         let source = Source::default();
-        assert_eq!(cache.get_or_load(&1, async { Ok::<_, std::io::Error>(None) }).await.unwrap(), None);
+        assert_eq!(
+            cache
+                .get_or_load(&1, async { Ok::<_, std::io::Error>(None) })
+                .await
+                .unwrap(),
+            None
+        );
         advance(Duration::from_secs(negative) - Duration::from_millis(100)).await;
-        assert_eq!(cache.get_or_load(&1, source.load("x")).await.unwrap(), None, "ttl {ttl}");
+        assert_eq!(
+            cache.get_or_load(&1, source.load("x")).await.unwrap(),
+            None,
+            "ttl {ttl}"
+        );
         advance(Duration::from_millis(200)).await;
-        assert_eq!(cache.get_or_load(&1, source.load("x")).await.unwrap().as_deref(), Some("x"));
+        assert_eq!(
+            cache
+                .get_or_load(&1, source.load("x"))
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("x")
+        );
         assert_eq!(source.count(), 1, "ttl {ttl}");
     }
 }
@@ -759,8 +869,16 @@ async fn a_missing_row_costs_one_query_for_many_requests() {
 async fn jitter_spreads_expiry_within_the_fraction() {
     for local in [false, true] {
         let cache: Cache<u64, String> = {
-            let b = Cache::builder("t").ttl(Duration::from_secs(10)).ttl_jitter(0.5);
-            if local { b.local(LocalTier::entries(1_000)) } else { b }.build().unwrap()
+            let b = Cache::builder("t")
+                .ttl(Duration::from_secs(10))
+                .ttl_jitter(0.5);
+            if local {
+                b.local(LocalTier::entries(1_000))
+            } else {
+                b
+            }
+            .build()
+            .unwrap()
         };
         for key in 0..200 {
             cache.set(&key, "v".into()).await.unwrap();
@@ -773,10 +891,17 @@ async fn jitter_spreads_expiry_within_the_fraction() {
             n
         };
         advance(Duration::from_millis(4_990)).await;
-        assert_eq!(alive().await, 200, "local {local}: none before half the TTL");
+        assert_eq!(
+            alive().await,
+            200,
+            "local {local}: none before half the TTL"
+        );
         advance(Duration::from_millis(2_510)).await; // 7.5 s
         let mid = alive().await;
-        assert!(mid > 0 && mid < 200, "local {local}: spread, {mid} of 200 alive at 7.5 s");
+        assert!(
+            mid > 0 && mid < 200,
+            "local {local}: spread, {mid} of 200 alive at 7.5 s"
+        );
         advance(Duration::from_millis(2_510)).await; // 10.01 s
         assert_eq!(alive().await, 0, "local {local}: none past the TTL");
     }
@@ -793,7 +918,12 @@ async fn redis_keeps_a_value_for_its_ttl_plus_the_stale_window() {
         .build()
         .unwrap();
     cache.set(&1, "v".into()).await.unwrap();
-    let pttl: i64 = server.command(&["PTTL", "brisk:t:1:i:1"]).unwrap().trim().parse().unwrap();
+    let pttl: i64 = server
+        .command(&["PTTL", "brisk:t:1:i:1"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert!(pttl > 29_000 && pttl <= 30_000, "PTTL {pttl}");
 }
 
@@ -835,17 +965,51 @@ fn builder() -> brisk_cache::CacheBuilder<u64, String> {
 #[test]
 fn durations_above_the_maximum_are_refused_naming_the_setting() {
     let over = MAX_TIMEOUT + Duration::from_secs(1);
-    let err = builder().hard_timeout(MAX_TIMEOUT).soft_timeout(over).build().unwrap_err();
+    let err = builder()
+        .hard_timeout(MAX_TIMEOUT)
+        .soft_timeout(over)
+        .build()
+        .unwrap_err();
     assert!(err.to_string().contains("soft"), "{err}");
     let err = builder().remote_timeout(over).build().unwrap_err();
-    assert!(matches!(err, BuildError::TooLong { setting: "remote_timeout", .. }), "{err}");
-    let err = builder().stale_for(MAX_TTL + Duration::from_secs(1)).build().unwrap_err();
-    assert!(matches!(err, BuildError::TooLong { setting: "stale_for", .. }), "{err}");
-    let err = builder().ttl(MAX_TTL + Duration::from_millis(1)).build().unwrap_err();
-    assert!(matches!(err, BuildError::TooLong { setting: "ttl", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            BuildError::TooLong {
+                setting: "remote_timeout",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = builder()
+        .stale_for(MAX_TTL + Duration::from_secs(1))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BuildError::TooLong {
+                setting: "stale_for",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = builder()
+        .ttl(MAX_TTL + Duration::from_millis(1))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(err, BuildError::TooLong { setting: "ttl", .. }),
+        "{err}"
+    );
     let err = builder().negative_ttl(Duration::MAX).build().unwrap_err();
     assert!(err.to_string().contains("negative_ttl"), "{err}");
-    let err = builder().local(LocalTier::entries(1).ttl(Duration::MAX)).build().unwrap_err();
+    let err = builder()
+        .local(LocalTier::entries(1).ttl(Duration::MAX))
+        .build()
+        .unwrap_err();
     assert!(err.to_string().contains("local tier ttl"), "{err}");
 }
 
@@ -857,7 +1021,10 @@ async fn a_huge_breaker_open_for_is_refused_or_harmless() {
     let redis = connect(&server).await;
     let built = Cache::<u64, String>::builder("t")
         .redis(redis)
-        .breaker(BreakerConfig { failures: 1, open_for: Duration::MAX })
+        .breaker(BreakerConfig {
+            failures: 1,
+            open_for: Duration::MAX,
+        })
         .build();
     match built {
         Err(err) => assert!(err.to_string().contains("open_for"), "{err}"),
@@ -874,7 +1041,10 @@ async fn a_huge_breaker_open_for_is_refused_or_harmless() {
 #[test]
 fn a_breaker_open_for_above_max_timeout_is_refused() {
     let err = builder()
-        .breaker(BreakerConfig { failures: 5, open_for: MAX_TTL + Duration::from_secs(1) })
+        .breaker(BreakerConfig {
+            failures: 5,
+            open_for: MAX_TTL + Duration::from_secs(1),
+        })
         .build();
     assert!(
         matches!(&err, Err(BuildError::TooLong { .. })),
@@ -900,8 +1070,13 @@ async fn the_largest_accepted_settings_work() {
     cache.set(&1, "v".into()).await.unwrap();
     assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("v"));
     let started = Instant::now();
-    let got = cache.get_or_load(&2, slow(Duration::from_secs(7_200), "never")).await;
-    assert!(matches!(got, Err(Error::LoadTimeout { after }) if after == MAX_TIMEOUT), "{got:?}");
+    let got = cache
+        .get_or_load(&2, slow(Duration::from_secs(7_200), "never"))
+        .await;
+    assert!(
+        matches!(got, Err(Error::LoadTimeout { after }) if after == MAX_TIMEOUT),
+        "{got:?}"
+    );
     assert_eq!(started.elapsed(), MAX_TIMEOUT);
 }
 
@@ -960,7 +1135,10 @@ struct Touchy {
 
 impl PartialEq for Touchy {
     fn eq(&self, other: &Self) -> bool {
-        assert!(self.panic_in != "eq" && other.panic_in != "eq", "eq panicked");
+        assert!(
+            self.panic_in != "eq" && other.panic_in != "eq",
+            "eq panicked"
+        );
         self.id == other.id
     }
 }
@@ -988,7 +1166,13 @@ async fn a_key_whose_impls_panic_does_not_break_the_cache_for_other_keys() {
         for local in [false, true] {
             let cache: Cache<Touchy, String> = {
                 let b = Cache::builder("t");
-                if local { b.local(LocalTier::entries(10)) } else { b }.build().unwrap()
+                if local {
+                    b.local(LocalTier::entries(10))
+                } else {
+                    b
+                }
+                .build()
+                .unwrap()
             };
             let bad = Touchy { id: 1, panic_in };
             for op in 0..3 {
@@ -1002,7 +1186,10 @@ async fn a_key_whose_impls_panic_does_not_break_the_cache_for_other_keys() {
                 })
                 .await;
             }
-            let good = Touchy { id: 2, panic_in: "" };
+            let good = Touchy {
+                id: 2,
+                panic_in: "",
+            };
             let got = timeout(Duration::from_secs(2), cache.get_or_load(&good, ok("fine"))).await;
             assert_eq!(
                 got.expect("not stuck").unwrap().as_deref(),
@@ -1019,22 +1206,42 @@ async fn a_key_whose_impls_panic_does_not_break_the_cache_for_other_keys() {
 async fn keys_are_stored_under_the_documented_redis_keys_and_never_share_an_entry() {
     let server = redis();
     let redis = connect(&server).await;
-    let ints: Cache<u64, String> = Cache::builder("users").redis(redis.clone()).build().unwrap();
-    let strings: Cache<String, String> = Cache::builder("names").redis(redis.clone()).build().unwrap();
+    let ints: Cache<u64, String> = Cache::builder("users")
+        .redis(redis.clone())
+        .build()
+        .unwrap();
+    let strings: Cache<String, String> = Cache::builder("names")
+        .redis(redis.clone())
+        .build()
+        .unwrap();
     let tuples: Cache<(String, String), String> =
         Cache::builder("pairs").redis(redis).build().unwrap();
     ints.set(&42, "int".into()).await.unwrap();
     strings.set(&"ada".to_owned(), "str".into()).await.unwrap();
     assert!(raw_get(&server, "brisk:users:1:i:42").await.is_some());
     assert!(raw_get(&server, "brisk:names:1:s:ada").await.is_some());
-    tuples.set(&("a:b".into(), "c".into()), "first".into()).await.unwrap();
-    tuples.set(&("a".into(), "b:c".into()), "second".into()).await.unwrap();
+    tuples
+        .set(&("a:b".into(), "c".into()), "first".into())
+        .await
+        .unwrap();
+    tuples
+        .set(&("a".into(), "b:c".into()), "second".into())
+        .await
+        .unwrap();
     assert_eq!(
-        tuples.get(&("a:b".into(), "c".into())).await.unwrap().as_deref(),
+        tuples
+            .get(&("a:b".into(), "c".into()))
+            .await
+            .unwrap()
+            .as_deref(),
         Some("first")
     );
     assert_eq!(
-        tuples.get(&("a".into(), "b:c".into())).await.unwrap().as_deref(),
+        tuples
+            .get(&("a".into(), "b:c".into()))
+            .await
+            .unwrap()
+            .as_deref(),
         Some("second")
     );
 }
@@ -1065,9 +1272,18 @@ struct Picky {
     panics: bool,
 }
 
-const GOOD: Picky = Picky { ok: true, panics: false };
-const BAD: Picky = Picky { ok: false, panics: false };
-const PANICKY: Picky = Picky { ok: false, panics: true };
+const GOOD: Picky = Picky {
+    ok: true,
+    panics: false,
+};
+const BAD: Picky = Picky {
+    ok: false,
+    panics: false,
+};
+const PANICKY: Picky = Picky {
+    ok: false,
+    panics: true,
+};
 
 impl serde::Serialize for Picky {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -1087,13 +1303,23 @@ impl<'de> serde::Deserialize<'de> for Picky {
     }
 }
 
-fn picky_caches(server: &brisk_testkit::RedisServer, redis: brisk_pool::redis_source::Multiplexed) -> Vec<Cache<u64, Picky>> {
+fn picky_caches(
+    server: &brisk_testkit::RedisServer,
+    redis: brisk_pool::redis_source::Multiplexed,
+) -> Vec<Cache<u64, Picky>> {
     let _ = server;
     vec![
         Cache::builder("p").build().unwrap(),
-        Cache::builder("p").local(LocalTier::entries(10)).build().unwrap(),
+        Cache::builder("p")
+            .local(LocalTier::entries(10))
+            .build()
+            .unwrap(),
         Cache::builder("p1").redis(redis.clone()).build().unwrap(),
-        Cache::builder("p2").redis(redis).local(LocalTier::entries(10)).build().unwrap(),
+        Cache::builder("p2")
+            .redis(redis)
+            .local(LocalTier::entries(10))
+            .build()
+            .unwrap(),
     ]
 }
 
@@ -1106,11 +1332,15 @@ async fn set_of_an_unserializable_value_is_encode_and_stores_nothing() {
         let err = cache.set(&1, BAD).await.unwrap_err();
         assert!(matches!(err, Error::Encode(_)), "{err}");
         assert!(err.to_string().contains("refuses to serialize"), "{err}");
-        assert_ne!(cache.get(&1).await.unwrap(), Some(BAD), "{cache:?}: it was stored");
+        assert_ne!(
+            cache.get(&1).await.unwrap(),
+            Some(BAD),
+            "{cache:?}: it was stored"
+        );
     }
 }
 
-/// docs: write_through's `Error::Encode` is "source written, key removed".
+/// docs: `write_through`'s `Error::Encode` is "source written, key removed".
 #[tokio::test]
 async fn write_through_of_an_unserializable_value_removes_the_old_one() {
     let server = redis();
@@ -1126,7 +1356,11 @@ async fn write_through_of_an_unserializable_value_removes_the_old_one() {
             .unwrap_err();
         assert!(matches!(err, Error::Encode(_)), "{err}");
         assert!(ran.load(Ordering::SeqCst));
-        assert_eq!(cache.get(&1).await.unwrap(), None, "{cache:?}: the old value survived");
+        assert_eq!(
+            cache.get(&1).await.unwrap(),
+            None,
+            "{cache:?}: the old value survived"
+        );
     }
 }
 
@@ -1135,10 +1369,16 @@ async fn write_through_of_an_unserializable_value_removes_the_old_one() {
 async fn a_loaded_value_that_cannot_be_serialized_is_still_served() {
     let server = redis();
     for cache in picky_caches(&server, connect(&server).await) {
-        let got = cache.get_or_load(&1, async { Ok::<_, std::io::Error>(Some(BAD)) }).await;
+        let got = cache
+            .get_or_load(&1, async { Ok::<_, std::io::Error>(Some(BAD)) })
+            .await;
         assert_eq!(got.unwrap(), Some(BAD), "{cache:?}");
         // And the key can be loaded again, nothing stuck.
-        let got = timeout(Duration::from_secs(2), cache.get_or_load(&2, async { Ok::<_, std::io::Error>(Some(GOOD)) })).await;
+        let got = timeout(
+            Duration::from_secs(2),
+            cache.get_or_load(&2, async { Ok::<_, std::io::Error>(Some(GOOD)) }),
+        )
+        .await;
         assert_eq!(got.unwrap().unwrap(), Some(GOOD));
     }
 }
@@ -1155,7 +1395,10 @@ async fn a_loaded_value_whose_serialize_panics_hangs_no_one() {
         )
         .await
         .expect("answered");
-        assert!(matches!(got, Ok(Some(_)) | Err(Error::Panicked { .. })), "{got:?}");
+        assert!(
+            matches!(got, Ok(Some(_)) | Err(Error::Panicked { .. })),
+            "{got:?}"
+        );
         let again = timeout(
             Duration::from_secs(2),
             cache.get_or_load(&1, async { Ok::<_, std::io::Error>(Some(GOOD)) }),
@@ -1193,7 +1436,10 @@ async fn a_value_that_does_not_deserialize_is_a_counted_miss_and_reloads() {
     cache.set(&1, WriteOnly(7)).await.unwrap();
     assert_eq!(cache.get(&1).await.unwrap(), None);
     assert_eq!(
-        capture.counter(CACHE_DECODE_FAILURES.name, &[("cache", "t"), ("reason", "payload")]),
+        capture.counter(
+            CACHE_DECODE_FAILURES.name,
+            &[("cache", "t"), ("reason", "payload")]
+        ),
         1
     );
     let got = cache
@@ -1207,7 +1453,10 @@ async fn a_value_that_does_not_deserialize_is_a_counted_miss_and_reloads() {
 // ---------------------------------------------------------------------------------------------
 
 fn local_hits(capture: &Capture) -> u64 {
-    capture.counter(CACHE_REQUESTS.name, &[("cache", "t"), ("tier", "local"), ("outcome", "hit")])
+    capture.counter(
+        CACHE_REQUESTS.name,
+        &[("cache", "t"), ("tier", "local"), ("outcome", "hit")],
+    )
 }
 
 /// docs: "a weigher that panics weighs the value as 1".
@@ -1216,7 +1465,9 @@ async fn a_panicking_weigher_weighs_one_and_the_value_is_kept() {
     let capture = Capture::new();
     let cache: Cache<u64, String> = capture.run(|| {
         Cache::builder("t")
-            .local(LocalTier::weighted(10, |_k: &u64, _v: &String| -> u64 { panic!("weigher broke") }))
+            .local(LocalTier::weighted(10, |_k: &u64, _v: &String| -> u64 {
+                panic!("weigher broke")
+            }))
             .build()
             .unwrap()
     });
@@ -1240,7 +1491,10 @@ async fn a_huge_weight_is_not_kept_locally_but_is_served() {
     });
     cache.set(&1, "v".into()).await.unwrap();
     assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("v"));
-    assert_eq!(cache.get_or_load(&2, ok("w")).await.unwrap().as_deref(), Some("w"));
+    assert_eq!(
+        cache.get_or_load(&2, ok("w")).await.unwrap().as_deref(),
+        Some("w")
+    );
     assert_eq!(cache.get(&2).await.unwrap().as_deref(), Some("w"));
     assert_eq!(local_hits(&capture), 0);
 }
@@ -1249,15 +1503,24 @@ async fn a_huge_weight_is_not_kept_locally_but_is_served() {
 async fn the_local_entries_gauge_follows_the_local_tier() {
     let capture = Capture::new();
     let cache: Cache<u64, String> = capture.run(|| {
-        Cache::builder("t").local(LocalTier::entries(100)).build().unwrap()
+        Cache::builder("t")
+            .local(LocalTier::entries(100))
+            .build()
+            .unwrap()
     });
     for key in 0..3 {
         cache.set(&key, "v".into()).await.unwrap();
     }
     let _ = cache.get_or_load(&3, ok("w")).await.unwrap();
-    assert_eq!(capture.gauge(CACHE_LOCAL_ENTRIES.name, &[("cache", "t")]), Some(4.0));
+    assert_eq!(
+        capture.gauge(CACHE_LOCAL_ENTRIES.name, &[("cache", "t")]),
+        Some(4.0)
+    );
     cache.invalidate(&0).await.unwrap();
-    assert_eq!(capture.gauge(CACHE_LOCAL_ENTRIES.name, &[("cache", "t")]), Some(3.0));
+    assert_eq!(
+        capture.gauge(CACHE_LOCAL_ENTRIES.name, &[("cache", "t")]),
+        Some(3.0)
+    );
 }
 
 /// docs: the local TTL is "how long a process serves a value without asking Redis"; past it the
@@ -1299,8 +1562,15 @@ async fn a_tiny_max_value_size_keeps_everything_out_of_redis_and_calls_succeed()
             .unwrap()
     });
     cache.set(&1, "v".into()).await.unwrap();
-    assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("v"), "the local tier keeps it");
-    assert_eq!(cache.get_or_load(&2, ok("w")).await.unwrap().as_deref(), Some("w"));
+    assert_eq!(
+        cache.get(&1).await.unwrap().as_deref(),
+        Some("v"),
+        "the local tier keeps it"
+    );
+    assert_eq!(
+        cache.get_or_load(&2, ok("w")).await.unwrap().as_deref(),
+        Some("w")
+    );
     sleep(Duration::from_millis(100)).await;
     assert_eq!(raw_get(&server, "brisk:t:1:i:1").await, None);
     assert_eq!(raw_get(&server, "brisk:t:1:i:2").await, None);
@@ -1361,10 +1631,22 @@ async fn set_and_invalidate_on_a_paused_redis_fail_within_the_remote_timeout() {
     let err2 = cache.invalidate(&1).await.unwrap_err();
     let invalidate_took = started.elapsed();
     server.resume().unwrap();
-    assert!(matches!(err, Error::Remote(RemoteError::Timeout(_))), "{err}");
-    assert!(matches!(err2, Error::Remote(RemoteError::Timeout(_))), "{err2}");
-    assert!(set_took < RT + SLACK, "set took {set_took:?}, remote_timeout {RT:?}");
-    assert!(invalidate_took < RT + SLACK, "invalidate took {invalidate_took:?}");
+    assert!(
+        matches!(err, Error::Remote(RemoteError::Timeout(_))),
+        "{err}"
+    );
+    assert!(
+        matches!(err2, Error::Remote(RemoteError::Timeout(_))),
+        "{err2}"
+    );
+    assert!(
+        set_took < RT + SLACK,
+        "set took {set_took:?}, remote_timeout {RT:?}"
+    );
+    assert!(
+        invalidate_took < RT + SLACK,
+        "invalidate took {invalidate_took:?}"
+    );
 }
 
 /// A deadline shorter than the remote timeout bounds `set`, and the error says the deadline
@@ -1375,7 +1657,10 @@ async fn set_on_a_paused_redis_says_which_bound_fired() {
     let cache: Cache<u64, String> = Cache::builder("t")
         .redis(connect(&server).await)
         .remote_timeout(RT)
-        .breaker(BreakerConfig { failures: 100, open_for: Duration::from_millis(500) })
+        .breaker(BreakerConfig {
+            failures: 100,
+            open_for: Duration::from_millis(500),
+        })
         .build()
         .unwrap();
     server.pause().unwrap();
@@ -1386,13 +1671,20 @@ async fn set_on_a_paused_redis_says_which_bound_fired() {
     )
     .await;
     let short_took = started.elapsed();
-    let long = deadline::scope(Instant::now() + Duration::from_secs(30), cache.set(&1, "v".into())).await;
+    let long = deadline::scope(
+        Instant::now() + Duration::from_secs(30),
+        cache.set(&1, "v".into()),
+    )
+    .await;
     server.resume().unwrap();
     match short {
         Err(Error::Remote(RemoteError::Timeout(e))) => assert!(e.is_deadline(), "{e}"),
         other => panic!("{other:?}"),
     }
-    assert!(short_took < Duration::from_millis(50) + SLACK, "{short_took:?}");
+    assert!(
+        short_took < Duration::from_millis(50) + SLACK,
+        "{short_took:?}"
+    );
     match long {
         Err(Error::Remote(RemoteError::Timeout(e))) => {
             assert!(!e.is_deadline(), "{e}");
@@ -1402,7 +1694,7 @@ async fn set_on_a_paused_redis_says_which_bound_fired() {
     }
 }
 
-/// docs: a read on a paused Redis "waits at most remote_timeout — or the deadline — then goes
+/// docs: a read on a paused Redis "waits at most `remote_timeout` — or the deadline — then goes
 /// on as a miss".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_on_a_paused_redis_is_bounded_by_the_deadline() {
@@ -1426,7 +1718,10 @@ async fn once_the_breaker_is_open_set_fails_at_once_with_breaker_open() {
     let mut server = redis();
     let cache: Cache<u64, String> = Cache::builder("t")
         .redis(connect(&server).await)
-        .breaker(BreakerConfig { failures: 2, open_for: Duration::from_secs(30) })
+        .breaker(BreakerConfig {
+            failures: 2,
+            open_for: Duration::from_secs(30),
+        })
         .build()
         .unwrap();
     server.kill().unwrap();
@@ -1435,12 +1730,25 @@ async fn once_the_breaker_is_open_set_fails_at_once_with_breaker_open() {
     }
     let started = Instant::now();
     let err = cache.set(&1, "v".into()).await.unwrap_err();
-    assert!(matches!(err, Error::Remote(RemoteError::BreakerOpen)), "{err}");
-    assert!(started.elapsed() < Duration::from_millis(50), "{:?}", started.elapsed());
+    assert!(
+        matches!(err, Error::Remote(RemoteError::BreakerOpen)),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(50),
+        "{:?}",
+        started.elapsed()
+    );
     let err = cache.invalidate(&1).await.unwrap_err();
-    assert!(matches!(err, Error::Remote(RemoteError::BreakerOpen)), "{err}");
+    assert!(
+        matches!(err, Error::Remote(RemoteError::BreakerOpen)),
+        "{err}"
+    );
     // Reads go on without Redis.
-    assert_eq!(cache.get_or_load(&9, ok("v")).await.unwrap().as_deref(), Some("v"));
+    assert_eq!(
+        cache.get_or_load(&9, ok("v")).await.unwrap().as_deref(),
+        Some("v")
+    );
 }
 
 /// docs: "after 5 failures in a row the circuit breaker opens".
@@ -1471,7 +1779,10 @@ async fn a_dropped_probe_does_not_keep_redis_skipped() {
     let cache: Cache<u64, String> = capture.run(|| {
         Cache::builder("t")
             .redis(redis)
-            .breaker(BreakerConfig { failures: 1, open_for: Duration::from_millis(200) })
+            .breaker(BreakerConfig {
+                failures: 1,
+                open_for: Duration::from_millis(200),
+            })
             .build()
             .unwrap()
     });
@@ -1488,7 +1799,11 @@ async fn a_dropped_probe_does_not_keep_redis_skipped() {
         raw_get(&server, "brisk:t:1:i:1").await.is_some()
     })
     .await;
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// docs: a read never fails because of Redis; "another program's bytes" are a miss and the next
@@ -1496,23 +1811,35 @@ async fn a_dropped_probe_does_not_keep_redis_skipped() {
 #[tokio::test]
 async fn another_programs_list_under_the_key_is_a_miss_and_is_overwritten() {
     let server = redis();
-    server.command(&["RPUSH", "brisk:t:1:i:1", "a", "b"]).unwrap();
+    server
+        .command(&["RPUSH", "brisk:t:1:i:1", "a", "b"])
+        .unwrap();
     let cache: Cache<u64, String> = Cache::builder("t")
         .redis(connect(&server).await)
         .build()
         .unwrap();
     assert_eq!(cache.get(&1).await.unwrap(), None);
-    assert_eq!(cache.get_or_load(&1, ok("fresh")).await.unwrap().as_deref(), Some("fresh"));
+    assert_eq!(
+        cache.get_or_load(&1, ok("fresh")).await.unwrap().as_deref(),
+        Some("fresh")
+    );
     eventually("overwritten", async || {
-        server.command(&["TYPE", "brisk:t:1:i:1"]).unwrap().contains("string")
+        server
+            .command(&["TYPE", "brisk:t:1:i:1"])
+            .unwrap()
+            .contains("string")
     })
     .await;
     assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("fresh"));
     // set and invalidate over another program's hash work too.
-    server.command(&["HSET", "brisk:t:1:i:2", "f", "v"]).unwrap();
+    server
+        .command(&["HSET", "brisk:t:1:i:2", "f", "v"])
+        .unwrap();
     cache.set(&2, "mine".into()).await.unwrap();
     assert_eq!(cache.get(&2).await.unwrap().as_deref(), Some("mine"));
-    server.command(&["HSET", "brisk:t:1:i:3", "f", "v"]).unwrap();
+    server
+        .command(&["HSET", "brisk:t:1:i:3", "f", "v"])
+        .unwrap();
     cache.invalidate(&3).await.unwrap();
 }
 
@@ -1526,10 +1853,14 @@ async fn set_on_a_redis_refusing_writes_removes_the_old_value() {
         .build()
         .unwrap();
     cache.set(&1, "old".into()).await.unwrap();
-    server.command(&["CONFIG", "SET", "maxmemory", "1"]).unwrap();
+    server
+        .command(&["CONFIG", "SET", "maxmemory", "1"])
+        .unwrap();
     let set = cache.set(&1, "new".into()).await;
     let raw = raw_get(&server, "brisk:t:1:i:1").await;
-    server.command(&["CONFIG", "SET", "maxmemory", "0"]).unwrap();
+    server
+        .command(&["CONFIG", "SET", "maxmemory", "0"])
+        .unwrap();
     assert!(set.is_ok(), "{set:?}");
     assert_eq!(raw, None, "the old value was left in Redis");
     assert_ne!(cache.get(&1).await.unwrap().as_deref(), Some("old"));
@@ -1564,7 +1895,10 @@ async fn a_key_expiring_between_operations_is_a_miss() {
     server.command(&["PEXPIRE", "brisk:t:1:i:1", "1"]).unwrap();
     sleep(Duration::from_millis(20)).await;
     assert_eq!(cache.get(&1).await.unwrap(), None);
-    assert_eq!(cache.get_or_load(&1, ok("w")).await.unwrap().as_deref(), Some("w"));
+    assert_eq!(
+        cache.get_or_load(&1, ok("w")).await.unwrap().as_deref(),
+        Some("w")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1600,7 +1934,10 @@ fn a_cache_whose_connection_runtime_is_gone_still_answers() {
             .unwrap()
     });
     drop(first);
-    let second = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     second.block_on(async {
         let got = timeout(Duration::from_secs(3), cache.get_or_load(&1, ok("v")))
             .await
@@ -1698,7 +2035,8 @@ async fn two_caches_of_one_name_and_two_types_never_error() {
     let redis = connect(&server).await;
     let strings: Cache<u64, String> =
         capture.run(|| Cache::builder("t").redis(redis.clone()).build().unwrap());
-    let numbers: Cache<u64, u64> = capture.run(|| Cache::builder("t").redis(redis).build().unwrap());
+    let numbers: Cache<u64, u64> =
+        capture.run(|| Cache::builder("t").redis(redis).build().unwrap());
     strings.set(&1, "text".into()).await.unwrap();
     assert_eq!(numbers.get(&1).await.unwrap(), None);
     let got = numbers
@@ -1706,8 +2044,16 @@ async fn two_caches_of_one_name_and_two_types_never_error() {
         .await
         .unwrap();
     assert_eq!(got, Some(5));
-    eventually("overwritten", async || strings.get(&1).await.unwrap().is_none()).await;
-    assert!(capture.counter(CACHE_DECODE_FAILURES.name, &[("cache", "t"), ("reason", "type")]) >= 2);
+    eventually("overwritten", async || {
+        strings.get(&1).await.unwrap().is_none()
+    })
+    .await;
+    assert!(
+        capture.counter(
+            CACHE_DECODE_FAILURES.name,
+            &[("cache", "t"), ("reason", "type")]
+        ) >= 2
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1715,7 +2061,10 @@ async fn two_caches_of_one_name_and_two_types_never_error() {
 // ---------------------------------------------------------------------------------------------
 
 fn requests(capture: &Capture, tier: &str, outcome: &str) -> u64 {
-    capture.counter(CACHE_REQUESTS.name, &[("cache", "t"), ("tier", tier), ("outcome", outcome)])
+    capture.counter(
+        CACHE_REQUESTS.name,
+        &[("cache", "t"), ("tier", tier), ("outcome", outcome)],
+    )
 }
 
 /// docs: `tier="remote"` is counted once "per read that got past the local tier and found no
@@ -1724,10 +2073,22 @@ fn requests(capture: &Capture, tier: &str, outcome: &str) -> u64 {
 async fn request_metrics_count_each_tier_a_lookup_reached() {
     let capture = Capture::new();
     let cache: Cache<u64, String> = capture.run(|| {
-        Cache::builder("t").local(LocalTier::entries(100)).build().unwrap()
+        Cache::builder("t")
+            .local(LocalTier::entries(100))
+            .build()
+            .unwrap()
     });
-    assert_eq!(cache.get_or_load(&1, ok("v")).await.unwrap().as_deref(), Some("v"));
-    assert_eq!((requests(&capture, "local", "miss"), requests(&capture, "remote", "miss")), (1, 1));
+    assert_eq!(
+        cache.get_or_load(&1, ok("v")).await.unwrap().as_deref(),
+        Some("v")
+    );
+    assert_eq!(
+        (
+            requests(&capture, "local", "miss"),
+            requests(&capture, "remote", "miss")
+        ),
+        (1, 1)
+    );
     assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("v"));
     assert_eq!(requests(&capture, "local", "hit"), 1);
     assert_eq!(requests(&capture, "remote", "hit"), 0);
@@ -1751,19 +2112,31 @@ async fn remote_hits_are_counted_without_a_local_tier() {
     assert_eq!(cache.get(&2).await.unwrap(), None);
     assert_eq!(requests(&capture, "remote", "hit"), 1);
     assert_eq!(requests(&capture, "remote", "miss"), 1);
-    assert_eq!(requests(&capture, "local", "hit") + requests(&capture, "local", "miss"), 0);
+    assert_eq!(
+        requests(&capture, "local", "hit") + requests(&capture, "local", "miss"),
+        0
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn load_metrics_count_every_outcome_and_duration() {
     let capture = Capture::new();
     let cache: Cache<u64, String> = capture.run(|| {
-        Cache::builder("t").hard_timeout(Duration::from_secs(5)).build().unwrap()
+        Cache::builder("t")
+            .hard_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap()
     });
-    let _ = cache.get_or_load(&1, slow(Duration::from_secs(1), "v")).await;
-    let _ = cache.get_or_load(&2, async { Ok::<_, std::io::Error>(None) }).await;
+    let _ = cache
+        .get_or_load(&1, slow(Duration::from_secs(1), "v"))
+        .await;
+    let _ = cache
+        .get_or_load(&2, async { Ok::<_, std::io::Error>(None) })
+        .await;
     let _ = cache.get_or_load(&3, fail()).await;
-    let _ = cache.get_or_load(&4, slow(Duration::from_secs(60), "late")).await;
+    let _ = cache
+        .get_or_load(&4, slow(Duration::from_secs(60), "late"))
+        .await;
     let _ = cache
         .get_or_load(&5, async {
             if true {
@@ -1781,7 +2154,10 @@ async fn load_metrics_count_every_outcome_and_duration() {
     }
     let durations = capture.histogram(CACHE_LOAD_DURATION.name, &[("cache", "t")]);
     assert!(durations.contains(&1.0), "{durations:?}");
-    assert!(durations.len() >= 2 && durations.len() <= 5, "{durations:?}");
+    assert!(
+        durations.len() >= 2 && durations.len() <= 5,
+        "{durations:?}"
+    );
 }
 
 #[tokio::test]
@@ -1795,7 +2171,10 @@ async fn remote_durations_are_recorded_per_operation() {
     let _ = cache.get(&1).await.unwrap();
     cache.invalidate(&1).await.unwrap();
     for op in ["get", "set", "del"] {
-        let samples = capture.histogram(CACHE_REMOTE_DURATION.name, &[("cache", "t"), ("operation", op)]);
+        let samples = capture.histogram(
+            CACHE_REMOTE_DURATION.name,
+            &[("cache", "t"), ("operation", op)],
+        );
         assert_eq!(samples.len(), 1, "{op}: {samples:?}");
     }
 }
@@ -1808,7 +2187,10 @@ async fn a_remote_error_is_counted_as_outcome_error() {
     let cache: Cache<u64, String> =
         capture.run(|| Cache::builder("t").redis(redis).build().unwrap());
     server.kill().unwrap();
-    assert_eq!(cache.get_or_load(&1, ok("v")).await.unwrap().as_deref(), Some("v"));
+    assert_eq!(
+        cache.get_or_load(&1, ok("v")).await.unwrap().as_deref(),
+        Some("v")
+    );
     assert_eq!(requests(&capture, "remote", "error"), 1);
     assert_eq!(requests(&capture, "remote", "miss"), 0);
 }
@@ -1824,14 +2206,25 @@ async fn a_huge_loaded_value_is_served_and_kept_out_of_redis() {
     let capture = Capture::new();
     let redis = connect(&server).await;
     let cache: Cache<u64, String> = capture.run(|| {
-        Cache::builder("t").redis(redis).local(LocalTier::entries(10)).build().unwrap()
+        Cache::builder("t")
+            .redis(redis)
+            .local(LocalTier::entries(10))
+            .build()
+            .unwrap()
     });
     let huge = "z".repeat(2 << 20);
     let got = cache.get_or_load(&1, ok(&huge)).await.unwrap();
     assert_eq!(got.map(|v| v.len()), Some(2 << 20));
-    eventually("counted", async || capture.counter(CACHE_OVERSIZE.name, &[("cache", "t")]) == 1).await;
+    eventually("counted", async || {
+        capture.counter(CACHE_OVERSIZE.name, &[("cache", "t")]) == 1
+    })
+    .await;
     assert_eq!(raw_get(&server, "brisk:t:1:i:1").await, None);
-    assert_eq!(cache.get(&1).await.unwrap().map(|v| v.len()), Some(2 << 20), "the local tier keeps it");
+    assert_eq!(
+        cache.get(&1).await.unwrap().map(|v| v.len()),
+        Some(2 << 20),
+        "the local tier keeps it"
+    );
 }
 
 /// A panic with a non-string payload is still `Panicked`, and the key recovers.
@@ -1847,7 +2240,10 @@ async fn a_loader_panicking_with_any_payload_is_panicked() {
         })
         .await;
     assert!(matches!(got, Err(Error::Panicked { .. })), "{got:?}");
-    assert_eq!(cache.get_or_load(&1, ok("v")).await.unwrap().as_deref(), Some("v"));
+    assert_eq!(
+        cache.get_or_load(&1, ok("v")).await.unwrap().as_deref(),
+        Some("v")
+    );
 }
 
 /// A registered loader whose future panics after awaiting, and errors: each is its error.
@@ -1868,7 +2264,10 @@ async fn a_registered_loader_that_panics_or_fails_later_is_contained() {
     assert!(matches!(cache.get(&2).await, Err(Error::Load(_))));
     assert_eq!(cache.get(&3).await.unwrap().as_deref(), Some("3"));
     // A get_or_load on a read-through cache uses the given future.
-    assert_eq!(cache.get_or_load(&4, ok("given")).await.unwrap().as_deref(), Some("given"));
+    assert_eq!(
+        cache.get_or_load(&4, ok("given")).await.unwrap().as_deref(),
+        Some("given")
+    );
 }
 
 /// A `set` with an expired deadline on the in-memory tier, which never waits, still stores (or
@@ -1904,20 +2303,28 @@ async fn an_entry_copied_from_another_cache_name_is_served_only_under_its_key() 
     assert_eq!(b.get(&1).await.unwrap(), None);
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // Crafted envelopes: "any decode failure is a miss plus a metric, never a panic or an error"
 // (DESIGN §2). Layout as observed: "bk", version, flags, codec, fingerprint (8), made (8, Unix
 // ms), fresh until (8, Unix ms), load time (4), payload length (4), payload.
 // ---------------------------------------------------------------------------------------------
 
-async fn envelope_of(server: &brisk_testkit::RedisServer, cache: &Cache<u64, String>, value: &str) -> Vec<u8> {
+async fn envelope_of(
+    server: &brisk_testkit::RedisServer,
+    cache: &Cache<u64, String>,
+    value: &str,
+) -> Vec<u8> {
     cache.set(&1, value.to_owned()).await.unwrap();
     raw_get(server, "brisk:t:1:i:1").await.unwrap()
 }
 
 /// Reads of `bytes` under key 1 are `Ok`, never a panic; the key can then be loaded again.
-async fn survives(server: &brisk_testkit::RedisServer, cache: &Cache<u64, String>, bytes: &[u8], what: &str) {
+async fn survives(
+    server: &brisk_testkit::RedisServer,
+    cache: &Cache<u64, String>,
+    bytes: &[u8],
+    what: &str,
+) {
     cache.invalidate(&1).await.unwrap();
     raw_set(server, "brisk:t:1:i:1", bytes).await;
     let got = tokio::spawn({
@@ -1954,30 +2361,60 @@ async fn crafted_times_in_an_envelope_are_never_a_panic() {
                 .ttl(Duration::from_secs(10))
                 .stale_for(Duration::from_secs(60))
                 .soft_timeout(Duration::from_millis(50));
-            if local { b.local(LocalTier::entries(10)) } else { b }.build().unwrap()
+            if local {
+                b.local(LocalTier::entries(10))
+            } else {
+                b
+            }
+            .build()
+            .unwrap()
         };
         let good = envelope_of(&server, &cache, "v").await;
         for (field, range) in [("made", 13..21), ("fresh until", 21..29)] {
             for value in [0, 1, u64::MAX, i64::MAX as u64, 1 << 63, u64::MAX - 1_000] {
                 let mut bytes = good.clone();
                 bytes[range.clone()].copy_from_slice(&value.to_le_bytes());
-                survives(&server, &cache, &bytes, &format!("local {local}: {field} = {value}")).await;
+                survives(
+                    &server,
+                    &cache,
+                    &bytes,
+                    &format!("local {local}: {field} = {value}"),
+                )
+                .await;
             }
         }
         for value in [0, u32::MAX] {
             let mut bytes = good.clone();
             bytes[29..33].copy_from_slice(&value.to_le_bytes());
-            survives(&server, &cache, &bytes, &format!("local {local}: load time = {value}")).await;
+            survives(
+                &server,
+                &cache,
+                &bytes,
+                &format!("local {local}: load time = {value}"),
+            )
+            .await;
             let mut bytes = good.clone();
             bytes[33..37].copy_from_slice(&value.to_le_bytes());
-            survives(&server, &cache, &bytes, &format!("local {local}: payload length = {value}")).await;
+            survives(
+                &server,
+                &cache,
+                &bytes,
+                &format!("local {local}: payload length = {value}"),
+            )
+            .await;
         }
         // Every single byte of the header at 0x00 and 0xFF.
         for at in 0..37 {
             for byte in [0x00, 0xFF] {
                 let mut bytes = good.clone();
                 bytes[at] = byte;
-                survives(&server, &cache, &bytes, &format!("local {local}: byte {at} = {byte:#x}")).await;
+                survives(
+                    &server,
+                    &cache,
+                    &bytes,
+                    &format!("local {local}: byte {at} = {byte:#x}"),
+                )
+                .await;
             }
         }
         cache.set(&5, "still works".into()).await.unwrap();
@@ -2006,7 +2443,7 @@ async fn a_compression_bomb_is_a_counted_miss() {
         let mut bytes = good[..37].to_vec();
         let mut payload = claimed.to_le_bytes().to_vec();
         payload.extend_from_slice(&good[41..]);
-        bytes[33..37].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes[33..37].copy_from_slice(&u32::try_from(payload.len()).unwrap().to_le_bytes());
         bytes.extend_from_slice(&payload);
         survives(&server, &cache, &bytes, &format!("claimed {claimed}")).await;
     }
@@ -2019,13 +2456,17 @@ async fn a_compression_bomb_is_a_counted_miss() {
         .unwrap();
     let mut bytes = good[..37].to_vec();
     let payload = br#""plain""#;
-    bytes[33..37].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    bytes[33..37].copy_from_slice(&u32::try_from(payload.len()).unwrap().to_le_bytes());
     bytes.extend_from_slice(payload);
     survives(&server, &plain, &bytes, "flag without compression").await;
     assert!(
-        capture.counter(CACHE_DECODE_FAILURES.name, &[("cache", "t"), ("reason", "payload")])
-            + capture.counter(CACHE_DECODE_FAILURES.name, &[("cache", "t"), ("reason", "truncated")])
-            >= 3
+        capture.counter(
+            CACHE_DECODE_FAILURES.name,
+            &[("cache", "t"), ("reason", "payload")]
+        ) + capture.counter(
+            CACHE_DECODE_FAILURES.name,
+            &[("cache", "t"), ("reason", "truncated")]
+        ) >= 3
     );
 }
 
@@ -2048,7 +2489,10 @@ async fn max_value_size_applies_to_the_compressed_envelope() {
     cache.set(&1, "a".repeat(10_000)).await.unwrap();
     let raw = raw_get(&server, "brisk:t:1:i:1").await;
     assert_eq!(capture.counter(CACHE_OVERSIZE.name, &[("cache", "t")]), 0);
-    assert!(raw.is_some_and(|r| r.len() < 1_000), "kept out though its envelope is small");
+    assert!(
+        raw.is_some_and(|r| r.len() < 1_000),
+        "kept out though its envelope is small"
+    );
     assert_eq!(cache.get(&1).await.unwrap().map(|v| v.len()), Some(10_000));
 }
 
@@ -2059,7 +2503,10 @@ fn compress_above_zero_is_refused_or_works() {
         assert!(err.to_string().contains("compress"), "{err}");
     }
     if let Ok(cache) = built {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             cache.set(&1, String::new()).await.unwrap();
             assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some(""));
@@ -2126,10 +2573,12 @@ async fn an_inconsistent_weigher_does_not_break_the_local_tier() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_and_huge_weights_mixed_do_not_break_the_local_tier() {
     let cache: Cache<u64, String> = Cache::builder("t")
-        .local(LocalTier::weighted(50, |k: &u64, _v: &String| match k % 3 {
-            0 => 0,
-            1 => u64::MAX,
-            _ => 10,
+        .local(LocalTier::weighted(50, |k: &u64, _v: &String| {
+            match k % 3 {
+                0 => 0,
+                1 => u64::MAX,
+                _ => 10,
+            }
         }))
         .build()
         .unwrap();
@@ -2166,7 +2615,11 @@ async fn a_local_entry_does_not_outlive_the_freshness_another_process_gave_it() 
     writer.set(&1, "v".into()).await.unwrap();
     assert_eq!(reader.get(&1).await.unwrap().as_deref(), Some("v"));
     sleep(Duration::from_millis(400)).await;
-    assert_eq!(reader.get(&1).await.unwrap(), None, "served past its freshness");
+    assert_eq!(
+        reader.get(&1).await.unwrap(),
+        None,
+        "served past its freshness"
+    );
 }
 
 /// A stale value in Redis stands in for a failed load (real time, Redis remote).
@@ -2186,12 +2639,18 @@ async fn a_stale_value_in_redis_stands_in_for_a_failed_load() {
     cache.set(&1, "old".into()).await.unwrap();
     sleep(Duration::from_millis(300)).await;
     assert_eq!(cache.get(&1).await.unwrap(), None, "not fresh");
-    assert_eq!(cache.get_or_load(&1, fail()).await.unwrap().as_deref(), Some("old"));
+    assert_eq!(
+        cache.get_or_load(&1, fail()).await.unwrap().as_deref(),
+        Some("old")
+    );
     assert_eq!(requests_of(&capture, "remote", "stale"), 1);
 }
 
 fn requests_of(capture: &Capture, tier: &str, outcome: &str) -> u64 {
-    capture.counter(CACHE_REQUESTS.name, &[("cache", "t"), ("tier", tier), ("outcome", outcome)])
+    capture.counter(
+        CACHE_REQUESTS.name,
+        &[("cache", "t"), ("tier", tier), ("outcome", outcome)],
+    )
 }
 
 /// A background refresh (past the soft timeout) that lands after a `set` must not overwrite it.
@@ -2201,12 +2660,18 @@ async fn a_background_refresh_does_not_overwrite_a_later_set() {
         let cache = stale_cache(&Capture::new(), local);
         cache.set(&1, "old".into()).await.unwrap();
         advance(Duration::from_secs(2)).await;
-        let got = cache.get_or_load(&1, slow(Duration::from_secs(1), "refreshed")).await;
+        let got = cache
+            .get_or_load(&1, slow(Duration::from_secs(1), "refreshed"))
+            .await;
         assert_eq!(got.unwrap().as_deref(), Some("old"));
         cache.set(&1, "written".into()).await.unwrap();
         // The refresh lands at 1 s after it began; "written" is fresh for 1 s after the set.
         sleep(Duration::from_millis(950)).await;
-        assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("written"), "local {local}");
+        assert_eq!(
+            cache.get(&1).await.unwrap().as_deref(),
+            Some("written"),
+            "local {local}"
+        );
     }
 }
 
@@ -2227,7 +2692,10 @@ async fn set_on_a_read_only_redis_reports_that_the_old_value_may_remain() {
         .await;
     server.command(&["REPLICAOF", "NO", "ONE"]).unwrap();
     assert!(matches!(set, Err(Error::Remote(_))), "{set:?}");
-    assert!(matches!(invalidate, Err(Error::Remote(_))), "{invalidate:?}");
+    assert!(
+        matches!(invalidate, Err(Error::Remote(_))),
+        "{invalidate:?}"
+    );
     assert!(matches!(write, Err(Error::Remote(_))), "{write:?}");
 }
 
@@ -2251,11 +2719,18 @@ async fn with_redis_down_a_fresh_local_value_is_served_rather_than_a_failed_load
     cache.set(&1, "v".into()).await.unwrap();
     // With Redis up, past the local TTL, the read is served (Redis has it fresh).
     sleep(Duration::from_millis(300)).await;
-    assert_eq!(cache.get_or_load(&1, fail()).await.unwrap().as_deref(), Some("v"));
+    assert_eq!(
+        cache.get_or_load(&1, fail()).await.unwrap().as_deref(),
+        Some("v")
+    );
     sleep(Duration::from_millis(300)).await;
     server.kill().unwrap();
     let got = cache.get_or_load(&1, fail()).await;
-    assert_eq!(got.unwrap().as_deref(), Some("v"), "the read failed because Redis is down");
+    assert_eq!(
+        got.unwrap().as_deref(),
+        Some("v"),
+        "the read failed because Redis is down"
+    );
 }
 
 /// docs: "5 failures in a row" — a success in between starts the count again. Redis errors
@@ -2268,7 +2743,10 @@ async fn the_breaker_counts_failures_in_a_row_only() {
     let cache: Cache<u64, String> = capture.run(|| {
         Cache::builder("t")
             .redis(redis)
-            .breaker(BreakerConfig { failures: 3, open_for: Duration::from_secs(30) })
+            .breaker(BreakerConfig {
+                failures: 3,
+                open_for: Duration::from_secs(30),
+            })
             .build()
             .unwrap()
     });
@@ -2297,15 +2775,22 @@ fn operations_that_do_not_load_work_outside_a_runtime() {
             cache.set(&1, "v".into()).now_or_never()
         }));
         assert!(matches!(set, Ok(Some(Ok(())))), "set: {set:?}");
-        let get = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cache.get(&1).now_or_never()));
-        assert!(matches!(&get, Ok(Some(Ok(Some(v)))) if v == "v"), "get: {get:?}");
+        let get = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            cache.get(&1).now_or_never()
+        }));
+        assert!(
+            matches!(&get, Ok(Some(Ok(Some(v)))) if v == "v"),
+            "get: {get:?}"
+        );
         let wt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             cache
                 .write_through(&1, "w".into(), async { Ok::<_, std::io::Error>(()) })
                 .now_or_never()
         }));
         assert!(matches!(wt, Ok(Some(Ok(())))), "write_through: {wt:?}");
-        let inv = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cache.invalidate(&1).now_or_never()));
+        let inv = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            cache.invalidate(&1).now_or_never()
+        }));
         assert!(matches!(inv, Ok(Some(Ok(())))), "invalidate: {inv:?}");
     }
 }
@@ -2336,15 +2821,23 @@ async fn the_loader_is_dropped_at_the_hard_timeout() {
     sleep(Duration::from_millis(1_980)).await;
     assert!(!dropped.load(Ordering::SeqCst), "dropped early");
     sleep(Duration::from_millis(30)).await;
-    assert!(dropped.load(Ordering::SeqCst), "still running past the hard timeout");
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "still running past the hard timeout"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_default_hard_timeout_is_ten_seconds() {
     let cache = memory("t");
     let started = Instant::now();
-    let got = cache.get_or_load(&1, slow(Duration::from_secs(3_600), "v")).await;
-    assert!(matches!(got, Err(Error::LoadTimeout { after }) if after == Duration::from_secs(10)), "{got:?}");
+    let got = cache
+        .get_or_load(&1, slow(Duration::from_secs(3_600), "v"))
+        .await;
+    assert!(
+        matches!(got, Err(Error::LoadTimeout { after }) if after == Duration::from_secs(10)),
+        "{got:?}"
+    );
     assert_eq!(started.elapsed(), Duration::from_secs(10));
 }
 
@@ -2374,7 +2867,16 @@ async fn the_default_max_key_len_is_1024_encoded_bytes() {
     cache.set(&fits, "v".into()).await.unwrap();
     let over = "x".repeat(1_023);
     let err = cache.set(&over, "v".into()).await.unwrap_err();
-    assert!(matches!(err, Error::Key(KeyError::TooLong { len: 1_025, max: 1_024 })), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Key(KeyError::TooLong {
+                len: 1_025,
+                max: 1_024
+            })
+        ),
+        "{err}"
+    );
 }
 
 /// The error says which bound fired, in its text too.
@@ -2390,10 +2892,22 @@ async fn deadline_and_timeout_errors_say_which_fired() {
     )
     .await
     .unwrap_err();
-    assert!(deadline_err.to_string().contains("deadline"), "{deadline_err}");
-    let timeout_err = cache.get_or_load(&2, slow(Duration::from_secs(5), "v")).await.unwrap_err();
-    assert!(timeout_err.to_string().contains("hard timeout"), "{timeout_err}");
-    assert!(!timeout_err.to_string().contains("deadline"), "{timeout_err}");
+    assert!(
+        deadline_err.to_string().contains("deadline"),
+        "{deadline_err}"
+    );
+    let timeout_err = cache
+        .get_or_load(&2, slow(Duration::from_secs(5), "v"))
+        .await
+        .unwrap_err();
+    assert!(
+        timeout_err.to_string().contains("hard timeout"),
+        "{timeout_err}"
+    );
+    assert!(
+        !timeout_err.to_string().contains("deadline"),
+        "{timeout_err}"
+    );
 }
 
 /// docs: `negative_ttl` "zero caches none" — on every shape, the local tier included.
@@ -2422,7 +2936,10 @@ async fn a_zero_negative_ttl_caches_no_absence_on_any_shape() {
 async fn the_local_tier_holds_at_most_n_entries() {
     let capture = Capture::new();
     let cache: Cache<u64, String> = capture.run(|| {
-        Cache::builder("t").local(LocalTier::entries(10)).build().unwrap()
+        Cache::builder("t")
+            .local(LocalTier::entries(10))
+            .build()
+            .unwrap()
     });
     for key in 0..1_000 {
         cache.set(&key, "v".into()).await.unwrap();
@@ -2432,7 +2949,9 @@ async fn the_local_tier_holds_at_most_n_entries() {
     }
     let hits = local_hits(&capture);
     assert!(hits <= 10, "{hits} local hits from a tier of 10 entries");
-    let entries = capture.gauge(CACHE_LOCAL_ENTRIES.name, &[("cache", "t")]).unwrap_or(0.0);
+    let entries = capture
+        .gauge(CACHE_LOCAL_ENTRIES.name, &[("cache", "t")])
+        .unwrap_or(0.0);
     assert!(entries <= 10.0, "{entries} entries in a tier of 10");
 }
 
@@ -2442,7 +2961,9 @@ async fn the_weighted_local_tier_holds_at_most_its_capacity() {
     let capture = Capture::new();
     let cache: Cache<u64, String> = capture.run(|| {
         Cache::builder("t")
-            .local(LocalTier::weighted(100, |_k: &u64, v: &String| v.len() as u64))
+            .local(LocalTier::weighted(100, |_k: &u64, v: &String| {
+                v.len() as u64
+            }))
             .build()
             .unwrap()
     });
@@ -2453,7 +2974,10 @@ async fn the_weighted_local_tier_holds_at_most_its_capacity() {
         let _ = cache.get(&key).await.unwrap();
     }
     let hits = local_hits(&capture);
-    assert!(hits <= 10, "{hits} local hits of weight 10 from a tier of weight 100");
+    assert!(
+        hits <= 10,
+        "{hits} local hits of weight 10 from a tier of weight 100"
+    );
 }
 
 /// "a remote read that started before [a write] does not fill the local tier with what it
@@ -2521,7 +3045,10 @@ async fn a_set_right_after_a_load_answers_is_not_overwritten_by_its_local_insert
             lost.push((key, now));
         }
     }
-    assert!(lost.is_empty(), "sets lost to the load that answered before them: {lost:?}");
+    assert!(
+        lost.is_empty(),
+        "sets lost to the load that answered before them: {lost:?}"
+    );
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -2555,7 +3082,10 @@ async fn race_after_load(
     for key in 0..200_u64 {
         let got = cache.get(&key).await.unwrap();
         if got.as_deref() != expected {
-            lost.push(format!("{write:?} key {key}: get gave {:?} bytes", got.map(|v| v.len())));
+            lost.push(format!(
+                "{write:?} key {key}: get gave {:?} bytes",
+                got.map(|v| v.len())
+            ));
         }
         if let Some(server) = server {
             let raw = raw_get(server, &format!("brisk:{}:1:i:{key}", cache.name())).await;
@@ -2579,7 +3109,14 @@ async fn a_write_right_after_a_load_answers_is_not_undone_by_the_load() {
         let shapes: Vec<(&str, Cache<u64, String>, bool)> = vec![
             ("memory", memory(&format!("m{n}")), false),
             ("memory+local", memory_local(&format!("ml{n}")), false),
-            ("redis", Cache::builder(&format!("r{n}")).redis(redis.clone()).build().unwrap(), true),
+            (
+                "redis",
+                Cache::builder(&format!("r{n}"))
+                    .redis(redis.clone())
+                    .build()
+                    .unwrap(),
+                true,
+            ),
             (
                 "redis+local",
                 Cache::builder(&format!("rl{n}"))
@@ -2597,5 +3134,8 @@ async fn a_write_right_after_a_load_answers_is_not_undone_by_the_load() {
             }
         }
     }
-    assert!(report.is_empty(), "writes undone by the load they followed: {report:#?}");
+    assert!(
+        report.is_empty(),
+        "writes undone by the load they followed: {report:#?}"
+    );
 }
