@@ -337,12 +337,22 @@ impl<P: Pool> Instrumented<P> {
     /// How full the pool is; `waiting` counts this wrapper's callers when the backend does not.
     pub fn status(&self) -> crate::Status {
         let mut status = self.shared.pool.status();
-        // A warm-up is not a caller, though the backend's own count includes its checkouts.
         let warming = self.shared.warming.load(Ordering::Acquire);
-        status.waiting = status
-            .waiting
-            .map(|waiting| waiting.saturating_sub(warming))
-            .or(Some(self.shared.waiting.load(Ordering::Acquire)));
+        match status.waiting {
+            // deadpool counts its users (checkouts out and callers waiting) and reports
+            // `size - users` idle, or `users - size` waiting. A warm-up's checkouts in flight
+            // are users too, but hold no connection (it returns each as it gets it) and are no
+            // callers: left in, an idle connection beside a warm-up stuck connecting read as in
+            // use, or a caller as two.
+            Some(waiting) if warming > 0 => {
+                let users =
+                    (status.size - status.idle.min(status.size) + waiting).saturating_sub(warming);
+                status.idle = status.size.saturating_sub(users);
+                status.waiting = Some(users.saturating_sub(status.size));
+            }
+            Some(_) => {}
+            None => status.waiting = Some(self.shared.waiting.load(Ordering::Acquire)),
+        }
         status
     }
 
@@ -466,8 +476,14 @@ impl<P: Pool> Instrumented<P> {
     /// checkouts (no wait, use-time or recommended-size measurement, no nested-checkout count),
     /// it opens only what is missing and never waits for a connection in use, and it does
     /// nothing while callers wait for a connection (they need it more) or while the pool backs
-    /// off after a failed connection; its own failures start that backoff. A pool hands out idle
-    /// connections first, so it holds those open meanwhile, for the time connecting takes.
+    /// off after a failed connection; its own failures start that backoff.
+    ///
+    /// A pool hands out idle connections first, so to make it open new ones the warm-up asks
+    /// for the idle ones too, all at once, and gives back each connection as soon as it has it:
+    /// it holds an idle one only while the backend checks it (deadpool's recycle, bb8's
+    /// `test_on_check_out`), never while waiting for its own connects, so a connect that hangs
+    /// starves no caller. Its checkouts in flight count neither as connections in use
+    /// nor as waiting callers in [`status`](Self::status).
     ///
     /// # Errors
     /// The first error opening a connection (or its wait bound passing); those opened before
@@ -490,45 +506,88 @@ impl<P: Pool> Instrumented<P> {
         if backing_off != HEALTHY && shared.nanos_at(started) < backing_off {
             return Ok(status.idle);
         }
-        let opening = (0..status.idle + missing).map(|_| {
+        let opens: Vec<_> = (0..missing)
+            .map_while(|_| shared.pool.open_idle())
+            .map(|open| deadline::bounded(shared.wait_timeout, open))
+            .collect();
+        if !opens.is_empty() {
+            let mut first_error = None;
+            for opened in futures_util::future::join_all(opens).await {
+                self.warmed(opened, backing_off, started, &mut first_error);
+            }
+            self.refresh_sizes();
+            return match first_error {
+                Some(err) => Err(err),
+                None => Ok(self.status().idle),
+            };
+        }
+        // The pool hands out idle connections first: to make it open `missing` new ones, ask
+        // for the idle ones too, all in one round, so the others find none and connect. Then
+        // give the idle ones back at once, before any connect is awaited: held across a
+        // connect that hangs, they would starve the callers who need them.
+        let open_one = || {
             let warming = Warming::new(&shared.warming);
-            async move {
+            Box::pin(async move {
                 let got = deadline::bounded(shared.wait_timeout, shared.pool.get()).await;
                 drop(warming);
                 got
+            })
+        };
+        let mut connecting = futures_util::stream::FuturesUnordered::new();
+        let mut at_once = Vec::with_capacity(status.idle);
+        for _ in 0..status.idle + missing {
+            let mut get = open_one();
+            match std::future::poll_fn(|cx| Poll::Ready(get.as_mut().poll(cx))).await {
+                Poll::Ready(got) => at_once.push(got),
+                Poll::Pending => connecting.push(get),
             }
-        });
-        let opened = futures_util::future::join_all(opening).await;
+        }
         let mut first_error = None;
-        for result in opened {
-            let err = match result {
-                Ok(Ok(connection)) => {
-                    drop(connection);
-                    if backing_off != HEALTHY {
-                        shared.backoff.succeeded();
-                    }
-                    continue;
-                }
-                Ok(Err(GetError::Backend(err))) => {
-                    *lock(&shared.last_error) = Some(crate::error::chain(&err));
-                    // A measured manager reports each attempt itself.
-                    if shared.creations.is_none() {
-                        shared.backoff.failed(Instant::now());
-                    }
-                    PoolError::Backend(err)
-                }
-                Ok(Err(GetError::Closed)) => PoolError::Closed,
-                Ok(Err(GetError::Timeout)) | Err(_) => {
-                    PoolError::Exhausted(Box::new(self.diagnose(started.elapsed())))
-                }
-            };
-            first_error = first_error.or(Some(err));
+        for got in at_once {
+            self.warmed(got, backing_off, started, &mut first_error);
+        }
+        while let Some(got) = futures_util::StreamExt::next(&mut connecting).await {
+            self.warmed(got, backing_off, started, &mut first_error);
         }
         self.refresh_sizes();
         match first_error {
             Some(err) => Err(err),
             None => Ok(self.status().idle),
         }
+    }
+
+    /// Takes one result of `warm_up` (a connection, which goes back to the pool at once, or a
+    /// connection opened into the pool); the first error is kept in `first_error`.
+    fn warmed<T>(
+        &self,
+        got: Result<Result<T, GetError<P::Error>>, deadline::Elapsed>,
+        backing_off: u64,
+        started: Instant,
+        first_error: &mut Option<PoolError<P::Error>>,
+    ) {
+        let shared = &self.shared;
+        let err = match got {
+            Ok(Ok(connection)) => {
+                drop(connection);
+                if backing_off != HEALTHY {
+                    shared.backoff.succeeded();
+                }
+                return;
+            }
+            Ok(Err(GetError::Backend(err))) => {
+                *lock(&shared.last_error) = Some(crate::error::chain(&err));
+                // A measured manager reports each attempt itself.
+                if shared.creations.is_none() {
+                    shared.backoff.failed(Instant::now());
+                }
+                PoolError::Backend(err)
+            }
+            Ok(Err(GetError::Closed)) => PoolError::Closed,
+            Ok(Err(GetError::Timeout)) | Err(_) => {
+                PoolError::Exhausted(Box::new(self.diagnose(started.elapsed())))
+            }
+        };
+        first_error.get_or_insert(err);
     }
 
     /// Closes the pool: new checkouts fail with [`PoolError::Closed`] at once, and so do those

@@ -62,7 +62,11 @@
 //! - **No wait is unbounded**: every timeout is checked at build against [`MAX_WAIT`]
 //!   (`Duration::MAX` would arm no timer at all), and [`BuildError`] names the setting.
 //! - **Warm-up is not a request**: it opens only what is missing, never waits for a connection
-//!   in use, yields to waiting callers and stays out of the checkout metrics.
+//!   in use, yields to waiting callers and stays out of the checkout metrics. It never keeps an
+//!   idle connection while a connect of its own is pending: over bb8 it opens connections into
+//!   the pool ([`Pool::open_idle`]); over deadpool, which opens connections only for checkouts,
+//!   it checks out the idle ones together with the new ones and gives each back as soon as it
+//!   has it, so a connect that hangs starves no caller.
 //! - **Idle time runs from a connection's return** ([`IdleSince`]), not from its last
 //!   checkout as deadpool counts it.
 //! - **Errors name what fired**: the pool's wait timeout, the request's deadline, the backend
