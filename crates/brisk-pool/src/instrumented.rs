@@ -732,22 +732,34 @@ impl<P: Pool> Instrumented<P> {
     }
 
     /// A task holding a connection that waits for another can deadlock the pool: when every
-    /// connection is held by such a task, none is ever returned. Counted, and logged in debug
-    /// builds, where it is cheap to find.
+    /// connection is held by such a task, none is ever returned. A checkout made by a task that
+    /// holds a connection marks that connection's slot; the count is confirmed when the task
+    /// returns that connection ([`Self::confirm_nested`]).
     fn notice_nested(&self, task: Option<u64>) {
         let Some(task) = task else { return };
         if self.shared.in_use.load(Ordering::Acquire) == 0 {
             return;
         }
-        if self.shared.holders.holds(task) {
-            self.shared.metrics.nested.increment(1);
-            #[cfg(debug_assertions)]
-            tracing::warn!(
-                pool = %self.shared.name,
-                "a task that holds a connection asked the same pool for another; \
-                 enough such tasks at once deadlock the pool"
-            );
+        self.shared.holders.mark_nested(task);
+    }
+
+    /// A connection comes back whose task made `nested` checkouts while holding it: counted,
+    /// and logged in debug builds, if it comes back from that same task. A checkout can move to
+    /// another task unseen (a move is a copy of bytes): one returned by another task may have
+    /// moved before those checkouts, and is given the benefit of the doubt.
+    #[cold]
+    fn confirm_nested(&self, (tag, nested): (u64, u64)) {
+        if tokio::task::try_id().map(task_tag) != Some(tag) {
+            return;
         }
+        self.shared.metrics.nested.increment(nested);
+        #[cfg(debug_assertions)]
+        tracing::warn!(
+            pool = %self.shared.name,
+            nested,
+            "a task that held a connection asked the same pool for another; \
+             enough such tasks at once deadlock the pool"
+        );
     }
 
     fn diagnose(&self, waited: Duration) -> Exhausted {
@@ -977,8 +989,10 @@ impl<P: Pool> Drop for Checkout<P> {
         let shared = &self.owner.shared;
         // The slot is freed before the connection goes back: freed after, a checkout on another
         // thread could take the connection and find every slot still taken.
-        if let Some(slot) = self.slot {
-            shared.holders.release(slot);
+        if let Some(slot) = self.slot
+            && let Some(nested) = shared.holders.release(slot).nested()
+        {
+            self.owner.confirm_nested(nested);
         }
         // Return (or close) the connection before the gauges below are read.
         if let Some(connection) = self.connection.take() {

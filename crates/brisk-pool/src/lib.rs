@@ -30,6 +30,15 @@
 //! that already holds a connection and asks the same pool for another (how pools deadlock) is
 //! counted, and logged as a warning in debug builds.
 //!
+//! "Holds" is what can be told honestly: a checkout may move to another task (into
+//! `tokio::spawn`, a channel) and nothing sees a move happen. So a checkout made by a task
+//! that took a connection not yet returned is counted only once that first connection comes
+//! back *from the same task*: then the task held it throughout. One handed to another task and
+//! returned there is not counted, since it may have moved before the second checkout (one
+//! moved and then brought back is counted). The count therefore shows up when the first
+//! connection is returned, not at the second checkout; in a deadlock that is when a wait
+//! timeout ends it.
+//!
 //! Lifecycle, the same over both backends: [`Instrumented::warm_up`] opens connections before
 //! the first request needs them; a [`Lifecycle`] closes connections past their (jittered)
 //! lifetime or idle too long and keeps `min_idle` open — applied by

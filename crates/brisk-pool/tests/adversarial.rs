@@ -1371,7 +1371,6 @@ async fn the_lifecycle_top_up_does_not_hammer_a_database_that_is_down() {
 /// `brisk_pool_nested_checkouts_total` counts "checkouts by a task already holding a
 /// connection of the same pool": a task that handed its checkout to another task holds none.
 #[tokio::test(start_paused = true)]
-#[ignore = "known: a checkout is charged to the task that took it, even after it moves to another task (nested count); not fixed yet"]
 async fn a_checkout_handed_to_another_task_is_not_held_by_the_first() {
     let capture = Capture::new();
     let (_, pool) = capture.run(|| wrapped(4, Duration::from_secs(1)));
@@ -1390,6 +1389,26 @@ async fn a_checkout_handed_to_another_task_is_not_held_by_the_first() {
     .await
     .unwrap();
     assert_eq!(capture.counter(POOL_NESTED.name, &POOL), 0);
+}
+
+/// The deadlock the count is for: a task holding the only connection asks for another, waits
+/// out the bound, and returns the first: counted then.
+#[tokio::test(start_paused = true)]
+async fn a_nested_checkout_that_times_out_is_counted_when_the_task_returns_its_connection() {
+    let capture = Capture::new();
+    let (_, pool) = capture.run(|| wrapped(1, Duration::from_millis(100)));
+    tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let first = pool.get().await.unwrap();
+            let second = pool.get().await.map(drop);
+            assert!(matches!(second, Err(PoolError::Exhausted(_))), "{second:?}");
+            drop(first);
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(capture.counter(POOL_NESTED.name, &POOL), 1);
 }
 
 /// `Lifecycle`'s fields are public and `lifetime_of`, `keeps` and `Instrumented::reap` take one
