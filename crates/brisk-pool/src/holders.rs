@@ -26,7 +26,10 @@ pub(crate) struct Holders {
     high_water: AtomicUsize,
 }
 
+/// A cache line each: the holders of connections out at once (one per worker thread, say) write
+/// their slots at every checkout and return, and must not bounce a shared line between them.
 #[derive(Debug)]
+#[repr(align(64))]
 struct Holder {
     /// A hash of the holding task's id, never [`FREE`], with its nested checkouts above
     /// [`TAG_BITS`]; or [`FREE`].
@@ -49,9 +52,10 @@ impl Holders {
         }
     }
 
-    /// Claims a slot for `task`, starting the search at `hint` (the number of connections out:
-    /// concurrent holders then start at different slots). `None` when every slot is taken (the
-    /// pool grew past its size at wrapping): that checkout goes untracked.
+    /// Claims a slot for `task`, starting the search at `hint` (the thread's stripe index:
+    /// concurrent threads then start at different slots, and the slots ever used, which the
+    /// nested-checkout check scans, stay few while few checkouts are out). `None` when every
+    /// slot is taken (the pool grew past its size at wrapping): that checkout goes untracked.
     pub(crate) fn claim(&self, task: u64, since_ns: u64, hint: usize) -> Option<usize> {
         let len = self.slots.len();
         let start = hint % len;

@@ -20,6 +20,7 @@ use quanta::Instant;
 
 use crate::backoff::{Backoff, HEALTHY};
 use crate::holders::{Holders, NO_TASK, task_tag};
+use crate::stripes::{self, Stripes};
 use crate::{
     BuildError, CloseTimeout, Creations, Exhausted, GetError, IdleSince, Lifecycle, MAX_PERIOD,
     MAX_WAIT, Pool, PoolError, Unavailable,
@@ -54,6 +55,10 @@ impl<P: Pool> fmt::Debug for Instrumented<P> {
 /// What runs on a connection about to be discarded.
 type OnDiscard<C> = Box<dyn Fn(&mut C) + Send + Sync>;
 
+// Aligned so that its fields start past the `Arc`'s reference counts, which every checkout
+// writes (the `Checkout`'s handle on the pool): the fields every checkout reads (`closed`, the
+// backoff, the refresh time) then stay in cache instead of following those counts between cores.
+#[repr(align(128))]
 struct Shared<P: Pool> {
     pool: P,
     creations: Option<Creations>,
@@ -61,20 +66,18 @@ struct Shared<P: Pool> {
     name: String,
     wait_timeout: Duration,
     metrics: Metrics,
-    waiting: AtomicUsize,
+    /// Checkouts out, callers waiting and the demand, counted per thread.
+    counters: Stripes,
     /// Checkouts of `warm_up` in flight: the backend counts them as waiting callers.
     warming: AtomicUsize,
-    /// Checkouts out, or in progress (past the `closed` check and not yet done).
-    in_use: AtomicUsize,
     /// Each connection now out: since when (to name the oldest in a diagnosis) and by which
     /// task (to notice a task asking for a second one).
     holders: Holders,
     last_error: Mutex<Option<String>>,
     /// For `reap`: since when each idle connection has been idle.
     idle_since: Mutex<IdleSince>,
-    /// Nanoseconds callers spent waiting for or holding a connection in the current window,
-    /// and when that window began (ms since `created`): the demand behind the recommended size.
-    demand_ns: AtomicU64,
+    /// When the window of the demand behind the recommended size began (ms since `created`);
+    /// the demand itself is in `counters`.
     window_start_ms: AtomicU64,
     recommend_every: Duration,
     /// Shared with a `Measured` manager given through `creations`, which reports every attempt.
@@ -281,16 +284,14 @@ impl<P: Pool> InstrumentedBuilder<P> {
             on_discard: self.on_discard,
             name: self.name,
             wait_timeout: self.wait_timeout,
-            waiting: AtomicUsize::new(0),
+            counters: Stripes::new(),
             warming: AtomicUsize::new(0),
-            in_use: AtomicUsize::new(0),
             holders,
             last_error: Mutex::default(),
             idle_since: Mutex::default(),
             refreshed_ns: AtomicU64::new(0),
             refresher: AtomicBool::new(false),
             created,
-            demand_ns: AtomicU64::new(0),
             window_start_ms: AtomicU64::new(0),
             recommend_every: self.recommend_every,
             backoff: Arc::new(Backoff::new(first, max, created)),
@@ -351,7 +352,7 @@ impl<P: Pool> Instrumented<P> {
                 status.waiting = Some(users.saturating_sub(status.size));
             }
             Some(_) => {}
-            None => status.waiting = Some(self.shared.waiting.load(Ordering::Acquire)),
+            None => status.waiting = Some(self.shared.counters.waiting()),
         }
         status
     }
@@ -366,10 +367,10 @@ impl<P: Pool> Instrumented<P> {
         let task = tokio::task::try_id().map(task_tag);
         self.notice_nested(task);
         // Counted as out from here, before `closed` is read: `close` stores `closed` and then
-        // reads `in_use` (all SeqCst), so either this checkout sees the pool closed, or `close`
-        // waits for it — a checkout still connecting is not forgotten. The guard uncounts it
-        // if it fails or is dropped.
-        let out = shared.in_use.fetch_add(1, Ordering::SeqCst);
+        // sums the checkouts out (all SeqCst), so either this checkout sees the pool closed,
+        // or `close` waits for it — a checkout still connecting is not forgotten. The guard
+        // uncounts it if it fails or is dropped.
+        shared.counters.enter();
         let entered = Entered(shared);
         if shared.closed.load(Ordering::SeqCst) {
             shared.metrics.closed.increment(1);
@@ -421,7 +422,10 @@ impl<P: Pool> Instrumented<P> {
                 shared.metrics.wait.record(waited.as_secs_f64());
                 let since = now;
                 let since_ns = shared.nanos_at(since);
-                let slot = shared.holders.claim(task.unwrap_or(NO_TASK), since_ns, out);
+                let slot =
+                    shared
+                        .holders
+                        .claim(task.unwrap_or(NO_TASK), since_ns, stripes::index());
                 shared.metrics.used.increment(1.0);
                 self.maybe_refresh_sizes(since_ns);
                 Ok(Checkout {
@@ -614,7 +618,7 @@ impl<P: Pool> Instrumented<P> {
             loop {
                 // Register before checking, so a return in between is not missed.
                 let notified = shared.drained.notified();
-                if shared.in_use.load(Ordering::SeqCst) == 0 {
+                if shared.counters.in_use() == 0 {
                     return;
                 }
                 notified.await;
@@ -624,7 +628,7 @@ impl<P: Pool> Instrumented<P> {
         self.refresh_sizes();
         result.map_err(|_| CloseTimeout {
             pool: shared.name.clone(),
-            in_use: shared.in_use.load(Ordering::Acquire),
+            in_use: shared.counters.in_use(),
             waited: started.elapsed(),
         })
     }
@@ -737,9 +741,6 @@ impl<P: Pool> Instrumented<P> {
     /// returns that connection ([`Self::confirm_nested`]).
     fn notice_nested(&self, task: Option<u64>) {
         let Some(task) = task else { return };
-        if self.shared.in_use.load(Ordering::Acquire) == 0 {
-            return;
-        }
         self.shared.holders.mark_nested(task);
     }
 
@@ -852,7 +853,7 @@ impl<P: Pool> Instrumented<P> {
         {
             return;
         }
-        let demand_ns = shared.demand_ns.swap(0, Ordering::Relaxed);
+        let demand_ns = shared.counters.take_demand();
         #[allow(clippy::cast_precision_loss)] // nanoseconds of a window fit f64 closely enough
         let average = demand_ns as f64 / (window_ms as f64 * 1e6);
         shared
@@ -870,15 +871,18 @@ impl<P: Pool> Shared<P> {
 
     fn add_demand(&self, time: Duration) {
         let ns = u64::try_from(time.as_nanos()).unwrap_or(u64::MAX);
-        self.demand_ns.fetch_add(ns, Ordering::Relaxed);
+        self.counters.add_demand(ns);
     }
 }
 
 impl<P: Pool> Shared<P> {
-    /// One checkout less out (or in progress); wakes `close` when it was the last.
+    /// One checkout less out (or in progress); once the pool is closed, wakes `close` to count
+    /// again.
     fn release(&self) {
-        // Notify takes a lock: only when `close` may be waiting.
-        if self.in_use.fetch_sub(1, Ordering::SeqCst) == 1 && self.closed.load(Ordering::SeqCst) {
+        // Every return after `close` notifies: which one is the last cannot be told from one
+        // stripe, and `close` checks the sum again.
+        self.counters.leave();
+        if self.closed.load(Ordering::SeqCst) {
             self.drained.notify_waiters();
         }
     }
@@ -904,7 +908,7 @@ struct Waiting<'a, P: Pool>(&'a Shared<P>);
 
 impl<'a, P: Pool> Waiting<'a, P> {
     fn new(shared: &'a Shared<P>) -> Self {
-        shared.waiting.fetch_add(1, Ordering::AcqRel);
+        shared.counters.begin_wait();
         shared.metrics.pending.increment(1.0);
         Self(shared)
     }
@@ -912,7 +916,7 @@ impl<'a, P: Pool> Waiting<'a, P> {
 
 impl<P: Pool> Drop for Waiting<'_, P> {
     fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.0.counters.end_wait();
         self.0.metrics.pending.decrement(1.0);
     }
 }

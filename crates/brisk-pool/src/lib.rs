@@ -99,6 +99,7 @@ mod measured;
 mod pool;
 #[cfg(feature = "redis")]
 pub mod redis_source;
+mod stripes;
 
 pub use error::{
     BackendError, BuildError, CloseTimeout, Exhausted, MAX_PERIOD, MAX_WAIT, PoolError, Unavailable,
