@@ -392,18 +392,26 @@ impl<P: Pool> Instrumented<P> {
         }
         let mut wait = std::pin::pin!(deadline::bounded(shared.wait_timeout, shared.pool.get()));
         // Most checkouts find a connection at once: then nobody waits, and no clock is read and
-        // no waiter counted for it.
-        let first = std::future::poll_fn(|cx| Poll::Ready(wait.as_mut().poll(cx))).await;
-        let (result, waited, now) = match first {
-            Poll::Ready(result) => (result, Duration::ZERO, Instant::now()),
-            Poll::Pending => {
-                let started = Instant::now();
-                let waiting = Waiting::new(shared);
-                let result = wait.await;
+        // no waiter counted for it. One that has to wait starts its clock and its waiter count
+        // after that first poll, and is not polled again until woken: polled again at once, it
+        // re-registered with the backend's queue (deadpool's semaphore, under its lock) for
+        // every wait, which with many tasks waiting made that lock the pool's busiest.
+        let mut waiting = None;
+        let result = std::future::poll_fn(|cx| {
+            let polled = wait.as_mut().poll(cx);
+            if polled.is_pending() && waiting.is_none() {
+                waiting = Some((Instant::now(), Waiting::new(shared)));
+            }
+            polled
+        })
+        .await;
+        let (waited, now) = match waiting {
+            None => (Duration::ZERO, Instant::now()),
+            Some((started, waiting)) => {
                 let waited = started.elapsed();
                 drop(waiting);
                 shared.add_demand(waited);
-                (result, waited, started + waited)
+                (waited, started + waited)
             }
         };
         match result {
@@ -1115,5 +1123,66 @@ mod tests {
             slot_was_free.load(Ordering::SeqCst),
             "a checkout taking the connection as it came back would have gone untracked"
         );
+    }
+
+    /// A pool whose checkout waits until `open` is set, counting how often it is polled.
+    #[derive(Default)]
+    struct Gated {
+        open: Arc<AtomicBool>,
+        polls: Arc<AtomicUsize>,
+        waker: Arc<Mutex<Option<std::task::Waker>>>,
+    }
+
+    impl Pool for Gated {
+        type Connection = ();
+        type Error = std::io::Error;
+
+        async fn get(&self) -> Result<(), GetError<std::io::Error>> {
+            std::future::poll_fn(|cx| {
+                self.polls.fetch_add(1, Ordering::SeqCst);
+                if self.open.load(Ordering::SeqCst) {
+                    return Poll::Ready(Ok(()));
+                }
+                *lock(&self.waker) = Some(cx.waker().clone());
+                Poll::Pending
+            })
+            .await
+        }
+
+        fn status(&self) -> Status {
+            Status {
+                size: 1,
+                idle: 0,
+                max_size: Some(1),
+                waiting: None,
+            }
+        }
+    }
+
+    /// A checkout that has to wait is polled again only when woken: polled twice in a row, it
+    /// re-registered with deadpool's semaphore (under its lock) on every wait.
+    #[tokio::test]
+    async fn a_waiting_checkout_polls_the_backend_once_per_wake() {
+        let gated = Gated::default();
+        let (open, polls, waker) = (
+            Arc::clone(&gated.open),
+            Arc::clone(&gated.polls),
+            Arc::clone(&gated.waker),
+        );
+        let pool = Instrumented::builder(gated).build().unwrap();
+        let checkout = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.get().await.map(drop) }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(polls.load(Ordering::SeqCst), 1, "polled once, then waits");
+        assert_eq!(pool.status().waiting, Some(1), "counted as waiting");
+        open.store(true, Ordering::SeqCst);
+        lock(&waker).take().unwrap().wake();
+        checkout.await.unwrap().unwrap();
+        assert_eq!(polls.load(Ordering::SeqCst), 2, "and once more when woken");
+        assert_eq!(pool.status().waiting, Some(0));
     }
 }
