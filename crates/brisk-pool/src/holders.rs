@@ -10,6 +10,11 @@ const FREE: u64 = 0;
 /// The tag of a checkout made outside any tokio task (`block_on`): tracked for its age only.
 pub(crate) const NO_TASK: u64 = 1;
 const NO_AGE: u64 = u64::MAX;
+/// A slot's word: the holder's tag in the low [`TAG_BITS`], and above them how many checkouts
+/// the holding task made while holding it (confirmed, or not, when it is released).
+const TAG_BITS: u32 = 48;
+const TAG_MASK: u64 = (1 << TAG_BITS) - 1;
+const NESTED_ONE: u64 = 1 << TAG_BITS;
 
 /// One slot per connection the pool may hand out. A checkout claims a free slot and writes its
 /// task and start time there; the return frees it. Reading (a diagnosis, the nested-checkout
@@ -21,9 +26,13 @@ pub(crate) struct Holders {
     high_water: AtomicUsize,
 }
 
+/// A cache line each: the holders of connections out at once (one per worker thread, say) write
+/// their slots at every checkout and return, and must not bounce a shared line between them.
 #[derive(Debug)]
+#[repr(align(64))]
 struct Holder {
-    /// A hash of the holding task's id, never [`FREE`]; or [`FREE`].
+    /// A hash of the holding task's id, never [`FREE`], with its nested checkouts above
+    /// [`TAG_BITS`]; or [`FREE`].
     task: AtomicU64,
     /// Nanoseconds since the pool was wrapped, or [`NO_AGE`] while being claimed or freed.
     since_ns: AtomicU64,
@@ -43,9 +52,10 @@ impl Holders {
         }
     }
 
-    /// Claims a slot for `task`, starting the search at `hint` (the number of connections out:
-    /// concurrent holders then start at different slots). `None` when every slot is taken (the
-    /// pool grew past its size at wrapping): that checkout goes untracked.
+    /// Claims a slot for `task`, starting the search at `hint` (the thread's stripe index:
+    /// concurrent threads then start at different slots, and the slots ever used, which the
+    /// nested-checkout check scans, stay few while few checkouts are out). `None` when every
+    /// slot is taken (the pool grew past its size at wrapping): that checkout goes untracked.
     pub(crate) fn claim(&self, task: u64, since_ns: u64, hint: usize) -> Option<usize> {
         let len = self.slots.len();
         let start = hint % len;
@@ -67,21 +77,46 @@ impl Holders {
         Some(found)
     }
 
-    pub(crate) fn release(&self, at: usize) {
+    /// Frees slot `at`; returns what it held: [`Released::nested`] tells whether its task asked
+    /// for more connections meanwhile.
+    pub(crate) fn release(&self, at: usize) -> Released {
         let slot = &self.slots[at];
+        // Read, then freed: only the holding task marks its slot (`mark_nested`), and when
+        // that task frees it, its marks came before; a mark racing a free on another task is
+        // lost, and a checkout returned by another task is not counted anyway.
+        let word = slot.task.load(Ordering::Relaxed);
         slot.since_ns.store(NO_AGE, Ordering::Relaxed);
         slot.task.store(FREE, Ordering::Release);
+        Released(word)
     }
 
     fn used(&self) -> &[Holder] {
         &self.slots[..self.high_water.load(Ordering::Relaxed)]
     }
 
-    /// Whether `task` holds a connection now.
-    pub(crate) fn holds(&self, task: u64) -> bool {
-        self.used()
-            .iter()
-            .any(|slot| slot.task.load(Ordering::Relaxed) == task)
+    /// If `task` holds a connection now, marks it (the first found) as held across one more
+    /// checkout by that task, and says so.
+    pub(crate) fn mark_nested(&self, task: u64) -> bool {
+        self.used().iter().any(|slot| {
+            let mut word = slot.task.load(Ordering::Relaxed);
+            while word & TAG_MASK == task {
+                let marked = if word >> TAG_BITS == u64::MAX >> TAG_BITS {
+                    word // saturated
+                } else {
+                    word + NESTED_ONE
+                };
+                match slot.task.compare_exchange_weak(
+                    word,
+                    marked,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => return true,
+                    Err(now) => word = now,
+                }
+            }
+            false
+        })
     }
 
     /// The earliest start time among the connections out, in ns since the pool was wrapped.
@@ -97,9 +132,20 @@ impl Holders {
 
 /// A task's tag in [`Holders`]: a hash of its id, never [`FREE`] nor [`NO_TASK`].
 pub(crate) fn task_tag(task: tokio::task::Id) -> u64 {
-    foldhash::fast::FixedState::with_seed(0)
-        .hash_one(task)
-        .max(2)
+    (foldhash::fast::FixedState::with_seed(0).hash_one(task) & TAG_MASK).max(2)
+}
+
+/// What a freed slot held.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Released(u64);
+
+impl Released {
+    /// The holding task's tag and how many checkouts it made while holding this one, when it
+    /// made any.
+    pub(crate) fn nested(self) -> Option<(u64, u64)> {
+        let nested = self.0 >> TAG_BITS;
+        (nested > 0).then_some((self.0 & TAG_MASK, nested))
+    }
 }
 
 #[cfg(test)]
@@ -113,12 +159,13 @@ mod tests {
         let b = holders.claim(9, 50, 0).unwrap();
         assert_ne!(a, b);
         assert_eq!(holders.claim(11, 10, 5), None, "full: untracked");
-        assert!(holders.holds(7) && holders.holds(9) && !holders.holds(11));
+        assert!(holders.mark_nested(9) && !holders.mark_nested(11));
+        assert!(holders.mark_nested(9), "marked twice");
         assert_eq!(holders.oldest_ns(), Some(50));
-        holders.release(b);
-        assert!(!holders.holds(9));
+        assert_eq!(holders.release(b).nested(), Some((9, 2)));
+        assert!(!holders.mark_nested(9));
         assert_eq!(holders.oldest_ns(), Some(100));
-        holders.release(a);
+        assert_eq!(holders.release(a).nested(), None);
         assert_eq!(holders.oldest_ns(), None);
     }
 }

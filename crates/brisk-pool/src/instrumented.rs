@@ -20,6 +20,7 @@ use quanta::Instant;
 
 use crate::backoff::{Backoff, HEALTHY};
 use crate::holders::{Holders, NO_TASK, task_tag};
+use crate::stripes::{self, Stripes};
 use crate::{
     BuildError, CloseTimeout, Creations, Exhausted, GetError, IdleSince, Lifecycle, MAX_PERIOD,
     MAX_WAIT, Pool, PoolError, Unavailable,
@@ -54,6 +55,10 @@ impl<P: Pool> fmt::Debug for Instrumented<P> {
 /// What runs on a connection about to be discarded.
 type OnDiscard<C> = Box<dyn Fn(&mut C) + Send + Sync>;
 
+// Aligned so that its fields start past the `Arc`'s reference counts, which every checkout
+// writes (the `Checkout`'s handle on the pool): the fields every checkout reads (`closed`, the
+// backoff, the refresh time) then stay in cache instead of following those counts between cores.
+#[repr(align(128))]
 struct Shared<P: Pool> {
     pool: P,
     creations: Option<Creations>,
@@ -61,20 +66,18 @@ struct Shared<P: Pool> {
     name: String,
     wait_timeout: Duration,
     metrics: Metrics,
-    waiting: AtomicUsize,
+    /// Checkouts out, callers waiting and the demand, counted per thread.
+    counters: Stripes,
     /// Checkouts of `warm_up` in flight: the backend counts them as waiting callers.
     warming: AtomicUsize,
-    /// Checkouts out, or in progress (past the `closed` check and not yet done).
-    in_use: AtomicUsize,
     /// Each connection now out: since when (to name the oldest in a diagnosis) and by which
     /// task (to notice a task asking for a second one).
     holders: Holders,
     last_error: Mutex<Option<String>>,
     /// For `reap`: since when each idle connection has been idle.
     idle_since: Mutex<IdleSince>,
-    /// Nanoseconds callers spent waiting for or holding a connection in the current window,
-    /// and when that window began (ms since `created`): the demand behind the recommended size.
-    demand_ns: AtomicU64,
+    /// When the window of the demand behind the recommended size began (ms since `created`);
+    /// the demand itself is in `counters`.
     window_start_ms: AtomicU64,
     recommend_every: Duration,
     /// Shared with a `Measured` manager given through `creations`, which reports every attempt.
@@ -281,16 +284,14 @@ impl<P: Pool> InstrumentedBuilder<P> {
             on_discard: self.on_discard,
             name: self.name,
             wait_timeout: self.wait_timeout,
-            waiting: AtomicUsize::new(0),
+            counters: Stripes::new(),
             warming: AtomicUsize::new(0),
-            in_use: AtomicUsize::new(0),
             holders,
             last_error: Mutex::default(),
             idle_since: Mutex::default(),
             refreshed_ns: AtomicU64::new(0),
             refresher: AtomicBool::new(false),
             created,
-            demand_ns: AtomicU64::new(0),
             window_start_ms: AtomicU64::new(0),
             recommend_every: self.recommend_every,
             backoff: Arc::new(Backoff::new(first, max, created)),
@@ -337,12 +338,22 @@ impl<P: Pool> Instrumented<P> {
     /// How full the pool is; `waiting` counts this wrapper's callers when the backend does not.
     pub fn status(&self) -> crate::Status {
         let mut status = self.shared.pool.status();
-        // A warm-up is not a caller, though the backend's own count includes its checkouts.
         let warming = self.shared.warming.load(Ordering::Acquire);
-        status.waiting = status
-            .waiting
-            .map(|waiting| waiting.saturating_sub(warming))
-            .or(Some(self.shared.waiting.load(Ordering::Acquire)));
+        match status.waiting {
+            // deadpool counts its users (checkouts out and callers waiting) and reports
+            // `size - users` idle, or `users - size` waiting. A warm-up's checkouts in flight
+            // are users too, but hold no connection (it returns each as it gets it) and are no
+            // callers: left in, an idle connection beside a warm-up stuck connecting read as in
+            // use, or a caller as two.
+            Some(waiting) if warming > 0 => {
+                let users =
+                    (status.size - status.idle.min(status.size) + waiting).saturating_sub(warming);
+                status.idle = status.size.saturating_sub(users);
+                status.waiting = Some(users.saturating_sub(status.size));
+            }
+            Some(_) => {}
+            None => status.waiting = Some(self.shared.counters.waiting()),
+        }
         status
     }
 
@@ -356,10 +367,10 @@ impl<P: Pool> Instrumented<P> {
         let task = tokio::task::try_id().map(task_tag);
         self.notice_nested(task);
         // Counted as out from here, before `closed` is read: `close` stores `closed` and then
-        // reads `in_use` (all SeqCst), so either this checkout sees the pool closed, or `close`
-        // waits for it — a checkout still connecting is not forgotten. The guard uncounts it
-        // if it fails or is dropped.
-        let out = shared.in_use.fetch_add(1, Ordering::SeqCst);
+        // sums the checkouts out (all SeqCst), so either this checkout sees the pool closed,
+        // or `close` waits for it — a checkout still connecting is not forgotten. The guard
+        // uncounts it if it fails or is dropped.
+        shared.counters.enter();
         let entered = Entered(shared);
         if shared.closed.load(Ordering::SeqCst) {
             shared.metrics.closed.increment(1);
@@ -381,18 +392,26 @@ impl<P: Pool> Instrumented<P> {
         }
         let mut wait = std::pin::pin!(deadline::bounded(shared.wait_timeout, shared.pool.get()));
         // Most checkouts find a connection at once: then nobody waits, and no clock is read and
-        // no waiter counted for it.
-        let first = std::future::poll_fn(|cx| Poll::Ready(wait.as_mut().poll(cx))).await;
-        let (result, waited, now) = match first {
-            Poll::Ready(result) => (result, Duration::ZERO, Instant::now()),
-            Poll::Pending => {
-                let started = Instant::now();
-                let waiting = Waiting::new(shared);
-                let result = wait.await;
+        // no waiter counted for it. One that has to wait starts its clock and its waiter count
+        // after that first poll, and is not polled again until woken: polled again at once, it
+        // re-registered with the backend's queue (deadpool's semaphore, under its lock) for
+        // every wait, which with many tasks waiting made that lock the pool's busiest.
+        let mut waiting = None;
+        let result = std::future::poll_fn(|cx| {
+            let polled = wait.as_mut().poll(cx);
+            if polled.is_pending() && waiting.is_none() {
+                waiting = Some((Instant::now(), Waiting::new(shared)));
+            }
+            polled
+        })
+        .await;
+        let (waited, now) = match waiting {
+            None => (Duration::ZERO, Instant::now()),
+            Some((started, waiting)) => {
                 let waited = started.elapsed();
                 drop(waiting);
                 shared.add_demand(waited);
-                (result, waited, started + waited)
+                (waited, started + waited)
             }
         };
         match result {
@@ -411,7 +430,10 @@ impl<P: Pool> Instrumented<P> {
                 shared.metrics.wait.record(waited.as_secs_f64());
                 let since = now;
                 let since_ns = shared.nanos_at(since);
-                let slot = shared.holders.claim(task.unwrap_or(NO_TASK), since_ns, out);
+                let slot =
+                    shared
+                        .holders
+                        .claim(task.unwrap_or(NO_TASK), since_ns, stripes::index());
                 shared.metrics.used.increment(1.0);
                 self.maybe_refresh_sizes(since_ns);
                 Ok(Checkout {
@@ -466,8 +488,14 @@ impl<P: Pool> Instrumented<P> {
     /// checkouts (no wait, use-time or recommended-size measurement, no nested-checkout count),
     /// it opens only what is missing and never waits for a connection in use, and it does
     /// nothing while callers wait for a connection (they need it more) or while the pool backs
-    /// off after a failed connection; its own failures start that backoff. A pool hands out idle
-    /// connections first, so it holds those open meanwhile, for the time connecting takes.
+    /// off after a failed connection; its own failures start that backoff.
+    ///
+    /// A pool hands out idle connections first, so to make it open new ones the warm-up asks
+    /// for the idle ones too, all at once, and gives back each connection as soon as it has it:
+    /// it holds an idle one only while the backend checks it (deadpool's recycle, bb8's
+    /// `test_on_check_out`), never while waiting for its own connects, so a connect that hangs
+    /// starves no caller. Its checkouts in flight count neither as connections in use
+    /// nor as waiting callers in [`status`](Self::status).
     ///
     /// # Errors
     /// The first error opening a connection (or its wait bound passing); those opened before
@@ -490,45 +518,88 @@ impl<P: Pool> Instrumented<P> {
         if backing_off != HEALTHY && shared.nanos_at(started) < backing_off {
             return Ok(status.idle);
         }
-        let opening = (0..status.idle + missing).map(|_| {
+        let opens: Vec<_> = (0..missing)
+            .map_while(|_| shared.pool.open_idle())
+            .map(|open| deadline::bounded(shared.wait_timeout, open))
+            .collect();
+        if !opens.is_empty() {
+            let mut first_error = None;
+            for opened in futures_util::future::join_all(opens).await {
+                self.warmed(opened, backing_off, started, &mut first_error);
+            }
+            self.refresh_sizes();
+            return match first_error {
+                Some(err) => Err(err),
+                None => Ok(self.status().idle),
+            };
+        }
+        // The pool hands out idle connections first: to make it open `missing` new ones, ask
+        // for the idle ones too, all in one round, so the others find none and connect. Then
+        // give the idle ones back at once, before any connect is awaited: held across a
+        // connect that hangs, they would starve the callers who need them.
+        let open_one = || {
             let warming = Warming::new(&shared.warming);
-            async move {
+            Box::pin(async move {
                 let got = deadline::bounded(shared.wait_timeout, shared.pool.get()).await;
                 drop(warming);
                 got
+            })
+        };
+        let mut connecting = futures_util::stream::FuturesUnordered::new();
+        let mut at_once = Vec::with_capacity(status.idle);
+        for _ in 0..status.idle + missing {
+            let mut get = open_one();
+            match std::future::poll_fn(|cx| Poll::Ready(get.as_mut().poll(cx))).await {
+                Poll::Ready(got) => at_once.push(got),
+                Poll::Pending => connecting.push(get),
             }
-        });
-        let opened = futures_util::future::join_all(opening).await;
+        }
         let mut first_error = None;
-        for result in opened {
-            let err = match result {
-                Ok(Ok(connection)) => {
-                    drop(connection);
-                    if backing_off != HEALTHY {
-                        shared.backoff.succeeded();
-                    }
-                    continue;
-                }
-                Ok(Err(GetError::Backend(err))) => {
-                    *lock(&shared.last_error) = Some(crate::error::chain(&err));
-                    // A measured manager reports each attempt itself.
-                    if shared.creations.is_none() {
-                        shared.backoff.failed(Instant::now());
-                    }
-                    PoolError::Backend(err)
-                }
-                Ok(Err(GetError::Closed)) => PoolError::Closed,
-                Ok(Err(GetError::Timeout)) | Err(_) => {
-                    PoolError::Exhausted(Box::new(self.diagnose(started.elapsed())))
-                }
-            };
-            first_error = first_error.or(Some(err));
+        for got in at_once {
+            self.warmed(got, backing_off, started, &mut first_error);
+        }
+        while let Some(got) = futures_util::StreamExt::next(&mut connecting).await {
+            self.warmed(got, backing_off, started, &mut first_error);
         }
         self.refresh_sizes();
         match first_error {
             Some(err) => Err(err),
             None => Ok(self.status().idle),
         }
+    }
+
+    /// Takes one result of `warm_up` (a connection, which goes back to the pool at once, or a
+    /// connection opened into the pool); the first error is kept in `first_error`.
+    fn warmed<T>(
+        &self,
+        got: Result<Result<T, GetError<P::Error>>, deadline::Elapsed>,
+        backing_off: u64,
+        started: Instant,
+        first_error: &mut Option<PoolError<P::Error>>,
+    ) {
+        let shared = &self.shared;
+        let err = match got {
+            Ok(Ok(connection)) => {
+                drop(connection);
+                if backing_off != HEALTHY {
+                    shared.backoff.succeeded();
+                }
+                return;
+            }
+            Ok(Err(GetError::Backend(err))) => {
+                *lock(&shared.last_error) = Some(crate::error::chain(&err));
+                // A measured manager reports each attempt itself.
+                if shared.creations.is_none() {
+                    shared.backoff.failed(Instant::now());
+                }
+                PoolError::Backend(err)
+            }
+            Ok(Err(GetError::Closed)) => PoolError::Closed,
+            Ok(Err(GetError::Timeout)) | Err(_) => {
+                PoolError::Exhausted(Box::new(self.diagnose(started.elapsed())))
+            }
+        };
+        first_error.get_or_insert(err);
     }
 
     /// Closes the pool: new checkouts fail with [`PoolError::Closed`] at once, and so do those
@@ -555,7 +626,7 @@ impl<P: Pool> Instrumented<P> {
             loop {
                 // Register before checking, so a return in between is not missed.
                 let notified = shared.drained.notified();
-                if shared.in_use.load(Ordering::SeqCst) == 0 {
+                if shared.counters.in_use() == 0 {
                     return;
                 }
                 notified.await;
@@ -565,7 +636,7 @@ impl<P: Pool> Instrumented<P> {
         self.refresh_sizes();
         result.map_err(|_| CloseTimeout {
             pool: shared.name.clone(),
-            in_use: shared.in_use.load(Ordering::Acquire),
+            in_use: shared.counters.in_use(),
             waited: started.elapsed(),
         })
     }
@@ -673,22 +744,31 @@ impl<P: Pool> Instrumented<P> {
     }
 
     /// A task holding a connection that waits for another can deadlock the pool: when every
-    /// connection is held by such a task, none is ever returned. Counted, and logged in debug
-    /// builds, where it is cheap to find.
+    /// connection is held by such a task, none is ever returned. A checkout made by a task that
+    /// holds a connection marks that connection's slot; the count is confirmed when the task
+    /// returns that connection ([`Self::confirm_nested`]).
     fn notice_nested(&self, task: Option<u64>) {
         let Some(task) = task else { return };
-        if self.shared.in_use.load(Ordering::Acquire) == 0 {
+        self.shared.holders.mark_nested(task);
+    }
+
+    /// A connection comes back whose task made `nested` checkouts while holding it: counted,
+    /// and logged in debug builds, if it comes back from that same task. A checkout can move to
+    /// another task unseen (a move is a copy of bytes): one returned by another task may have
+    /// moved before those checkouts, and is given the benefit of the doubt.
+    #[cold]
+    fn confirm_nested(&self, (tag, nested): (u64, u64)) {
+        if tokio::task::try_id().map(task_tag) != Some(tag) {
             return;
         }
-        if self.shared.holders.holds(task) {
-            self.shared.metrics.nested.increment(1);
-            #[cfg(debug_assertions)]
-            tracing::warn!(
-                pool = %self.shared.name,
-                "a task that holds a connection asked the same pool for another; \
-                 enough such tasks at once deadlock the pool"
-            );
-        }
+        self.shared.metrics.nested.increment(nested);
+        #[cfg(debug_assertions)]
+        tracing::warn!(
+            pool = %self.shared.name,
+            nested,
+            "a task that held a connection asked the same pool for another; \
+             enough such tasks at once deadlock the pool"
+        );
     }
 
     fn diagnose(&self, waited: Duration) -> Exhausted {
@@ -781,7 +861,7 @@ impl<P: Pool> Instrumented<P> {
         {
             return;
         }
-        let demand_ns = shared.demand_ns.swap(0, Ordering::Relaxed);
+        let demand_ns = shared.counters.take_demand();
         #[allow(clippy::cast_precision_loss)] // nanoseconds of a window fit f64 closely enough
         let average = demand_ns as f64 / (window_ms as f64 * 1e6);
         shared
@@ -799,15 +879,18 @@ impl<P: Pool> Shared<P> {
 
     fn add_demand(&self, time: Duration) {
         let ns = u64::try_from(time.as_nanos()).unwrap_or(u64::MAX);
-        self.demand_ns.fetch_add(ns, Ordering::Relaxed);
+        self.counters.add_demand(ns);
     }
 }
 
 impl<P: Pool> Shared<P> {
-    /// One checkout less out (or in progress); wakes `close` when it was the last.
+    /// One checkout less out (or in progress); once the pool is closed, wakes `close` to count
+    /// again.
     fn release(&self) {
-        // Notify takes a lock: only when `close` may be waiting.
-        if self.in_use.fetch_sub(1, Ordering::SeqCst) == 1 && self.closed.load(Ordering::SeqCst) {
+        // Every return after `close` notifies: which one is the last cannot be told from one
+        // stripe, and `close` checks the sum again.
+        self.counters.leave();
+        if self.closed.load(Ordering::SeqCst) {
             self.drained.notify_waiters();
         }
     }
@@ -833,7 +916,7 @@ struct Waiting<'a, P: Pool>(&'a Shared<P>);
 
 impl<'a, P: Pool> Waiting<'a, P> {
     fn new(shared: &'a Shared<P>) -> Self {
-        shared.waiting.fetch_add(1, Ordering::AcqRel);
+        shared.counters.begin_wait();
         shared.metrics.pending.increment(1.0);
         Self(shared)
     }
@@ -841,7 +924,7 @@ impl<'a, P: Pool> Waiting<'a, P> {
 
 impl<P: Pool> Drop for Waiting<'_, P> {
     fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.0.counters.end_wait();
         self.0.metrics.pending.decrement(1.0);
     }
 }
@@ -918,8 +1001,10 @@ impl<P: Pool> Drop for Checkout<P> {
         let shared = &self.owner.shared;
         // The slot is freed before the connection goes back: freed after, a checkout on another
         // thread could take the connection and find every slot still taken.
-        if let Some(slot) = self.slot {
-            shared.holders.release(slot);
+        if let Some(slot) = self.slot
+            && let Some(nested) = shared.holders.release(slot).nested()
+        {
+            self.owner.confirm_nested(nested);
         }
         // Return (or close) the connection before the gauges below are read.
         if let Some(connection) = self.connection.take() {
@@ -1038,5 +1123,66 @@ mod tests {
             slot_was_free.load(Ordering::SeqCst),
             "a checkout taking the connection as it came back would have gone untracked"
         );
+    }
+
+    /// A pool whose checkout waits until `open` is set, counting how often it is polled.
+    #[derive(Default)]
+    struct Gated {
+        open: Arc<AtomicBool>,
+        polls: Arc<AtomicUsize>,
+        waker: Arc<Mutex<Option<std::task::Waker>>>,
+    }
+
+    impl Pool for Gated {
+        type Connection = ();
+        type Error = std::io::Error;
+
+        async fn get(&self) -> Result<(), GetError<std::io::Error>> {
+            std::future::poll_fn(|cx| {
+                self.polls.fetch_add(1, Ordering::SeqCst);
+                if self.open.load(Ordering::SeqCst) {
+                    return Poll::Ready(Ok(()));
+                }
+                *lock(&self.waker) = Some(cx.waker().clone());
+                Poll::Pending
+            })
+            .await
+        }
+
+        fn status(&self) -> Status {
+            Status {
+                size: 1,
+                idle: 0,
+                max_size: Some(1),
+                waiting: None,
+            }
+        }
+    }
+
+    /// A checkout that has to wait is polled again only when woken: polled twice in a row, it
+    /// re-registered with deadpool's semaphore (under its lock) on every wait.
+    #[tokio::test]
+    async fn a_waiting_checkout_polls_the_backend_once_per_wake() {
+        let gated = Gated::default();
+        let (open, polls, waker) = (
+            Arc::clone(&gated.open),
+            Arc::clone(&gated.polls),
+            Arc::clone(&gated.waker),
+        );
+        let pool = Instrumented::builder(gated).build().unwrap();
+        let checkout = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.get().await.map(drop) }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(polls.load(Ordering::SeqCst), 1, "polled once, then waits");
+        assert_eq!(pool.status().waiting, Some(1), "counted as waiting");
+        open.store(true, Ordering::SeqCst);
+        lock(&waker).take().unwrap().wake();
+        checkout.await.unwrap().unwrap();
+        assert_eq!(polls.load(Ordering::SeqCst), 2, "and once more when woken");
+        assert_eq!(pool.status().waiting, Some(0));
     }
 }

@@ -30,6 +30,15 @@
 //! that already holds a connection and asks the same pool for another (how pools deadlock) is
 //! counted, and logged as a warning in debug builds.
 //!
+//! "Holds" is what can be told honestly: a checkout may move to another task (into
+//! `tokio::spawn`, a channel) and nothing sees a move happen. So a checkout made by a task
+//! that took a connection not yet returned is counted only once that first connection comes
+//! back *from the same task*: then the task held it throughout. One handed to another task and
+//! returned there is not counted, since it may have moved before the second checkout (one
+//! moved and then brought back is counted). The count therefore shows up when the first
+//! connection is returned, not at the second checkout; in a deadlock that is when a wait
+//! timeout ends it.
+//!
 //! Lifecycle, the same over both backends: [`Instrumented::warm_up`] opens connections before
 //! the first request needs them; a [`Lifecycle`] closes connections past their (jittered)
 //! lifetime or idle too long and keeps `min_idle` open — applied by
@@ -62,7 +71,11 @@
 //! - **No wait is unbounded**: every timeout is checked at build against [`MAX_WAIT`]
 //!   (`Duration::MAX` would arm no timer at all), and [`BuildError`] names the setting.
 //! - **Warm-up is not a request**: it opens only what is missing, never waits for a connection
-//!   in use, yields to waiting callers and stays out of the checkout metrics.
+//!   in use, yields to waiting callers and stays out of the checkout metrics. It never keeps an
+//!   idle connection while a connect of its own is pending: over bb8 it opens connections into
+//!   the pool ([`Pool::open_idle`]); over deadpool, which opens connections only for checkouts,
+//!   it checks out the idle ones together with the new ones and gives each back as soon as it
+//!   has it, so a connect that hangs starves no caller.
 //! - **Idle time runs from a connection's return** ([`IdleSince`]), not from its last
 //!   checkout as deadpool counts it.
 //! - **Errors name what fired**: the pool's wait timeout, the request's deadline, the backend
@@ -86,6 +99,7 @@ mod measured;
 mod pool;
 #[cfg(feature = "redis")]
 pub mod redis_source;
+mod stripes;
 
 pub use error::{
     BackendError, BuildError, CloseTimeout, Exhausted, MAX_PERIOD, MAX_WAIT, PoolError, Unavailable,

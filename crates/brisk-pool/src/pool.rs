@@ -63,6 +63,15 @@ pub trait Pool: Send + Sync + 'static {
         drop(connection);
     }
 
+    /// Opens one connection and adds it to the pool as idle, checking none out: how
+    /// [`Instrumented::warm_up`](crate::Instrumented::warm_up) opens what is missing. `None`
+    /// when the backend cannot (the default, and deadpool's): the warm-up then checks out the
+    /// idle connections too, so that the pool opens new ones for the rest, and gives each back
+    /// as soon as it has it.
+    fn open_idle(&self) -> Option<impl Future<Output = Result<(), GetError<Self::Error>>> + Send> {
+        None::<std::future::Ready<Result<(), GetError<Self::Error>>>>
+    }
+
     /// Closes the idle connections `lifecycle` no longer keeps; returns how many, or `None` when
     /// the backend reaps by itself (bb8, configured with [`Lifecycle::bb8`]). `idle` tells how
     /// long each has been idle across rounds; the caller keeps it from one round to the next.
@@ -165,6 +174,21 @@ where
         self.get_owned().await.map_err(|err| match err {
             bb8::RunError::User(err) => GetError::Backend(err),
             bb8::RunError::TimedOut => GetError::Timeout,
+        })
+    }
+
+    /// bb8 waits for any connection rather than opening one per checkout: a connection is opened
+    /// (its `connection_customizer` run) and added to the pool. One the pool has no room for
+    /// any more, or that is already broken, is closed.
+    fn open_idle(&self) -> Option<impl Future<Output = Result<(), GetError<M::Error>>> + Send> {
+        Some(async move {
+            let connection = self
+                .dedicated_connection()
+                .await
+                .map_err(GetError::Backend)?;
+            // Full meanwhile (a caller's checkout opened one), or broken: closed.
+            drop(self.add(connection));
+            Ok(())
         })
     }
 
