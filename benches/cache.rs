@@ -7,7 +7,9 @@
 //!   (sync), each `get` of the same keys; values a `u64` and a 200-byte `String`.
 //! - `cache/remote_hit`: a hit of a 1 KiB value on a private redis-server, no local tier,
 //!   concurrency 1 in a spawned task: `brisk` beside `redis` (raw redis-rs multiplexed GET plus
-//!   the same MessagePack decode). After it, `redis-benchmark -c 1` GET p50 on the same server.
+//!   the same MessagePack decode), and `multiplexed` (the same on brisk-pool's `Multiplexed`, the
+//!   connection the cache runs on: what the cache itself adds). After it, `redis-benchmark -c 1`
+//!   GET p50 on the same server.
 //! - `cache/get_or_load_miss`: a miss of a fresh key, an instant loader, the value stored:
 //!   `brisk` beside `redis` (raw GET, the load, MessagePack encode, SET, each awaited). brisk
 //!   returns once the value is loaded and writes Redis on the load's task, so at concurrency 1
@@ -22,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use brisk_cache::{Cache, LocalTier};
-use brisk_pool::redis_source::Multiplexed;
+use brisk_pool::redis_source::{Multiplexed, RedisSource};
 use brisk_testkit::RedisServer;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use futures_util::FutureExt;
@@ -187,25 +189,25 @@ fn raw_key(k: u64) -> String {
 }
 
 fn remote_hit(c: &mut Criterion, rt: &tokio::runtime::Runtime, url: &str) {
-    let (brisk, raw) = rt.block_on(async {
+    let (brisk, raw, multiplexed) = rt.block_on(async {
         let redis = Multiplexed::connect(url).await.unwrap();
         let cache: Cache<u64, Profile> = Cache::builder("bench")
             .ttl(Duration::from_secs(3_600))
-            .redis(redis)
+            .redis(redis.clone())
             .build()
             .unwrap();
         cache.set(&HOT, profile(HOT)).await.unwrap();
-        // The raw contender reads its own plain JSON copy.
+        // The raw contender reads its own copy in the cache's codec (MessagePack), no envelope.
         let client = redis::Client::open(url).unwrap();
         let mut raw = client.get_multiplexed_async_connection().await.unwrap();
-        let json = serde_json::to_vec(&profile(HOT)).unwrap();
+        let packed = rmp_serde::to_vec_named(&profile(HOT)).unwrap();
         let () = redis::cmd("SET")
             .arg("raw:7")
-            .arg(json)
+            .arg(packed)
             .query_async(&mut raw)
             .await
             .unwrap();
-        (Arc::new(cache), raw)
+        (Arc::new(cache), raw, redis)
     });
     let mut group = c.benchmark_group("cache/remote_hit");
     group.throughput(Throughput::Elements(1));
@@ -217,6 +219,25 @@ fn remote_hit(c: &mut Criterion, rt: &tokio::runtime::Runtime, url: &str) {
                 async move {
                     let hit = cache.get(&HOT).await.unwrap();
                     assert_eq!(hit.map(|p| p.id), Some(HOT));
+                }
+            })
+        });
+    });
+    // The connection brisk's cache runs on, without the cache: what the cache itself adds.
+    group.bench_function(BenchmarkId::new("multiplexed", 1), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let source = multiplexed.clone();
+            spread(iters, 1, move || {
+                let source = source.clone();
+                async move {
+                    let mut conn = source.connection().await.unwrap();
+                    let bytes: Vec<u8> = redis::cmd("GET")
+                        .arg("raw:7")
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    let p: Profile = rmp_serde::from_slice(&bytes).unwrap();
+                    assert_eq!(p.id, HOT);
                 }
             })
         });
