@@ -6,8 +6,9 @@ use serde::de::DeserializeOwned;
 /// The serde format values are stored in.
 ///
 /// MessagePack is the default, chosen by measurement (`cache/codec` in `docs/performance.md`:
-/// encode + decode of a 1 KiB struct): 1.9× as fast as JSON and 19% smaller, within 20% of
-/// postcard, the fastest. It is self-describing, with field names, so like JSON it round-trips
+/// encode + decode of a 1 KiB struct): 1.2–1.9× as fast as JSON and 19% smaller; postcard is
+/// faster still (1.3–2.2× MessagePack) but cannot carry every type. MessagePack is
+/// self-describing, with field names, so like JSON it round-trips
 /// what serde attributes make of a type (`#[serde(skip_serializing_if)]`, `default`, `flatten`,
 /// `untagged` enums, fields added later with `#[serde(default)]`), which the tests check.
 /// [`Codec::Postcard`] (feature `postcard`) is not self-describing: a type using those attributes

@@ -380,7 +380,7 @@ pub const POOL_NESTED: MetricDef = MetricDef {
     kind: Kind::Counter,
     unit: Unit::Count,
     labels: &["db_client_connection_pool_name"],
-    help: "Checkouts by a task already holding a connection of the same pool: enough of them at once deadlock the pool.",
+    help: "Checkouts by a task already holding a connection of the same pool: enough of them at once deadlock the pool. Counted when the task returns that first connection itself (one handed to another task is not counted).",
     emitted_by: "brisk-pool",
     otel: None,
     buckets: &[],
