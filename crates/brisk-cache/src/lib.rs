@@ -57,7 +57,7 @@
 //! - **MessagePack by default**, where the design handbook said JSON: measured 1.2–1.9× as fast
 //!   as JSON on a 1 KiB struct, 19% smaller, and as faithful to serde attributes (tests hold
 //!   both); postcard, faster still, silently cannot carry some types, so it is opt-in.
-//! - **quick_cache for the local tier**, chosen by `cache/local_hit`: a brisk hit costs a quarter
+//! - **`quick_cache` for the local tier**, chosen by `cache/local_hit`: a brisk hit costs a quarter
 //!   of a moka `get`. Entries sit inline in the map with their expiry, read through tokio's clock
 //!   so that paused-time tests drive them.
 //! - **A load answers first and writes Redis after**, on its own task: a miss waits for the
