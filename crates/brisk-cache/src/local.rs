@@ -17,7 +17,7 @@ use tokio::time::Instant;
 /// use brisk_cache::LocalTier;
 ///
 /// // At most 10,000 entries, each kept 5 s at most before Redis is asked again:
-/// let by_count = LocalTier::entries(10_000).ttl(Duration::from_secs(5));
+/// let by_count: LocalTier<u64, String> = LocalTier::entries(10_000).ttl(Duration::from_secs(5));
 /// // At most 64 MiB by your own measure of a value:
 /// let by_weight = LocalTier::weighted(64 << 20, |_key: &u64, value: &String| value.len() as u64);
 /// # let _ = (by_count, by_weight);
