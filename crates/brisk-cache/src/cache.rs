@@ -100,12 +100,15 @@ pub(crate) struct Inner<K, V> {
     /// Bumped by every write to a key of its stripe: a remote read that started before one does
     /// not fill the local tier with what it read. Striped so that writes to other keys rarely
     /// keep a read from filling the local tier.
-    epochs: [AtomicU64; EPOCH_STRIPES],
+    epochs: [AtomicU64; STRIPES],
+    /// The keys being written now, each with the turn its writes take (see `turn`).
+    writes: Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>, foldhash::fast::RandomState>>,
     stripes: foldhash::fast::RandomState,
     metrics: Metrics,
 }
 
-const EPOCH_STRIPES: usize = 64;
+/// Stripes of keys for the write epochs.
+const STRIPES: usize = 64;
 
 /// Where a value was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -334,10 +337,14 @@ where
 
     /// Stores `value` under `key` in both tiers, in place of any load of the key in progress.
     ///
+    /// Writes of one key take turns, so both tiers end with the last: this one waits for those
+    /// ahead of it (at most the remote timeout), then writes Redis (at most the remote timeout).
+    ///
     /// # Errors
     ///
     /// [`Error::Remote`] when the remote tier may still hold what it held before (it refused
-    /// both the write and the removal); [`Error::Key`]; [`Error::Encode`].
+    /// both the write and the removal, or the turn did not come in time: the local entry is then
+    /// dropped); [`Error::Key`]; [`Error::Encode`].
     pub async fn set(&self, key: &K, value: V) -> Result<(), Error> {
         self.inner.store(key, Some(value)).await
     }
@@ -467,15 +474,18 @@ where
             loader,
             flights: Mutex::default(),
             epochs: std::array::from_fn(|_| AtomicU64::new(0)),
+            writes: Mutex::default(),
             stripes: foldhash::fast::RandomState::default(),
         }
     }
 
-    fn epoch(&self, key: &K) -> &AtomicU64 {
+    fn stripe(&self, key: &K) -> usize {
         use std::hash::BuildHasher as _;
-        let stripe =
-            usize::try_from(self.stripes.hash_one(key)).unwrap_or_default() % EPOCH_STRIPES;
-        &self.epochs[stripe]
+        usize::try_from(self.stripes.hash_one(key)).unwrap_or_default() % STRIPES
+    }
+
+    fn epoch(&self, key: &K) -> &AtomicU64 {
+        &self.epochs[self.stripe(key)]
     }
 
     fn redis_key(&self, key: &K) -> Result<Vec<u8>, Error> {
@@ -483,9 +493,7 @@ where
     }
 
     fn flights(&self) -> MutexGuard<'_, HashMap<K, Arc<Flight<V>>, foldhash::fast::RandomState>> {
-        // Nothing that can panic runs under this lock but a key's Hash and Eq; the map is
-        // consistent between operations either way.
-        self.flights.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.flights)
     }
 
     /// The local tier's answer: `Ok` for a fresh hit, `Err` with what a miss found there.
@@ -777,16 +785,45 @@ where
 
     /// Before a write goes to Redis: lets a load of the key that is already writing Redis
     /// finish (within one remote timeout), so that the write lands after it and wins.
-    async fn after_landing(&self, flight: Option<Arc<Flight<V>>>) {
+    async fn after_landing(flight: Option<Arc<Flight<V>>>, until: Instant) {
         if let Some(flight) = flight {
-            let _ = deadline::bounded(self.config.remote_timeout, flight.landed()).await;
+            let left = until.saturating_duration_since(Instant::now());
+            let _ = deadline::bounded(left, flight.landed()).await;
+        }
+    }
+
+    /// Waits for this write's turn on its key, at most one remote timeout (`until`): writes of a
+    /// key go one at a time, so that both tiers end with the same, last, write. Past the bound
+    /// the key's local entry is dropped and the write fails as `Error::Remote`, leaving nothing
+    /// old in this process.
+    async fn turn<'a>(&'a self, key: &'a K, until: Instant) -> Result<Turn<'a, K, V>, Error> {
+        let lock = Arc::clone(lock(&self.writes).entry(key.clone()).or_default());
+        let mut turn = Turn {
+            inner: self,
+            key,
+            lock,
+            held: None,
+        };
+        let left = until.saturating_duration_since(Instant::now());
+        match deadline::bounded(left, Arc::clone(&turn.lock).lock_owned()).await {
+            Ok(held) => {
+                turn.held = Some(held);
+                Ok(turn)
+            }
+            Err(elapsed) => {
+                drop(turn);
+                let _ = self.forget(key);
+                Err(Error::Remote(RemoteError::Timeout(elapsed)))
+            }
         }
     }
 
     /// `invalidate`: both tiers.
     async fn remove(&self, key: &K, rkey: &[u8]) -> Result<(), Error> {
+        let until = Instant::now() + self.config.remote_timeout;
+        let _turn = self.turn(key, until).await?;
         let landing = self.forget(key);
-        self.after_landing(landing).await;
+        Self::after_landing(landing, until).await;
         self.del_remote(rkey, self.config.remote_timeout).await
     }
 
@@ -796,11 +833,13 @@ where
         let now = Instant::now();
         let (fresh_until, stale_until) = self.expiry(value.is_none(), now);
         let bytes = self.envelope(value.as_ref(), fresh_until, Duration::ZERO, now)?;
+        let until = now + self.config.remote_timeout;
+        let _turn = self.turn(key, until).await?;
         let landing = self.forget(key);
         if let Some(local) = &self.local {
-            local.insert(key.clone(), value, fresh_until, stale_until, now);
+            local.insert(key.clone(), value, fresh_until, stale_until, Instant::now());
         }
-        self.after_landing(landing).await;
+        Self::after_landing(landing, until).await;
         self.put_remote(&rkey, &bytes, stale_until).await
     }
 
@@ -817,6 +856,36 @@ where
         }
         flight.filter(|flight| flight.writing.load(Ordering::SeqCst))
     }
+}
+
+/// A write's turn on its key; its drop lets the next write of the key go, and forgets the key's
+/// turn once no write waits for it (so the map holds only keys being written).
+struct Turn<'a, K: Hash + Eq, V> {
+    inner: &'a Inner<K, V>,
+    key: &'a K,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl<K: Hash + Eq, V> Drop for Turn<'_, K, V> {
+    fn drop(&mut self) {
+        self.held = None;
+        let mut writes = lock(&self.inner.writes);
+        // Ours and the map's: nobody else holds or waits for this turn.
+        if Arc::strong_count(&self.lock) == 2
+            && writes
+                .get(self.key)
+                .is_some_and(|l| Arc::ptr_eq(l, &self.lock))
+        {
+            writes.remove(self.key);
+        }
+    }
+}
+
+/// A mutex of ours, whether or not a panic (in a key's `Hash` or `Eq`) poisoned it: every map
+/// is consistent between operations.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A load on its own task, and what happens when it ends, however it ends.

@@ -38,11 +38,9 @@ fn slow(after: Duration, value: &str) -> impl Future<Output = R> + Send + 'stati
     }
 }
 
-fn slow_fail(after: Duration) -> impl Future<Output = R> + Send + 'static {
-    async move {
-        sleep(after).await;
-        Err(std::io::Error::other("db down"))
-    }
+async fn slow_fail(after: Duration) -> R {
+    sleep(after).await;
+    Err(std::io::Error::other("db down"))
 }
 
 fn counted(runs: &Arc<AtomicUsize>, value: &str) -> impl Future<Output = R> + Send + 'static {
@@ -70,8 +68,8 @@ async fn none() -> R {
     Ok(None)
 }
 
-fn unreachable_load() -> impl Future<Output = R> + Send + 'static {
-    async { panic!("this load must not run") }
+async fn unreachable_load() -> R {
+    panic!("this load must not run")
 }
 
 fn requests(capture: &Capture, name: &str, tier: &str, outcome: &str) -> u64 {
@@ -467,10 +465,10 @@ async fn race_writes(
     let mut changed = Vec::new();
     for key in base..base + KEYS {
         let again = cache.get(&key).await.unwrap();
-        if again != first[(key - base) as usize] {
+        if again != first[usize::try_from(key - base).unwrap()] {
             changed.push(format!(
                 "key {key}: {:?} then {again:?}",
-                first[(key - base) as usize]
+                first[usize::try_from(key - base).unwrap()]
             ));
         }
     }
@@ -488,8 +486,11 @@ async fn race_writes_on_every_local_shape(mix: Mix) {
         ),
         (
             "redis+local",
+            // 3,600 writes at once, six to a key: writes of one key take turns, so the last of
+            // six waits for five round trips of a Redis this busy; the bound is not what is tested.
             Cache::builder("rw")
                 .redis(connect(&server).await)
+                .remote_timeout(Duration::from_secs(5))
                 .local(local())
                 .build()
                 .unwrap(),
