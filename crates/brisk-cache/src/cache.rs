@@ -364,7 +364,8 @@ where
     /// Write-through: runs `write` (the write to the source of truth) and, if it succeeded,
     /// stores `value` under `key`. If `write` fails, the cache is not touched. If the cache cannot
     /// be updated, the key is removed instead, so no old value survives the write; only when
-    /// Redis refuses that too is the result [`Error::Remote`].
+    /// Redis refuses that too (or the write's turn on the key, see [`set`](Self::set), does not
+    /// come within the remote timeout) is the result [`Error::Remote`].
     ///
     /// Dropped before it finished (a timeout, a cancelled request), it removes the key from the
     /// local tier at once and from Redis on a task of its own: whether `write` happened is then
