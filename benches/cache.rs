@@ -18,7 +18,6 @@
 //! Run: `cargo bench --bench cache`.
 #![allow(clippy::print_stdout, missing_docs)] // the physical-limit report
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -30,6 +29,8 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use futures_util::FutureExt;
 use serde::{Deserialize, Serialize};
 
+#[path = "support/redis_benchmark.rs"]
+mod redis_benchmark;
 #[path = "support/spread.rs"]
 mod spread;
 #[path = "support/zipf.rs"]
@@ -327,25 +328,8 @@ fn miss(c: &mut Criterion, rt: &tokio::runtime::Runtime, url: &str) {
 
 /// redis-benchmark's GET p50 at one client, 1 KiB values, on the same server.
 fn physical_limit(port: u16) {
-    let output = Command::new("redis-benchmark")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            "get",
-            "-d",
-            "1024",
-            "-n",
-            "50000",
-            "-c",
-            "1",
-        ])
-        .output();
-    match output {
-        Ok(output) => {
-            let text = String::from_utf8_lossy(&output.stdout);
+    match redis_benchmark::get(port, &["-d", "1024", "-n", "50000", "-c", "1"]) {
+        Ok(text) => {
             let summary: Vec<&str> = text
                 .lines()
                 .skip_while(|l| !l.contains("latency summary"))
@@ -356,7 +340,7 @@ fn physical_limit(port: u16) {
                 summary.join("\n")
             );
         }
-        Err(err) => println!("redis-benchmark not run: {err}"),
+        Err(why) => println!("{why}"),
     }
 }
 

@@ -7,13 +7,14 @@
 //! Run: `cargo bench --bench redis`.
 #![allow(clippy::print_stdout)] // the physical-limit report
 
-use std::process::Command;
 use std::sync::Arc;
 
 use brisk_pool::redis_source::{Multiplexed, RedisSource};
 use brisk_testkit::RedisServer;
 use criterion::{BenchmarkId, Criterion, Throughput};
 
+#[path = "support/redis_benchmark.rs"]
+mod redis_benchmark;
 #[path = "support/spread.rs"]
 mod spread;
 
@@ -122,24 +123,11 @@ fn get(c: &mut Criterion, rt: &tokio::runtime::Runtime, url: &str) {
 /// redis-benchmark's GET figures on the same server.
 fn physical_limit(port: u16) {
     for (clients, pipeline) in [("1", "1"), ("256", "1"), ("256", "16")] {
-        let output = Command::new("redis-benchmark")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-t",
-                "get",
-                "-d",
-                "100",
-                "-n",
-                "200000",
-            ])
-            .args(["-c", clients, "-P", pipeline, "-q"])
-            .output();
-        match output {
-            Ok(output) => {
-                let text = String::from_utf8_lossy(&output.stdout);
+        let args = [
+            "-d", "100", "-n", "200000", "-c", clients, "-P", pipeline, "-q",
+        ];
+        match redis_benchmark::get(port, &args) {
+            Ok(text) => {
                 let last = text
                     .split('\r')
                     .rfind(|line| !line.trim().is_empty())
@@ -149,7 +137,7 @@ fn physical_limit(port: u16) {
                     last.trim()
                 );
             }
-            Err(err) => println!("redis-benchmark not run: {err}"),
+            Err(why) => println!("{why}"),
         }
     }
 }
