@@ -14,18 +14,24 @@ const REMOTE_TIMEOUT: Duration = Duration::from_millis(100);
 /// What a loaded 2-core machine may add to a bound (scheduling, not the cache's logic).
 const SLACK: Duration = Duration::from_millis(400);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_killed_during_two_thousand_calls_fails_none_and_is_used_again_after_restart() {
-    let mut server = redis();
+/// A cache on `server` with the tests' remote timeout, built inside a fresh capture.
+async fn observed(server: &brisk_testkit::RedisServer) -> (Capture, Cache<u64, String>) {
     let capture = Capture::new();
-    let redis = connect(&server).await;
-    let cache: Cache<u64, String> = capture.run(|| {
+    let redis = connect(server).await;
+    let cache = capture.run(|| {
         Cache::builder("t")
             .redis(redis)
             .remote_timeout(REMOTE_TIMEOUT)
             .build()
             .unwrap()
     });
+    (capture, cache)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_during_two_thousand_calls_fails_none_and_is_used_again_after_restart() {
+    let mut server = redis();
+    let (capture, cache) = observed(&server).await;
     let source = Source::default();
     let (mut errors, mut worst) = (0, Duration::ZERO);
     for round in 0..250_u64 {
@@ -73,15 +79,7 @@ async fn redis_killed_during_two_thousand_calls_fails_none_and_is_used_again_aft
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_redis_opens_the_breaker_and_a_probe_closes_it_after_resume() {
     let mut server = redis();
-    let capture = Capture::new();
-    let redis = connect(&server).await;
-    let cache: Cache<u64, String> = capture.run(|| {
-        Cache::builder("t")
-            .redis(redis)
-            .remote_timeout(REMOTE_TIMEOUT)
-            .build()
-            .unwrap()
-    });
+    let (capture, cache) = observed(&server).await;
     let source = Source::default();
     cache.set(&0, "warm".into()).await.unwrap();
     server.pause().unwrap();
