@@ -125,3 +125,11 @@ pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
     panic!("not within 2 s: {what}");
 }
+
+/// The key can be loaded (again): a fresh load runs and its value is served.
+pub async fn assert_loads_again(cache: &brisk_cache::Cache<u64, String>, key: u64) {
+    let source = Source::default();
+    let value = cache.get_or_load(&key, source.load("ok")).await.unwrap();
+    assert_eq!(value.as_deref(), Some("ok"));
+    assert_eq!(source.count(), 1, "a fresh load ran");
+}
