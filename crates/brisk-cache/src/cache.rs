@@ -96,16 +96,20 @@ pub(crate) struct Inner<K, V> {
     local: Option<Local<K, V>>,
     remote: Remote,
     loader: Option<ReadThrough<K, V>>,
-    flights: Mutex<HashMap<K, Arc<Flight<V>>, foldhash::fast::RandomState>>,
+    flights: KeyMap<K, Arc<Flight<V>>>,
     /// Bumped by every write to a key of its stripe: a remote read that started before one does
     /// not fill the local tier with what it read. Striped so that writes to other keys rarely
     /// keep a read from filling the local tier.
     epochs: [AtomicU64; STRIPES],
-    /// The keys being written now, each with the turn its writes take (see `turn`).
-    writes: Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>, foldhash::fast::RandomState>>,
+    /// The keys being written now, each with the turn its writes take and how many writes hold
+    /// or wait for it (see `turn`).
+    writes: KeyMap<K, (Arc<tokio::sync::Mutex<()>>, usize)>,
     stripes: foldhash::fast::RandomState,
     metrics: Metrics,
 }
+
+/// A map keyed by the user's keys, behind a lock: only keys in flight (being loaded or written).
+type KeyMap<K, T> = Mutex<HashMap<K, T, foldhash::fast::RandomState>>;
 
 /// Stripes of keys for the write epochs.
 const STRIPES: usize = 64;
@@ -798,7 +802,12 @@ where
     /// the key's local entry is dropped and the write fails as `Error::Remote`, leaving nothing
     /// old in this process.
     async fn turn<'a>(&'a self, key: &'a K, until: Instant) -> Result<Turn<'a, K, V>, Error> {
-        let lock = Arc::clone(lock(&self.writes).entry(key.clone()).or_default());
+        let lock = {
+            let mut writes = lock(&self.writes);
+            let (turn, writers) = writes.entry(key.clone()).or_default();
+            *writers += 1;
+            Arc::clone(turn)
+        };
         let mut turn = Turn {
             inner: self,
             key,
@@ -872,13 +881,13 @@ impl<K: Hash + Eq, V> Drop for Turn<'_, K, V> {
     fn drop(&mut self) {
         self.held = None;
         let mut writes = lock(&self.inner.writes);
-        // Ours and the map's: nobody else holds or waits for this turn.
-        if Arc::strong_count(&self.lock) == 2
-            && writes
-                .get(self.key)
-                .is_some_and(|l| Arc::ptr_eq(l, &self.lock))
-        {
-            writes.remove(self.key);
+        // Counted under the map's lock, so a drop mid-wait (its lock future still alive)
+        // is counted out all the same.
+        if let Some((_, writers)) = writes.get_mut(self.key) {
+            *writers -= 1;
+            if *writers == 0 {
+                writes.remove(self.key);
+            }
         }
     }
 }
@@ -1017,5 +1026,37 @@ impl<K, V> fmt::Debug for Cache<K, V> {
             .field("remote", &inner.remote)
             .field("codec", &inner.config.codec)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::{Cache, lock};
+
+    /// A write dropped while it waits for its turn leaves no entry behind: the map of keys being
+    /// written holds only keys being written.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_dropped_while_waiting_its_turn_leaves_nothing_behind() {
+        let cache: Cache<u64, String> = Cache::builder("t").build().unwrap();
+        let inner = &cache.inner;
+        let far = Instant::now() + Duration::from_secs(60);
+        let held = inner.turn(&1, far).await.unwrap();
+        let waiting = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.set(&1, "v".into()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(lock(&inner.writes).get(&1).map(|(_, n)| *n), Some(2));
+        waiting.abort();
+        assert!(waiting.await.unwrap_err().is_cancelled());
+        drop(held);
+        assert!(lock(&inner.writes).is_empty(), "nothing left for key 1");
+        cache.set(&1, "w".into()).await.unwrap();
+        assert!(lock(&inner.writes).is_empty());
+        assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("w"));
     }
 }
