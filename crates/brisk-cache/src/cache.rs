@@ -155,27 +155,28 @@ impl<V: Clone> Flight<V> {
     }
 
     async fn landed(&self) {
-        loop {
-            let notified = self.landing.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.landed.load(Ordering::Acquire) {
-                return;
-            }
-            notified.await;
-        }
+        until(&self.landing, || {
+            self.landed.load(Ordering::Acquire).then_some(())
+        })
+        .await;
     }
 
     async fn wait(&self) -> Result<Option<V>, Error> {
-        loop {
-            let notified = self.done.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(outcome) = self.outcome.get() {
-                return outcome.clone();
-            }
-            notified.await;
+        until(&self.done, || self.outcome.get().cloned()).await
+    }
+}
+
+/// Waits on `notify` until `ready` gives a value; registered before each look, so a wake-up
+/// between the look and the wait is not lost.
+async fn until<T>(notify: &Notify, mut ready: impl FnMut() -> Option<T>) -> T {
+    loop {
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if let Some(value) = ready() {
+            return value;
         }
+        notified.await;
     }
 }
 
@@ -193,18 +194,9 @@ struct Metrics {
     load_timeout: Counter,
     load_panic: Counter,
     load_duration: Histogram,
-    decode: [Counter; 6],
+    decode: [Counter; DecodeError::REASONS.len()],
     oversize: Counter,
 }
-
-const DECODE_REASONS: [&str; 6] = [
-    "foreign",
-    "version",
-    "codec",
-    "type",
-    "truncated",
-    "payload",
-];
 
 impl Metrics {
     fn new(cache: &str) -> Self {
@@ -232,7 +224,7 @@ impl Metrics {
             load_timeout: load("timeout"),
             load_panic: load("panic"),
             load_duration: CACHE_LOAD_DURATION.histogram(&[("cache", cache.to_owned())]),
-            decode: DECODE_REASONS.map(|reason| {
+            decode: DecodeError::REASONS.map(|reason| {
                 CACHE_DECODE_FAILURES
                     .counter(&[("cache", cache.to_owned()), ("reason", reason.to_owned())])
             }),
@@ -248,11 +240,7 @@ impl Metrics {
     }
 
     fn decode_failure(&self, err: &DecodeError) {
-        let at = DECODE_REASONS
-            .iter()
-            .position(|r| *r == err.reason())
-            .unwrap_or(DECODE_REASONS.len() - 1);
-        self.decode[at].increment(1);
+        self.decode[err.index()].increment(1);
     }
 }
 
@@ -768,6 +756,9 @@ where
             Ok(()) => Ok(()),
             Err(err) => {
                 let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Error::Remote(err));
+                }
                 self.del_remote(rkey, left)
                     .await
                     .map_err(|_| Error::Remote(err))
@@ -777,14 +768,6 @@ where
 
     /// Removes `rkey` from Redis within `within`.
     async fn del_remote(&self, rkey: &[u8], within: Duration) -> Result<(), Error> {
-        if within.is_zero() {
-            // Nothing left to ask with; not a failure of Redis's own.
-            return Err(Error::Remote(RemoteError::Timeout(
-                deadline::bounded(Duration::ZERO, std::future::ready(()))
-                    .await
-                    .unwrap_err(),
-            )));
-        }
         self.remote.del(rkey, within).await.map_err(Error::Remote)
     }
 

@@ -69,15 +69,29 @@ pub(crate) enum DecodeError {
 }
 
 impl DecodeError {
-    pub(crate) fn reason(&self) -> &'static str {
+    /// Every reason, in the order of [`Self::index`]: the metric's label values.
+    pub(crate) const REASONS: [&'static str; 6] = [
+        "foreign",
+        "version",
+        "codec",
+        "type",
+        "truncated",
+        "payload",
+    ];
+
+    pub(crate) fn index(&self) -> usize {
         match self {
-            Self::Foreign => "foreign",
-            Self::Version => "version",
-            Self::Codec => "codec",
-            Self::Type => "type",
-            Self::Truncated => "truncated",
-            Self::Payload(_) => "payload",
+            Self::Foreign => 0,
+            Self::Version => 1,
+            Self::Codec => 2,
+            Self::Type => 3,
+            Self::Truncated => 4,
+            Self::Payload(_) => 5,
         }
+    }
+
+    pub(crate) fn reason(&self) -> &'static str {
+        Self::REASONS[self.index()]
     }
 }
 

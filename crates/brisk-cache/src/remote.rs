@@ -53,6 +53,13 @@ pub(crate) trait RedisOps: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
 }
 
+async fn connect<S: RedisSource>(source: &S) -> Result<S::Connection, RemoteError> {
+    source
+        .connection()
+        .await
+        .map_err(|err| RemoteError::Source(Arc::new(err)))
+}
+
 fn redis_error(err: redis::RedisError) -> RemoteError {
     RemoteError::Redis(Arc::new(err))
 }
@@ -60,10 +67,7 @@ fn redis_error(err: redis::RedisError) -> RemoteError {
 impl<S: RedisSource> RedisOps for S {
     fn get<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Option<Vec<u8>>, RemoteError>> {
         Box::pin(async move {
-            let mut conn = self
-                .connection()
-                .await
-                .map_err(|e| RemoteError::Source(Arc::new(e)))?;
+            let mut conn = connect(self).await?;
             redis::cmd("GET")
                 .arg(key)
                 .query_async(&mut conn)
@@ -79,10 +83,7 @@ impl<S: RedisSource> RedisOps for S {
         ttl_ms: u64,
     ) -> BoxFuture<'a, Result<(), RemoteError>> {
         Box::pin(async move {
-            let mut conn = self
-                .connection()
-                .await
-                .map_err(|e| RemoteError::Source(Arc::new(e)))?;
+            let mut conn = connect(self).await?;
             redis::cmd("SET")
                 .arg(key)
                 .arg(value)
@@ -96,10 +97,7 @@ impl<S: RedisSource> RedisOps for S {
 
     fn del<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<(), RemoteError>> {
         Box::pin(async move {
-            let mut conn = self
-                .connection()
-                .await
-                .map_err(|e| RemoteError::Source(Arc::new(e)))?;
+            let mut conn = connect(self).await?;
             redis::cmd("DEL")
                 .arg(key)
                 .query_async(&mut conn)
