@@ -452,7 +452,55 @@ pub const RATELIMIT_DECISIONS: MetricDef = MetricDef {
     kind: Kind::Counter,
     unit: Unit::Count,
     labels: &["limiter", "decision"],
-    help: "Rate limit checks; decision is allowed, rejected or shadow_rejected.",
+    help: "Rate limit checks; decision is allowed, rejected, shadow_rejected (over a quota, let through in shadow mode), failed_open or failed_closed (the store did not answer).",
+    emitted_by: "brisk-guard",
+    otel: None,
+    buckets: &[],
+};
+
+/// Requests a timeout layer cut off, by which bound fired.
+pub const TIMEOUTS: MetricDef = MetricDef {
+    name: "brisk_timeouts_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["layer", "cause"],
+    help: "Requests a timeout layer cut off; cause is timeout (the layer's own), budget (the caller's budget header) or deadline (a deadline already in scope).",
+    emitted_by: "brisk-guard",
+    otel: None,
+    buckets: &[],
+};
+
+/// Budget headers a timeout layer read, by what it made of them.
+pub const BUDGET_HEADERS: MetricDef = MetricDef {
+    name: "brisk_budget_headers_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["layer", "outcome"],
+    help: "Budget headers a timeout layer read; outcome is used, clamped (longer than the layer's timeout) or malformed (ignored).",
+    emitted_by: "brisk-guard",
+    otel: None,
+    buckets: &[],
+};
+
+/// Requests a concurrency limit saw, by what became of them.
+pub const SHED_REQUESTS: MetricDef = MetricDef {
+    name: "brisk_shed_requests_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["layer", "outcome"],
+    help: "Requests a concurrency limit saw; outcome is admitted, queued (admitted after waiting), shed (limit and queue full) or expired (left the queue when its time ran out).",
+    emitted_by: "brisk-guard",
+    otel: None,
+    buckets: &[],
+};
+
+/// The current concurrency limit of a layer (moves when the limit is adaptive).
+pub const SHED_LIMIT: MetricDef = MetricDef {
+    name: "brisk_shed_limit",
+    kind: Kind::Gauge,
+    unit: Unit::Count,
+    labels: &["layer"],
+    help: "The concurrency limit of a load-shedding layer now; an adaptive limit moves with latency.",
     emitted_by: "brisk-guard",
     otel: None,
     buckets: &[],
@@ -491,6 +539,10 @@ pub const CATALOG: &[MetricDef] = &[
     POOL_CONNECT_ATTEMPTS,
     REDIS_RECONNECTS,
     RATELIMIT_DECISIONS,
+    TIMEOUTS,
+    BUDGET_HEADERS,
+    SHED_REQUESTS,
+    SHED_LIMIT,
 ];
 
 impl MetricDef {
