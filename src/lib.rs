@@ -16,11 +16,12 @@
 //! | `cache` | no | [`cache`]: the two-tier cache over Redis or memory (`brisk-cache`); brings `redis` |
 //! | `cache-postcard` | no | the cache's `Codec::Postcard` |
 //! | `cache-lz4` | no | LZ4 compression of large cached values |
+//! | `guard` | no | [`guard`]: timeout with deadline propagation, rate limiting, load shedding (`brisk-guard`); with `http`, refusals as responses; with `redis`, limits shared through Redis |
 //! | `serde` | no | configuration types (the pool `Lifecycle`) through serde |
 //! | `full` | no | everything above |
 //!
-//! Blocks still to come (guard layers, Axum and Actix glue) join this table as they land; the
-//! README lists their status.
+//! Blocks still to come (Axum and Actix glue) join this table as they land; the README lists
+//! their status.
 //!
 //! ```
 //! use std::time::Duration;
@@ -40,6 +41,8 @@ pub use brisk_batch as batch;
 #[cfg(feature = "cache")]
 pub use brisk_cache as cache;
 pub use brisk_core::deadline;
+#[cfg(feature = "guard")]
+pub use brisk_guard as guard;
 #[cfg(feature = "metrics")]
 pub use brisk_metrics as metrics;
 #[cfg(any(feature = "pool", feature = "redis"))]
@@ -52,6 +55,10 @@ pub mod prelude {
     #[cfg(feature = "cache")]
     pub use crate::cache::{Cache, LocalTier};
     pub use crate::deadline;
+    #[cfg(feature = "guard")]
+    pub use crate::guard::ratelimit::{Quota, RateLimitLayer, RateLimiter};
+    #[cfg(feature = "guard")]
+    pub use crate::guard::timeout::TimeoutLayer;
     #[cfg(feature = "http")]
     pub use crate::metrics::http::{HttpMetricsLayer, RouteTemplate};
     #[cfg(feature = "pool")]
