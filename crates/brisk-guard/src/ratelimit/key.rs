@@ -299,7 +299,7 @@ mod http_keys {
         }
 
         pub(crate) fn contains(&self, ip: IpAddr) -> bool {
-            match (self.addr, ip) {
+            match (self.addr, ip.to_canonical()) {
                 (IpAddr::V4(net), IpAddr::V4(ip)) => {
                     let mask = u32::MAX
                         .checked_shl(32 - u32::from(self.prefix))

@@ -96,27 +96,24 @@ impl LocalStore {
 
 /// Frees room in a full shard. First every entry whose time has come: it means a full quota,
 /// exactly as a missing entry does, so forgetting it changes no decision. If that frees less
-/// than a sixteenth of the shard, it also forgets the sixteenth nearest to full (judged on a
-/// sample), so a flood of new keys pays for the scan once per sixteenth, not once per key.
-/// A forgotten key that was not yet full gets its quota back early: the bound on memory wins
-/// over exactness, for the keys least used.
+/// than a sixteenth of the shard, it also forgets a sixteenth: those nearest to full among a
+/// sample four times as large, so a flood of new keys pays for a scan once per sixteenth, not
+/// once per key. A forgotten key that was not yet full gets its quota back early: the bound on
+/// memory wins over exactness, for the keys least used.
 fn make_room(shard: &mut Shard, now: u64, per_shard: usize) {
     shard.retain(|_, tat| *tat > now);
-    let wanted = (per_shard / 16).max(1);
-    if per_shard.saturating_sub(shard.len()) >= wanted + MAX_QUOTAS {
+    let wanted = (per_shard / 16).max(MAX_QUOTAS);
+    if shard.len() + wanted <= per_shard {
         return;
     }
-    let mut sample: Vec<u64> = shard.values().copied().take(64).collect();
+    let mut sample: Vec<(u64, u64)> = shard
+        .iter()
+        .map(|(k, t)| (*t, *k))
+        .take(wanted * 4)
+        .collect();
     sample.sort_unstable();
-    let cut = sample.len().div_ceil(16).max(1) - 1;
-    let threshold = sample.get(cut).copied().unwrap_or(u64::MAX);
-    shard.retain(|_, tat| *tat > threshold);
-    // Samples of equal times can leave it full: forget arbitrary entries down to the bound.
-    while shard.len() + MAX_QUOTAS > per_shard {
-        let Some(&victim) = shard.keys().next() else {
-            break;
-        };
-        shard.remove(&victim);
+    for (_, key) in sample.into_iter().take(wanted) {
+        shard.remove(&key);
     }
 }
 

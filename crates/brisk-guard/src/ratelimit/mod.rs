@@ -60,6 +60,9 @@ pub use self::key::{DefaultTier, Global, KeyFn, TierFn, Tiers};
 pub use self::limiter::{Check, Decision, Outcome, QuotaState, RateLimiter, RateLimiterBuilder};
 pub use self::quota::{MAX_QUOTAS, Quota, Tier};
 #[cfg(feature = "redis")]
+#[doc(hidden)]
+pub use self::redis::GCRA_SCRIPT;
+#[cfg(feature = "redis")]
 pub use self::redis::OnRedisError;
 use crate::respond::{Errors, Respond};
 use crate::{RateLimited, Refusal};

@@ -53,6 +53,12 @@ stored[n + 1] = allowed
 return stored
 ";
 
+/// The Lua source of the check [`RateLimiterBuilder::redis`] runs (`KEYS`: one per quota, `ARGV`:
+/// now in Unix microseconds, then each quota's interval and capacity): for benchmarks that run
+/// the same script with `redis-benchmark`. Not a stable interface.
+#[doc(hidden)]
+pub const GCRA_SCRIPT: &str = SCRIPT;
+
 static GCRA: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(SCRIPT));
 
 /// Keys longer than this are hashed (128 bits), so a huge header cannot become a huge key.

@@ -7,9 +7,10 @@ use crate::BuildError;
 /// An adaptive concurrency limit: additive increase, multiplicative decrease, on latency.
 ///
 /// Latency is judged per *window* of completed requests (as many as the limit, at least 10):
-/// its mean against a baseline, the lowest window mean seen (which drifts up 1% a window, so a
-/// service that became slower for good is re-learned). A window above `tolerance × baseline`
-/// is a sign of queueing; below it, and with the limit in use, the limit grows by one.
+/// its mean against a baseline, the lowest window mean seen. A window above
+/// `tolerance × baseline` is a sign of queueing; below it, and with the limit in use, the limit
+/// grows by one. Ten slow windows in a row, through the cuts, mean the service itself became
+/// slower (cutting did not help): that latency becomes the baseline.
 ///
 /// Gradient limits are known to collapse to their minimum under a short latency spike: each
 /// sample of the spike cuts the limit again. Here a cut needs **two windows in a row** above the
@@ -17,6 +18,10 @@ use crate::BuildError;
 /// spike shorter than two windows changes nothing, and a longer one costs 10% a window, not
 /// a collapse. Tests under paused time show both: the limit settles near the knee of a service
 /// whose latency grows past it, and a spike of five times the latency leaves it above half.
+///
+/// **Start it low** (the default initial limit is `min`): the baseline is learned from what the
+/// service shows, so a limit that starts far above the knee, with the service already queueing,
+/// learns a baseline that is too high and settles too high.
 ///
 /// ```
 /// use brisk_guard::shed::AdaptiveLimit;
@@ -96,6 +101,9 @@ impl AdaptiveLimit {
     }
 }
 
+/// Slow windows in a row after which their latency is taken as the new baseline.
+const RELEARN_AFTER: u32 = 10;
+
 /// The moving state; the layer holds it under a lock taken once per completed request.
 #[derive(Debug)]
 pub(crate) struct Aimd {
@@ -135,15 +143,15 @@ impl Aimd {
         self.sum = 0.0;
         self.samples = 0;
         self.busiest = 0;
-        let baseline = match self.baseline {
-            Some(b) => (b * 1.01).min(mean),
-            None => mean,
-        };
+        let baseline = self.baseline.map_or(mean, |b| b.min(mean));
         self.baseline = Some(baseline);
         let before = self.limit;
         if mean > baseline * self.config.tolerance {
             self.high_windows += 1;
-            if self.high_windows >= 2 {
+            if self.high_windows >= RELEARN_AFTER {
+                self.baseline = Some(mean);
+                self.high_windows = 0;
+            } else if self.high_windows >= 2 {
                 let cut = (self.limit as f64 * self.config.backoff).floor() as usize;
                 self.limit = cut.min(self.limit - 1).max(self.config.min);
             }
