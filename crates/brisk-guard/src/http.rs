@@ -107,7 +107,10 @@ where
     }
 
     fn admitted(&self, response: &mut Response<B>, limiter: &RateLimiter, decision: &Decision) {
-        if self.headers_when_admitted && decision.outcome() == crate::ratelimit::Outcome::Allowed {
+        if self.headers_when_admitted
+            && !limiter.is_shadow()
+            && decision.outcome() == crate::ratelimit::Outcome::Allowed
+        {
             insert_fields(
                 response.headers_mut(),
                 limiter.fields(decision.tier()),

@@ -192,9 +192,16 @@ impl Decision {
         let mut quotas = [QuotaState::default(); MAX_QUOTAS];
         let mut retry_after_us = 0;
         for (state, step) in quotas.iter_mut().zip(steps) {
+            // A quota that had room, in a check another quota refused, was not counted: it
+            // shows the unit it still has.
+            let uncounted = !allowed && step.allowed;
             *state = QuotaState {
-                remaining: step.remaining,
-                reset_us: step.reset,
+                remaining: step.remaining + u64::from(uncounted),
+                reset_us: if uncounted {
+                    step.reset_before
+                } else {
+                    step.reset
+                },
             };
             retry_after_us = retry_after_us.max(step.retry_after);
         }
@@ -306,6 +313,12 @@ impl RateLimiter {
                 })))
             }
         }
+    }
+
+    /// Whether the limiter is in shadow mode (deciding and counting, never refusing).
+    #[must_use]
+    pub fn is_shadow(&self) -> bool {
+        self.inner.shadow
     }
 
     /// The limiter's name.

@@ -212,6 +212,8 @@ pub(crate) struct Step {
     pub(crate) reset: u64,
     /// Microseconds until this request would pass (0 when allowed).
     pub(crate) retry_after: u64,
+    /// Microseconds until the quota was full, before this request.
+    pub(crate) reset_before: u64,
 }
 
 impl Rule {
@@ -229,6 +231,7 @@ impl Rule {
                 remaining: (self.capacity - ahead) / self.interval,
                 reset: ahead,
                 retry_after: 0,
+                reset_before: start - now,
             }
         } else {
             Step {
@@ -237,6 +240,7 @@ impl Rule {
                 remaining: 0,
                 reset: start - now,
                 retry_after: ahead - self.capacity,
+                reset_before: start - now,
             }
         }
     }
