@@ -82,6 +82,11 @@ pub struct BatchingGuideDoctests;
 #[doc = include_str!("../docs/metrics.md")]
 pub struct MetricsGuideDoctests;
 
+/// The guard guide's examples, compiled and run as doc tests as a user of `brisk` writes them.
+#[cfg(all(doctest, feature = "guard", feature = "http", feature = "redis"))]
+#[doc = include_str!("../docs/guard.md")]
+pub struct GuardGuideDoctests;
+
 /// The caching guide's examples, compiled and run as doc tests as a user of `brisk` writes them.
 #[cfg(all(doctest, feature = "cache", feature = "batch"))]
 #[doc = include_str!("../docs/caching.md")]

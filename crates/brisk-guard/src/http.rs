@@ -1,7 +1,7 @@
 //! Refusals as HTTP responses, and the rate-limit headers (`http` feature).
 //!
 //! A rate-limited request gets `429 Too Many Requests` with `Retry-After` (whole seconds,
-//! rounded up) and the two fields of the IETF draft *RateLimit header fields for HTTP*
+//! rounded up) and the two fields of the IETF draft "`RateLimit` header fields for HTTP"
 //! (draft-ietf-httpapi-ratelimit-headers): `RateLimit-Policy` lists every quota of the tier
 //! (`"api-100-per-60s";q=100;w=60`) and `RateLimit` gives each one's state
 //! (`"api-100-per-60s";r=0;t=1`): `r` the units left, `t` the seconds until the quota is full
@@ -162,9 +162,9 @@ fn insert_fields(headers: &mut http::HeaderMap, fields: &PolicyFields, decision:
         let _ = write!(state, "{name};r={};t={secs}", quota.remaining());
     }
     headers.insert(RATELIMIT_POLICY.clone(), fields.policy.clone());
-    if let Ok(value) = HeaderValue::from_str(&state) {
-        if !state.is_empty() {
-            headers.insert(RATELIMIT.clone(), value);
-        }
+    if let Ok(value) = HeaderValue::from_str(&state)
+        && !state.is_empty()
+    {
+        headers.insert(RATELIMIT.clone(), value);
     }
 }

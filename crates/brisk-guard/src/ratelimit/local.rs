@@ -66,7 +66,10 @@ impl LocalStore {
         let mut steps = [Step::default(); MAX_QUOTAS];
         let mut allowed = true;
         // No user code runs under the lock, so a poisoned lock holds consistent data.
-        let mut shard = self.shards[(hash as usize) & self.mask]
+        // Truncating the hash on 32-bit targets still picks a shard evenly.
+        #[allow(clippy::cast_possible_truncation)]
+        let shard = (hash as usize) & self.mask;
+        let mut shard = self.shards[shard]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         for (i, rule) in rules.iter().enumerate() {

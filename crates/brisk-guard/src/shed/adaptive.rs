@@ -152,6 +152,8 @@ impl Aimd {
                 self.baseline = Some(mean);
                 self.high_windows = 0;
             } else if self.high_windows >= 2 {
+                // Below the limit (backoff < 1), so the cast cannot truncate.
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
                 let cut = (self.limit as f64 * self.config.backoff).floor() as usize;
                 self.limit = cut.min(self.limit - 1).max(self.config.min);
             }
