@@ -106,6 +106,10 @@ where
         error
     }
 
+    fn annotates(&self) -> bool {
+        self.headers_when_admitted
+    }
+
     fn admitted(&self, response: &mut Response<B>, limiter: &RateLimiter, decision: &Decision) {
         if self.headers_when_admitted
             && !limiter.is_shadow()

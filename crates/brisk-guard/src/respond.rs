@@ -21,6 +21,11 @@ pub trait Respond<Response, E>: Clone + Send + Sync + 'static {
     /// The inner service's error as the wrapped service's error.
     fn error(&self, error: E) -> Self::Error;
 
+    /// Whether [`admitted`](Self::admitted) adds anything (default: no).
+    fn annotates(&self) -> bool {
+        false
+    }
+
     /// Adds what an admitted response should say about its rate limit (the `RateLimit`
     /// headers); nothing by default.
     fn admitted(&self, response: &mut Response, limiter: &RateLimiter, decision: &Decision) {

@@ -282,17 +282,31 @@ impl RateLimiter {
             .unwrap_or(self.inner.default_tier)
     }
 
+    /// The decision for one request of `key` in the default tier, if the store can make it
+    /// without waiting: always with the local store (this is [`check`](Self::check) without
+    /// the future, for synchronous code), never with Redis (`None`: nothing was counted).
+    #[must_use]
+    pub fn check_now(&self, key: &str) -> Option<Decision> {
+        self.check_now_in(self.inner.default_tier, key)
+    }
+
+    pub(crate) fn check_now_in(&self, tier: usize, key: &str) -> Option<Decision> {
+        let inner = &self.inner;
+        let Store::Local(store) = &inner.store else {
+            return None;
+        };
+        let rules = &inner.tiers[tier].rules;
+        let mut steps = [Step::default(); MAX_QUOTAS];
+        let allowed = store.check(tier, rules, key, &mut steps);
+        let decision = Decision::from_steps(tier, &steps[..rules.len()], allowed, inner.shadow);
+        inner.counts.count(decision.outcome);
+        Some(decision)
+    }
+
     pub(crate) fn check_in(&self, tier: usize, key: &str) -> Check {
         let inner = &self.inner;
-        let rules = &inner.tiers[tier].rules;
         match &inner.store {
-            Store::Local(store) => {
-                let (steps, allowed) = store.check(tier, rules, key);
-                let decision =
-                    Decision::from_steps(tier, &steps[..rules.len()], allowed, inner.shadow);
-                inner.counts.count(decision.outcome);
-                Check(Checking::Ready(Some(decision)))
-            }
+            Store::Local(_) => Check(Checking::Ready(self.check_now_in(tier, key))),
             #[cfg(feature = "redis")]
             Store::Redis(remote) => {
                 let limiter = self.clone();
@@ -374,17 +388,6 @@ enum Checking {
     Ready(Option<Decision>),
     #[cfg(feature = "redis")]
     Remote(Pin<Box<dyn Future<Output = Decision> + Send>>),
-}
-
-impl Check {
-    /// The decision, if it is made already (always, with the local store).
-    pub(crate) fn now(&mut self) -> Option<Decision> {
-        match &mut self.0 {
-            Checking::Ready(decision) => decision.take(),
-            #[cfg(feature = "redis")]
-            Checking::Remote(_) => None,
-        }
-    }
 }
 
 impl Future for Check {
@@ -558,10 +561,10 @@ impl RateLimiterBuilder {
         #[cfg(feature = "redis")]
         let store = match self.redis {
             Some(config) => Store::Redis(config.build()?),
-            None => Store::Local(LocalStore::new(self.max_keys)),
+            None => Store::Local(LocalStore::new(self.max_keys, tiers.len())),
         };
         #[cfg(not(feature = "redis"))]
-        let store = Store::Local(LocalStore::new(self.max_keys));
+        let store = Store::Local(LocalStore::new(self.max_keys, tiers.len()));
         Ok(RateLimiter {
             inner: Arc::new(Inner {
                 counts: Counts::new(&name),

@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock};
 
 use foldhash::fast::{FixedState, RandomState};
 use tokio::time::Instant;
@@ -18,28 +19,37 @@ const QUOTA_STRIDE: u64 = 0x9E37_79B9_7F4A_7C15;
 /// Keys are kept as 64-bit hashes under a per-process random seed: two keys share a state only
 /// if their hashes collide, which an outsider cannot aim for and which, among 10⁶ keys, happens
 /// with a probability near 3·10⁻⁸.
+///
+/// A tier of one quota — the common case — is checked as governor checks: a compare-and-swap of
+/// the key's theoretical arrival time under a shared (read) lock of its shard, so checks of one
+/// hot key from many threads do not queue behind each other. The empty key (what
+/// [`Global`](super::Global) gives) of such a tier skips the map altogether. Only a key's first
+/// check, and a check of several quotas (all or none must count), take the shard's write lock.
 #[derive(Debug)]
 pub(crate) struct LocalStore {
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[RwLock<Shard>]>,
+    /// Per tier: the state of the empty key.
+    global: Box<[AtomicU64]>,
     mask: usize,
     per_shard: usize,
     hasher: RandomState,
     epoch: Instant,
 }
 
-type Shard = HashMap<u64, u64, FixedState>;
+type Shard = HashMap<u64, AtomicU64, FixedState>;
 
 impl LocalStore {
     /// A store for at most `max_entries` entries (one per key and quota); the builder makes
     /// sure `max_entries ≥ MIN_ENTRIES`, so every shard holds at least 16.
-    pub(crate) fn new(max_entries: usize) -> Self {
+    pub(crate) fn new(max_entries: usize, tiers: usize) -> Self {
         let parallelism = std::thread::available_parallelism().map_or(4, usize::from);
         let mut shards = (parallelism * 4).next_power_of_two().min(64);
         while shards > 1 && max_entries / shards < 16 {
             shards /= 2;
         }
         Self {
-            shards: (0..shards).map(|_| Mutex::new(Shard::default())).collect(),
+            shards: (0..shards).map(|_| RwLock::new(Shard::default())).collect(),
+            global: (0..tiers).map(|_| AtomicU64::new(0)).collect(),
             mask: shards - 1,
             per_shard: max_entries / shards,
             hasher: RandomState::default(),
@@ -47,54 +57,96 @@ impl LocalStore {
         }
     }
 
-    /// Microseconds since the store was made, on tokio's clock (so paused-time tests drive it).
+    /// Microseconds since the store was made, on tokio's clock: paused-time tests (the user's
+    /// too) refill quotas as they advance it.
     pub(crate) fn now(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
-    /// One step of every rule for `key` in tier `tier`: counted against all of them if each
-    /// allows, against none otherwise.
+    /// One step of every rule for `key` in tier `tier`, written to `steps`: counted against all
+    /// of them if each allows (`true`), against none otherwise.
     pub(crate) fn check(
         &self,
         tier: usize,
         rules: &[Rule],
         key: &str,
-    ) -> ([Step; MAX_QUOTAS], bool) {
-        let hash = self.hasher.hash_one((tier, key));
-        let id = |i: usize| hash.wrapping_add(QUOTA_STRIDE.wrapping_mul(i as u64));
+        steps: &mut [Step; MAX_QUOTAS],
+    ) -> bool {
         let now = self.now();
-        let mut steps = [Step::default(); MAX_QUOTAS];
+        if let [rule] = rules {
+            if key.is_empty() {
+                return take(&self.global[tier], rule, now, &mut steps[0]);
+            }
+            let (hash, shard) = self.locate(tier, key);
+            if let Some(tat) = read(shard).get(&hash) {
+                return take(tat, rule, now, &mut steps[0]);
+            }
+            let mut map = write(shard);
+            self.make_room_for(&mut map, hash, 1, now);
+            let tat = map.entry(hash).or_insert_with(|| AtomicU64::new(0));
+            return take(tat, rule, now, &mut steps[0]);
+        }
+        let (hash, shard) = self.locate(tier, key);
+        let id = |i: usize| hash.wrapping_add(QUOTA_STRIDE.wrapping_mul(i as u64));
+        let mut map = write(shard);
         let mut allowed = true;
-        // No user code runs under the lock, so a poisoned lock holds consistent data.
-        // Truncating the hash on 32-bit targets still picks a shard evenly.
-        #[allow(clippy::cast_possible_truncation)]
-        let shard = (hash as usize) & self.mask;
-        let mut shard = self.shards[shard]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
         for (i, rule) in rules.iter().enumerate() {
-            let tat = shard.get(&id(i)).copied().unwrap_or(0);
+            let tat = map.get(&id(i)).map_or(0, |t| t.load(Ordering::Acquire));
             steps[i] = rule.step(tat, now);
             allowed &= steps[i].allowed;
         }
         if allowed {
-            if shard.len() + rules.len() > self.per_shard {
-                make_room(&mut shard, now, self.per_shard);
-            }
+            self.make_room_for(&mut map, id(0), rules.len(), now);
             for (i, step) in steps.iter().enumerate().take(rules.len()) {
-                shard.insert(id(i), step.tat);
+                map.insert(id(i), AtomicU64::new(step.tat));
             }
         }
-        (steps, allowed)
+        allowed
     }
 
-    /// Entries held now, across shards.
-    pub(crate) fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
-            .sum()
+    fn locate(&self, tier: usize, key: &str) -> (u64, &RwLock<Shard>) {
+        let hash = self.hasher.hash_one((tier, key));
+        // Truncating the hash on 32-bit targets still picks a shard evenly.
+        #[allow(clippy::cast_possible_truncation)]
+        let shard = (hash as usize) & self.mask;
+        (hash, &self.shards[shard])
     }
+
+    fn make_room_for(&self, map: &mut Shard, first: u64, entries: usize, now: u64) {
+        if map.len() + entries > self.per_shard && !map.contains_key(&first) {
+            make_room(map, now, self.per_shard);
+        }
+    }
+
+    /// Entries held now, across shards (the empty keys' states not counted).
+    pub(crate) fn len(&self) -> usize {
+        self.shards.iter().map(|s| read(s).len()).sum()
+    }
+}
+
+/// Takes one unit of `rule` from the state `tat` if it has one; a compare-and-swap, so checks
+/// of one key on many threads count each unit once.
+fn take(tat: &AtomicU64, rule: &Rule, now: u64, step: &mut Step) -> bool {
+    let mut current = tat.load(Ordering::Acquire);
+    loop {
+        *step = rule.step(current, now);
+        if !step.allowed {
+            return false;
+        }
+        match tat.compare_exchange_weak(current, step.tat, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return true,
+            Err(actual) => current = actual,
+        }
+    }
+}
+
+// No user code runs under these locks, so a poisoned lock holds consistent data.
+fn read(shard: &RwLock<Shard>) -> std::sync::RwLockReadGuard<'_, Shard> {
+    shard.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write(shard: &RwLock<Shard>) -> std::sync::RwLockWriteGuard<'_, Shard> {
+    shard.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Frees room in a full shard. First every entry whose time has come: it means a full quota,
@@ -104,14 +156,14 @@ impl LocalStore {
 /// once per key. A forgotten key that was not yet full gets its quota back early: the bound on
 /// memory wins over exactness, for the keys least used.
 fn make_room(shard: &mut Shard, now: u64, per_shard: usize) {
-    shard.retain(|_, tat| *tat > now);
+    shard.retain(|_, tat| *tat.get_mut() > now);
     let wanted = (per_shard / 16).max(MAX_QUOTAS);
     if shard.len() + wanted <= per_shard {
         return;
     }
     let mut sample: Vec<(u64, u64)> = shard
         .iter()
-        .map(|(k, t)| (*t, *k))
+        .map(|(k, t)| (t.load(Ordering::Relaxed), *k))
         .take(wanted * 4)
         .collect();
     sample.sort_unstable();
@@ -127,10 +179,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_flood_of_keys_stays_within_the_bound() {
-        let store = LocalStore::new(1_000);
+        let store = LocalStore::new(1_000, 1);
         let rules = [Quota::per_minute(10).rule("t").unwrap()];
         for i in 0..100_000 {
-            store.check(0, &rules, &i.to_string());
+            store.check(
+                0,
+                &rules,
+                &i.to_string(),
+                &mut [Step::default(); MAX_QUOTAS],
+            );
             assert!(store.len() <= 1_000);
         }
         assert!(
@@ -142,26 +199,37 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_smallest_store_holds_its_bound_with_every_quota() {
-        let store = LocalStore::new(MIN_ENTRIES);
+        let store = LocalStore::new(MIN_ENTRIES, 1);
         let rules: Vec<_> = (1..=4)
             .map(|n| Quota::per_minute(n).rule("t").unwrap())
             .collect();
         for i in 0..1_000 {
-            assert!(store.check(0, &rules, &i.to_string()).1);
+            assert!(store.check(
+                0,
+                &rules,
+                &i.to_string(),
+                &mut [Step::default(); MAX_QUOTAS]
+            ));
             assert!(store.len() <= MIN_ENTRIES);
         }
-        assert!(store.check(0, &rules[..1], "a").1);
-        assert!(!store.check(0, &rules[..1], "a").1);
+        let mut steps = [Step::default(); MAX_QUOTAS];
+        assert!(store.check(0, &rules[..1], "a", &mut steps));
+        assert!(!store.check(0, &rules[..1], "a", &mut steps));
     }
 
     #[tokio::test(start_paused = true)]
     async fn expired_entries_go_first() {
-        let store = LocalStore::new(64);
+        let store = LocalStore::new(64, 1);
         let rules = [Quota::per_second(1).rule("t").unwrap()];
-        store.check(0, &rules, "hot");
+        store.check(0, &rules, "hot", &mut [Step::default(); MAX_QUOTAS]);
         tokio::time::advance(std::time::Duration::from_secs(2)).await;
         for i in 0..1_000 {
-            store.check(0, &rules, &i.to_string());
+            store.check(
+                0,
+                &rules,
+                &i.to_string(),
+                &mut [Step::default(); MAX_QUOTAS],
+            );
         }
         assert!(store.len() <= 64);
     }

@@ -180,22 +180,23 @@ where
                 req: Some(req),
                 inner: Some(self.take_ready()),
             },
-            None => {
-                let mut check = self.limiter.check(&key);
-                match check.now() {
-                    // The local store decides at once: no clone of the service, no await.
-                    Some(decision) => self.admit(decision, req),
-                    None => State::Checking {
-                        check,
-                        req: Some(req),
-                        inner: Some(self.take_ready()),
-                    },
-                }
-            }
+            // The local store decides at once: no clone of the service, no await.
+            None => match self.limiter.check_now(&key) {
+                Some(decision) => self.admit(decision, req),
+                None => State::Checking {
+                    check: self.limiter.check(&key),
+                    req: Some(req),
+                    inner: Some(self.take_ready()),
+                },
+            },
         };
+        // The limiter travels with the future only when the future uses it: an Arc shared by
+        // every request is a contended counter on a busy multi-core service.
+        let uses_limiter = !matches!(state, State::Calling { .. } | State::Refused { .. })
+            || self.respond.annotates();
         ResponseFuture {
             state,
-            limiter: self.limiter.clone(),
+            limiter: uses_limiter.then(|| self.limiter.clone()),
             respond: self.respond.clone(),
         }
     }
@@ -242,7 +243,8 @@ pin_project! {
     pub struct ResponseFuture<S: Service<Req>, Req, F, R> {
         #[pin]
         state: State<S, Req, F>,
-        limiter: RateLimiter,
+        // Set when a state needs it (resolving, checking, or headers on admitted responses).
+        limiter: Option<RateLimiter>,
         respond: R,
     }
 }
@@ -293,11 +295,12 @@ where
                     inner,
                 } => {
                     let name = std::task::ready!(tier.poll(cx));
+                    let limiter = this.limiter.as_ref().expect("set for a resolving future");
                     let index = match &name {
-                        Some(name) => this.limiter.tier_index(name.as_ref()),
-                        None => this.limiter.default_index(),
+                        Some(name) => limiter.tier_index(name.as_ref()),
+                        None => limiter.default_index(),
                     };
-                    let check = this.limiter.check_in(index, key);
+                    let check = limiter.check_in(index, key);
                     let (req, inner) = (req.take(), inner.take());
                     this.state.set(State::Checking { check, req, inner });
                 }
@@ -309,7 +312,10 @@ where
                             decision: Some(decision),
                         },
                         _ => State::Refused {
-                            refusal: Some(refusal(this.limiter, decision)),
+                            refusal: Some(refusal(
+                                this.limiter.as_ref().expect("set for a checking future"),
+                                decision,
+                            )),
                         },
                     };
                     this.state.set(next);
@@ -317,9 +323,9 @@ where
                 StateProj::Calling { future, decision } => {
                     return Poll::Ready(match std::task::ready!(future.poll(cx)) {
                         Ok(mut response) => {
-                            if let Some(decision) = decision.take() {
-                                this.respond
-                                    .admitted(&mut response, this.limiter, &decision);
+                            if let (Some(decision), Some(limiter)) = (decision.take(), this.limiter)
+                            {
+                                this.respond.admitted(&mut response, limiter, &decision);
                             }
                             Ok(response)
                         }
