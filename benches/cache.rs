@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use brisk_cache::{Cache, LocalTier};
 use brisk_pool::redis_source::{Multiplexed, RedisSource};
-use brisk_testkit::RedisServer;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use futures_util::FutureExt;
 use serde::{Deserialize, Serialize};
@@ -345,16 +344,8 @@ fn physical_limit(port: u16) {
 }
 
 fn main() {
-    let server = RedisServer::builder()
-        .private()
-        .start()
-        .expect("redis-server");
+    let (server, rt) = redis_benchmark::server_and_runtime();
     let url = server.url();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
     let mut criterion = Criterion::default().configure_from_args();
     codec(&mut criterion);
     local_hit(&mut criterion, &rt);

@@ -43,13 +43,14 @@ use brisk::guard::ratelimit::{GCRA_SCRIPT, Global, Outcome, Quota, RateLimitLaye
 use brisk::guard::timeout::TimeoutLayer;
 use brisk_metrics::http::HttpMetricsLayer;
 use brisk_pool::redis_source::Multiplexed;
-use brisk_testkit::RedisServer;
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput};
-use futures_util::FutureExt;
 use http::{Request, Response, StatusCode};
 use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
 
+#[allow(dead_code)] // its GET runner: this bench runs the limiter's script instead
+#[path = "support/redis_benchmark.rs"]
+mod redis_benchmark;
 #[path = "support/spread.rs"]
 mod spread;
 #[path = "support/zipf.rs"]
@@ -254,20 +255,17 @@ fn physical_limit(rt: &tokio::runtime::Runtime, url: &str, port: u16) {
     let interval = 1_000_000 / u64::from(PER_SECOND);
     let capacity = interval * u64::from(BURST);
     let key = format!("brisk:rl:{{bench:default:{KEY}}}:0");
+    let (interval, capacity) = (interval.to_string(), capacity.to_string());
     let clients = CONCURRENCY.to_string();
-    let port = port.to_string();
     // Without pipelining (one request per client in flight, as brisk's tasks) and with 16 per
     // client (brisk's multiplexed connection pipelines the checks of its 64 tasks).
     for pipeline in ["1", "16"] {
-        let output = std::process::Command::new("redis-benchmark")
-            .args(["-h", "127.0.0.1", "-p", &port, "-n", "200000", "-q"])
-            .args(["-c", &clients, "-P", pipeline])
-            .args(["EVALSHA", &sha, "1", &key, &now])
-            .args([interval.to_string(), capacity.to_string()])
-            .output();
-        match output {
-            Ok(output) => {
-                let text = String::from_utf8_lossy(&output.stdout);
+        let args = [
+            "-n", "200000", "-q", "-c", &clients, "-P", pipeline, "EVALSHA", &sha, "1", &key, &now,
+            &interval, &capacity,
+        ];
+        match redis_benchmark::run(port, &args) {
+            Ok(text) => {
                 let last = text
                     .split(['\r', '\n'])
                     .rfind(|line| !line.trim().is_empty())
@@ -278,7 +276,7 @@ fn physical_limit(rt: &tokio::runtime::Runtime, url: &str, port: u16) {
                     figures.trim()
                 );
             }
-            Err(why) => println!("redis-benchmark not run: {why}"),
+            Err(why) => println!("{why}"),
         }
     }
 }
@@ -360,16 +358,8 @@ fn stack(c: &mut Criterion) {
 }
 
 fn main() {
-    let server = RedisServer::builder()
-        .private()
-        .start()
-        .expect("redis-server");
+    let (server, rt) = redis_benchmark::server_and_runtime();
     let url = server.url();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
     let mut criterion = Criterion::default().configure_from_args();
     ratelimit_check(&mut criterion);
     redis_ratelimit(&mut criterion, &rt, &url);

@@ -10,7 +10,6 @@
 use std::sync::Arc;
 
 use brisk_pool::redis_source::{Multiplexed, RedisSource};
-use brisk_testkit::RedisServer;
 use criterion::{BenchmarkId, Criterion, Throughput};
 
 #[path = "support/redis_benchmark.rs"]
@@ -143,16 +142,8 @@ fn physical_limit(port: u16) {
 }
 
 fn main() {
-    let server = RedisServer::builder()
-        .private()
-        .start()
-        .expect("redis-server");
+    let (server, rt) = redis_benchmark::server_and_runtime();
     let url = server.url();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
     rt.block_on(async {
         let client = redis::Client::open(url.as_str()).expect("url");
         let mut conn = client

@@ -33,6 +33,18 @@ pub trait Respond<Response, E>: Clone + Send + Sync + 'static {
     }
 }
 
+/// The refusal a future holds, made into its output: once, when the future completes.
+pub(crate) fn refuse_once<T, E, R: Respond<T, E>>(
+    respond: &R,
+    refusal: &mut Option<Refusal>,
+) -> Result<T, R::Error> {
+    respond.refuse(
+        refusal
+            .take()
+            .expect("a response future is not polled after it completed"),
+    )
+}
+
 /// Refusals as errors: the service's error becomes [`BoxError`], holding a [`Refusal`] or the
 /// inner service's error.
 ///

@@ -64,7 +64,7 @@ pub use self::quota::{MAX_QUOTAS, Quota, Tier};
 pub use self::redis::GCRA_SCRIPT;
 #[cfg(feature = "redis")]
 pub use self::redis::OnRedisError;
-use crate::respond::{Errors, Respond};
+use crate::respond::{Errors, Respond, refuse_once};
 use crate::{RateLimited, Refusal};
 
 /// Applies a [`RateLimiter`] to a service, keyed by `K`, in the tiers `T` names.
@@ -333,10 +333,7 @@ where
                     });
                 }
                 StateProj::Refused { refusal } => {
-                    let refusal = refusal
-                        .take()
-                        .expect("a ResponseFuture is not polled after it completed");
-                    return Poll::Ready(this.respond.refuse(refusal));
+                    return Poll::Ready(refuse_once(this.respond, refusal));
                 }
             }
         }

@@ -13,7 +13,7 @@ use tower_service::Service;
 
 use super::{Shared, Slot};
 use crate::Refusal;
-use crate::respond::Respond;
+use crate::respond::{Respond, refuse_once};
 
 type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
@@ -147,10 +147,7 @@ where
                     return Poll::Ready(result.map_err(|error| this.respond.error(error)));
                 }
                 StateProj::Refused { refusal } => {
-                    let refusal = refusal
-                        .take()
-                        .expect("a ResponseFuture is not polled after it completed");
-                    return Poll::Ready(this.respond.refuse(refusal));
+                    return Poll::Ready(refuse_once(this.respond, refusal));
                 }
             }
         }
