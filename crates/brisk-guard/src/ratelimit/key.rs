@@ -24,12 +24,9 @@ where
 
 impl<Req, A: KeyFn<Req>, B: KeyFn<Req>> KeyFn<Req> for (A, B) {
     fn key(&self, request: &Req) -> Option<String> {
-        // The unit separator cannot appear in a header value, so parts cannot run together.
-        Some(format!(
-            "{}\u{1f}{}",
-            self.0.key(request)?,
-            self.1.key(request)?
-        ))
+        // The first part's length goes first, so no two pairs of parts give one key.
+        let first = self.0.key(request)?;
+        Some(format!("{}:{first}{}", first.len(), self.1.key(request)?))
     }
 }
 

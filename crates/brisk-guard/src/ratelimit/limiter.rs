@@ -461,7 +461,7 @@ impl RateLimiterBuilder {
 
     /// The bound of the local store, in entries (one per key and quota; default 100,000, about
     /// 2 MB). When it is full, entries whose quota has refilled are forgotten first (which
-    /// changes no decision), then those nearest to full.
+    /// changes no decision), then those not refused lately, nearest to full first.
     pub fn max_keys(mut self, max: usize) -> Self {
         self.max_keys = max;
         self

@@ -36,7 +36,21 @@ pub(crate) struct LocalStore {
     epoch: Instant,
 }
 
+/// Each value is a theoretical arrival time shifted left by one, its lowest bit set when the key
+/// was refused since the last time its shard made room: the keys a limit is for, whose state
+/// is the last to forget (a forgotten refused key would get a whole new burst).
 type Shard = HashMap<u64, AtomicU64, FixedState>;
+
+const USED: u64 = 1;
+
+fn tat_of(value: u64) -> u64 {
+    value >> 1
+}
+
+/// `tat` stored, keeping the mark of `previous`.
+fn with_mark(tat: u64, previous: u64) -> u64 {
+    (tat << 1) | (previous & USED)
+}
 
 impl LocalStore {
     /// A store for at most `max_entries` entries (one per key and quota); the builder makes
@@ -91,14 +105,24 @@ impl LocalStore {
         let mut map = write(shard);
         let mut allowed = true;
         for (i, rule) in rules.iter().enumerate() {
-            let tat = map.get(&id(i)).map_or(0, |t| t.load(Ordering::Acquire));
+            let tat = map
+                .get(&id(i))
+                .map_or(0, |t| tat_of(t.load(Ordering::Acquire)));
             steps[i] = rule.step(tat, now);
             allowed &= steps[i].allowed;
         }
         if allowed {
             self.make_room_for(&mut map, id(0), rules.len(), now);
             for (i, step) in steps.iter().enumerate().take(rules.len()) {
-                map.insert(id(i), AtomicU64::new(step.tat));
+                let value = map.entry(id(i)).or_insert_with(|| AtomicU64::new(0));
+                let previous = *value.get_mut();
+                *value.get_mut() = with_mark(step.tat, previous);
+            }
+        } else {
+            for i in 0..rules.len() {
+                if let Some(value) = map.get(&id(i)) {
+                    value.fetch_or(USED, Ordering::Relaxed);
+                }
             }
         }
         allowed
@@ -126,14 +150,19 @@ impl LocalStore {
 
 /// Takes one unit of `rule` from the state `tat` if it has one; a compare-and-swap, so checks
 /// of one key on many threads count each unit once.
-fn take(tat: &AtomicU64, rule: &Rule, now: u64, step: &mut Step) -> bool {
-    let mut current = tat.load(Ordering::Acquire);
+fn take(value: &AtomicU64, rule: &Rule, now: u64, step: &mut Step) -> bool {
+    let mut current = value.load(Ordering::Acquire);
     loop {
-        *step = rule.step(current, now);
+        *step = rule.step(tat_of(current), now);
         if !step.allowed {
+            // A refused key's state must outlive the others'.
+            if current & USED == 0 {
+                value.fetch_or(USED, Ordering::Relaxed);
+            }
             return false;
         }
-        match tat.compare_exchange_weak(current, step.tat, Ordering::AcqRel, Ordering::Acquire) {
+        let next = with_mark(step.tat, current);
+        match value.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => return true,
             Err(actual) => current = actual,
         }
@@ -151,24 +180,40 @@ fn write(shard: &RwLock<Shard>) -> std::sync::RwLockWriteGuard<'_, Shard> {
 
 /// Frees room in a full shard. First every entry whose time has come: it means a full quota,
 /// exactly as a missing entry does, so forgetting it changes no decision. If that frees less
-/// than a sixteenth of the shard, it also forgets a sixteenth: those nearest to full among a
-/// sample four times as large, so a flood of new keys pays for a scan once per sixteenth, not
-/// once per key. A forgotten key that was not yet full gets its quota back early: the bound on
+/// than a sixteenth of the shard, it forgets a sixteenth more: entries not refused since the
+/// shard last made room, nearest to full first; every other entry loses its mark, so it goes
+/// next time unless it is refused again. A key being refused — an abuser's, the state the
+/// limit is for — thus outlives a flood of other keys, however many times those were admitted;
+/// only when every entry was refused do those nearest to full go. A flood pays for a sweep once
+/// per sixteenth, not once per key. A forgotten key that was not yet full gets its quota back early: the bound on
 /// memory wins over exactness, for the keys least used.
 fn make_room(shard: &mut Shard, now: u64, per_shard: usize) {
-    shard.retain(|_, tat| *tat.get_mut() > now);
+    shard.retain(|_, value| tat_of(*value.get_mut()) > now);
     let wanted = (per_shard / 16).max(MAX_QUOTAS);
     if shard.len() + wanted <= per_shard {
         return;
     }
-    let mut sample: Vec<(u64, u64)> = shard
-        .iter()
-        .map(|(k, t)| (t.load(Ordering::Relaxed), *k))
-        .take(wanted * 4)
-        .collect();
-    sample.sort_unstable();
-    for (_, key) in sample.into_iter().take(wanted) {
-        shard.remove(&key);
+    let (mut idle, mut busy) = (Vec::new(), Vec::new());
+    for (key, value) in shard.iter_mut() {
+        let value = value.get_mut();
+        let entry = (tat_of(*value), *key);
+        if *value & USED == 0 {
+            idle.push(entry);
+        } else {
+            busy.push(entry);
+        }
+        *value &= !USED;
+    }
+    for list in [&mut idle, &mut busy] {
+        let n = wanted.min(list.len());
+        if n > 0 && n < list.len() {
+            list.select_nth_unstable(n);
+        }
+        list.truncate(n);
+    }
+    let victims = idle.iter().chain(&busy).take(wanted);
+    for (_, key) in victims {
+        shard.remove(key);
     }
 }
 
@@ -232,5 +277,35 @@ mod tests {
             );
         }
         assert!(store.len() <= 64);
+    }
+}
+
+#[cfg(test)]
+mod refused_keys_outlive_floods {
+    use super::*;
+    use crate::ratelimit::Quota;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_key_outlives_a_flood_of_keys_admitted_up_to_their_limit() {
+        let store = LocalStore::new(1000, 1);
+        let rules = [Quota::per_hour(5).rule("t").unwrap()];
+        let mut steps = [Step::default(); MAX_QUOTAS];
+        for _ in 0..5 {
+            assert!(store.check(0, &rules, "hot", &mut steps));
+        }
+        for i in 0..60_000u32 {
+            let k = format!("k{i}");
+            for _ in 0..5 {
+                store.check(0, &rules, &k, &mut steps);
+            }
+            if i % 10 == 0 {
+                tokio::time::advance(std::time::Duration::from_micros(200)).await;
+                assert!(
+                    !store.check(0, &rules, "hot", &mut steps),
+                    "forgot at {i}, len {}",
+                    store.len()
+                );
+            }
+        }
     }
 }

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use crate::BuildError;
 
+/// 100 years in microseconds: the longest a quota may take to refill.
+const MAX_CAPACITY_US: u64 = 100 * 365 * 86_400 * 1_000_000;
+
 /// At most this many quotas in one tier: a check holds every quota's state inline.
 pub const MAX_QUOTAS: usize = 4;
 
@@ -26,7 +29,9 @@ pub const MAX_QUOTAS: usize = 4;
 /// ```
 ///
 /// Counts are unsigned, so a negative quota cannot be written; zero limits, zero bursts, zero
-/// periods and rates finer than one unit per microsecond are refused when the limiter is built.
+/// periods, rates finer than one unit per microsecond (or, below 100 µs per unit, not a whole
+/// number of microseconds per unit) and quotas that take more than 100 years to refill are
+/// refused when the limiter is built.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Quota {
     pub(crate) limit: u32,
@@ -107,9 +112,19 @@ impl Quota {
         if interval == 0 {
             return Err(refuse("more than one request per microsecond"));
         }
+        // Times are whole microseconds: a unit's interval rounded down must stay within 1% of
+        // the rate asked for (400,000/s would be 2.5 µs, enforced as 2 µs: 500,000/s).
+        if interval < 100 && period_us % u64::from(self.limit) != 0 {
+            return Err(refuse(
+                "the interval between units is not a whole number of microseconds \
+                 (below 100 µs it must be, to keep the rate within 1%)",
+            ));
+        }
+        // Every time stays far inside what Redis's Lua numbers hold exactly (2^53 µs).
         let capacity = interval
             .checked_mul(u64::from(burst))
-            .ok_or_else(|| refuse("burst × period is too long"))?;
+            .filter(|c| *c <= MAX_CAPACITY_US)
+            .ok_or_else(|| refuse("burst × period / limit is longer than 100 years"))?;
         let name = match &self.name {
             Some(name) => name.clone(),
             None => format!("{tier}-{}-per-{}s", self.limit, self.window_secs()).into(),
@@ -280,6 +295,9 @@ mod tests {
             Quota::new(1, Duration::ZERO),
             Quota::per_second(5).burst(0),
             Quota::per_second(2_000_000),
+            Quota::per_second(400_000),
+            Quota::new(1, Duration::MAX),
+            Quota::per_day(1).burst(100_000),
             Quota::per_second(1).named("has \"quotes\""),
             Quota::per_second(1).named(""),
         ] {

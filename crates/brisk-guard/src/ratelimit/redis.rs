@@ -21,6 +21,10 @@ use super::quota::{MAX_QUOTAS, Step};
 use crate::BuildError;
 
 /// What a check does when Redis cannot answer in time.
+///
+/// A check that gave up had already sent its script: a Redis that was slow or paused, not down,
+/// may still run it later and count that request (the script is given no server time, so it
+/// cannot tell it is late). Each such check counts at most once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum OnRedisError {
