@@ -9,12 +9,12 @@
 //!
 //! Every layer admits in `call`, not `poll_ready`, and clones share their state. A refusal is
 //! the service's error ([`Errors`], tower's convention) or, with the `http` feature and
-//! [`HttpResponses`], a response (429, 504, 503), which keeps axum's `Infallible`.
+//! `HttpResponses`, a response (429, 504, 503), which keeps axum's `Infallible`.
 //!
 //! | feature | what it brings |
 //! |---|---|
-//! | `http` | [`HttpResponses`], budget headers, the [`ClientIp`](ratelimit::ClientIp), [`Header`](ratelimit::Header) and [`Route`](ratelimit::Route) keys |
-//! | `redis` | [`RateLimiterBuilder::redis`](ratelimit::RateLimiterBuilder::redis): one limit shared by every replica |
+//! | `http` | `HttpResponses`, budget headers (`timeout::BudgetHeader`), the `ClientIp`, `Header` and `Route` keys |
+//! | `redis` | `RateLimiterBuilder::redis`: one limit shared by every replica |
 //!
 //! The guide, with choosing keys behind proxies, deadline budgets and rolling out in shadow
 //! mode, is `docs/guard.md`.

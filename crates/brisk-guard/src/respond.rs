@@ -6,7 +6,7 @@ use crate::{BoxError, Refusal};
 /// What a layer makes of a [`Refusal`], and of the inner service's own errors.
 ///
 /// Two implementations: [`Errors`] (the default: tower's convention, the refusal is the
-/// service's error, boxed) and, with the `http` feature, [`HttpResponses`] (the refusal is a
+/// service's error, boxed) and, with the `http` feature, [`HttpResponses`](crate::HttpResponses) (the refusal is a
 /// response and the service keeps its error type, which for axum is `Infallible`).
 pub trait Respond<Response, E>: Clone + Send + Sync + 'static {
     /// The error type of the wrapped service.

@@ -26,6 +26,7 @@ use crate::BuildError;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), brisk_guard::BuildError> {
+/// # tokio::time::pause(); // exact times: no real time passes between the checks
 /// let limiter = RateLimiter::builder("login").quota(Quota::per_minute(5)).build()?;
 /// for _ in 0..5 {
 ///     assert!(limiter.check("alice@example.com").await.is_allowed());

@@ -27,7 +27,7 @@
 //!
 //! A request is admitted while fewer than the limit are in flight; otherwise it waits in a
 //! queue of bounded length, at most [`queue_timeout`](ConcurrencyLimitLayerBuilder::queue_timeout)
-//! and never past the deadline in scope (it leaves with [`Overloaded`](crate::Overloaded)
+//! and never past the deadline in scope (it leaves with [`Overloaded`]
 //! then); a request that finds the queue full is refused at once. A slot is held until the
 //! response future completes or is dropped. The limit is fixed, or follows latency
 //! ([`AdaptiveLimit`]).

@@ -31,7 +31,7 @@
 //! The request gets the least of: the layer's timeout, the budget the caller sent (with the
 //! `http` feature and [`TimeoutLayer::budget`]; a budget above the timeout is clamped to it), and
 //! a deadline already in scope around the layer (an outer `TimeoutLayer`, say). The inner
-//! service's future is polled inside [`deadline::scope`](brisk_core::deadline::scope) with that
+//! service's future is polled inside [`deadline::scope`] with that
 //! deadline. Work that the inner service does synchronously in `call` runs before the scope is
 //! entered; tower services (axum handlers included) do theirs when polled.
 
