@@ -63,7 +63,6 @@ pub(crate) struct Shared {
     limit: AtomicUsize,
     /// Slots to take out of circulation as they come back (a cut below what is in flight).
     debt: AtomicUsize,
-    in_flight: AtomicUsize,
     queued: AtomicUsize,
     queue: usize,
     queue_timeout: Duration,
@@ -103,7 +102,6 @@ impl Shared {
             semaphore: Arc::new(Semaphore::new(limit)),
             limit: AtomicUsize::new(limit),
             debt: AtomicUsize::new(0),
-            in_flight: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
             queue,
             queue_timeout,
@@ -114,6 +112,13 @@ impl Shared {
 
     pub(crate) fn limit(&self) -> usize {
         self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Slots held now, read off the semaphore: the slots in circulation (the limit, and the
+    /// debt still held past a cut) less those free.
+    fn in_flight(&self) -> usize {
+        (self.limit() + self.debt.load(Ordering::Acquire))
+            .saturating_sub(self.semaphore.available_permits())
     }
 
     fn overloaded(&self, waited: Option<Duration>) -> Overloaded {
@@ -158,30 +163,31 @@ impl Shared {
 pub(crate) struct Slot {
     permit: Option<OwnedSemaphorePermit>,
     shared: Arc<Shared>,
-    started: Instant,
+    /// When it was admitted; read only for an adaptive limit.
+    started: Option<Instant>,
 }
 
 impl Slot {
     fn new(permit: OwnedSemaphorePermit, shared: Arc<Shared>) -> Self {
-        shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        let started = shared.adaptive.is_some().then(Instant::now);
         Self {
             permit: Some(permit),
             shared,
-            started: Instant::now(),
+            started,
         }
     }
 
     /// The request completed: its latency teaches an adaptive limit.
     pub(crate) fn completed(&self) {
-        let Some(adaptive) = &self.shared.adaptive else {
+        let (Some(adaptive), Some(started)) = (&self.shared.adaptive, self.started) else {
             return;
         };
-        let in_flight = self.shared.in_flight.load(Ordering::Acquire);
+        let in_flight = self.shared.in_flight();
         // No user code runs under this lock.
         let changed = adaptive
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .record(self.started.elapsed(), in_flight);
+            .record(started.elapsed(), in_flight);
         if let Some(limit) = changed {
             self.shared.set_limit(limit);
         }
@@ -190,7 +196,6 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
         let Some(permit) = self.permit.take() else {
             return;
         };
