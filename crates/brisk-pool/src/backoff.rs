@@ -5,7 +5,7 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use quanta::Instant;
+use crate::clock::Instant;
 
 /// Connection attempts that failed in a row, and until when checkouts that would open a
 /// connection fail fast instead.

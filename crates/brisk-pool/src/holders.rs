@@ -9,16 +9,19 @@ const UNKNOWN_MAX_SIZE: usize = 256;
 const FREE: u64 = 0;
 /// The tag of a checkout made outside any tokio task (`block_on`): tracked for its age only.
 pub(crate) const NO_TASK: u64 = 1;
-const NO_AGE: u64 = u64::MAX;
+pub(crate) const NO_AGE: u64 = u64::MAX;
 /// A slot's word: the holder's tag in the low [`TAG_BITS`], and above them how many checkouts
 /// the holding task made while holding it (confirmed, or not, when it is released).
 const TAG_BITS: u32 = 48;
 const TAG_MASK: u64 = (1 << TAG_BITS) - 1;
 const NESTED_ONE: u64 = 1 << TAG_BITS;
 
-/// One slot per connection the pool may hand out. A checkout claims a free slot and writes its
-/// task and start time there; the return frees it. Reading (a diagnosis, the nested-checkout
-/// check) scans the slots ever used, without locking anyone out.
+/// A slot per connection the pool may hand out, and a few more. A checkout claims a free slot
+/// as it starts (with no age yet), writes its start time there once it has a connection, and
+/// the return frees it. The claimed slots are also the count of checkouts out that `close`
+/// waits for: the claim is the one read-modify-write a checkout needs, the return a store.
+/// Reading (a diagnosis, the nested-checkout check) scans the slots ever used, without
+/// locking anyone out.
 #[derive(Debug)]
 pub(crate) struct Holders {
     slots: Box<[Holder]>,
@@ -40,7 +43,10 @@ struct Holder {
 
 impl Holders {
     pub(crate) fn new(max_size: Option<usize>) -> Self {
-        let slots = (0..max_size.unwrap_or(UNKNOWN_MAX_SIZE).max(1))
+        // A quarter more than the connections: checkouts in progress hold a slot too, and
+        // the holders of connections should still find one.
+        let max = max_size.unwrap_or(UNKNOWN_MAX_SIZE).max(1);
+        let slots = (0..max + max.div_ceil(4))
             .map(|_| Holder {
                 task: AtomicU64::new(FREE),
                 since_ns: AtomicU64::new(NO_AGE),
@@ -55,7 +61,10 @@ impl Holders {
     /// Claims a slot for `task`, starting the search at `hint` (the thread's stripe index:
     /// concurrent threads then start at different slots, and the slots ever used, which the
     /// nested-checkout check scans, stay few while few checkouts are out). `None` when every
-    /// slot is taken (the pool grew past its size at wrapping): that checkout goes untracked.
+    /// slot is taken: the caller counts that checkout elsewhere.
+    ///
+    /// `SeqCst`: with [`Self::claimed`] after `closed` is set, either a checkout's claim is seen
+    /// or the checkout sees `closed` (it reads it after claiming).
     pub(crate) fn claim(&self, task: u64, since_ns: u64, hint: usize) -> Option<usize> {
         let len = self.slots.len();
         let start = hint % len;
@@ -63,7 +72,7 @@ impl Holders {
             let slot = &self.slots[at].task;
             slot.load(Ordering::Relaxed) == FREE
                 && slot
-                    .compare_exchange(FREE, task, Ordering::Acquire, Ordering::Relaxed)
+                    .compare_exchange(FREE, task, Ordering::SeqCst, Ordering::Relaxed)
                     .is_ok()
         })?;
         self.slots[found]
@@ -75,6 +84,25 @@ impl Holders {
             self.high_water.fetch_max(found + 1, Ordering::Relaxed);
         }
         Some(found)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Records when the checkout in slot `at` got its connection.
+    pub(crate) fn start(&self, at: usize, since_ns: u64) {
+        self.slots[at].since_ns.store(since_ns, Ordering::Release);
+    }
+
+    /// How many slots are claimed: checkouts out or in progress. Every slot is read, not only
+    /// those below the high-water mark, which a claim raises after claiming.
+    pub(crate) fn claimed(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|slot| slot.task.load(Ordering::SeqCst) != FREE)
+            .count()
     }
 
     /// Frees slot `at`; returns what it held: [`Released::nested`] tells whether its task asked
@@ -154,7 +182,7 @@ mod tests {
 
     #[test]
     fn claims_release_and_scans() {
-        let holders = Holders::new(Some(2));
+        let holders = Holders::new(Some(1)); // two slots: a connection and a quarter more
         let a = holders.claim(7, 100, 0).unwrap();
         let b = holders.claim(9, 50, 0).unwrap();
         assert_ne!(a, b);

@@ -14,12 +14,10 @@ use brisk_metrics::catalog::{
 };
 use brisk_metrics::{Counter, Gauge, Histogram};
 use metrics::Label;
-// Measurements, not timers: real time even when a test pauses tokio's clock, and quanta's
-// calibrated TSC reads cost about half of `std::time::Instant::now` here (a checkout takes three).
-use quanta::Instant;
 
 use crate::backoff::{Backoff, HEALTHY};
-use crate::holders::{Holders, NO_TASK, task_tag};
+use crate::clock::{self, Instant};
+use crate::holders::{Holders, NO_AGE, NO_TASK, Released, task_tag};
 use crate::stripes::{self, Stripes};
 use crate::{
     BuildError, CloseTimeout, Creations, Exhausted, GetError, IdleSince, Lifecycle, MAX_PERIOD,
@@ -66,12 +64,13 @@ struct Shared<P: Pool> {
     name: String,
     wait_timeout: Duration,
     metrics: Metrics,
-    /// Checkouts out, callers waiting and the demand, counted per thread.
+    /// Checkouts out that hold no slot in `holders` (those waiting, or finding every slot
+    /// taken), callers waiting and the demand, counted per thread.
     counters: Stripes,
     /// Checkouts of `warm_up` in flight: the backend counts them as waiting callers.
     warming: AtomicUsize,
-    /// Each connection now out: since when (to name the oldest in a diagnosis) and by which
-    /// task (to notice a task asking for a second one).
+    /// Each checkout out or starting: since when (to name the oldest in a diagnosis) and by
+    /// which task (to notice a task asking for a second one); its slot also counts it as out.
     holders: Holders,
     last_error: Mutex<Option<String>>,
     /// For `reap`: since when each idle connection has been idle.
@@ -92,6 +91,9 @@ struct Shared<P: Pool> {
     refreshed_ns: AtomicU64,
     created: Instant,
 }
+
+/// How often `close` counts the checkouts out again when no return woke it.
+const RECOUNT_EVERY: Duration = Duration::from_millis(10);
 
 /// How often the gauges are refreshed when no checkout does it.
 const QUIET_REFRESH: Duration = Duration::from_secs(1);
@@ -276,7 +278,7 @@ impl<P: Pool> InstrumentedBuilder<P> {
             ));
         }
         let holders = Holders::new(self.pool.status().max_size);
-        let created = Instant::now();
+        let created = clock::now();
         let shared = Shared {
             metrics: Metrics::new(&self.name),
             pool: self.pool,
@@ -367,11 +369,10 @@ impl<P: Pool> Instrumented<P> {
         let task = tokio::task::try_id().map(task_tag);
         self.notice_nested(task);
         // Counted as out from here, before `closed` is read: `close` stores `closed` and then
-        // sums the checkouts out (all SeqCst), so either this checkout sees the pool closed,
+        // counts the checkouts out (all SeqCst), so either this checkout sees the pool closed,
         // or `close` waits for it — a checkout still connecting is not forgotten. The guard
         // uncounts it if it fails or is dropped.
-        shared.counters.enter();
-        let entered = Entered(shared);
+        let mut entered = Entered::new(shared, task.unwrap_or(NO_TASK));
         if shared.closed.load(Ordering::SeqCst) {
             shared.metrics.closed.increment(1);
             return Err(PoolError::Closed);
@@ -390,7 +391,10 @@ impl<P: Pool> Instrumented<P> {
                 }
             }
         }
-        let mut wait = std::pin::pin!(deadline::bounded(shared.wait_timeout, shared.pool.get()));
+        // Pinned where it is made: moved into `bounded`, the backend's future (hundreds of bytes)
+        // was copied on every checkout.
+        let backend = std::pin::pin!(shared.pool.get());
+        let mut wait = std::pin::pin!(deadline::bounded(shared.wait_timeout, backend));
         // Most checkouts find a connection at once: then nobody waits, and no clock is read and
         // no waiter counted for it. One that has to wait starts its clock and its waiter count
         // after that first poll, and is not polled again until woken: polled again at once, it
@@ -400,15 +404,17 @@ impl<P: Pool> Instrumented<P> {
         let result = std::future::poll_fn(|cx| {
             let polled = wait.as_mut().poll(cx);
             if polled.is_pending() && waiting.is_none() {
-                waiting = Some((Instant::now(), Waiting::new(shared)));
+                // Its slot is for a connection's holder meanwhile.
+                entered.unslot();
+                waiting = Some((clock::now(), Waiting::new(shared)));
             }
             polled
         })
         .await;
         let (waited, now) = match waiting {
-            None => (Duration::ZERO, Instant::now()),
+            None => (Duration::ZERO, clock::now()),
             Some((started, waiting)) => {
-                let waited = started.elapsed();
+                let waited = clock::now().duration_since(started);
                 drop(waiting);
                 shared.add_demand(waited);
                 (waited, started + waited)
@@ -423,22 +429,24 @@ impl<P: Pool> Instrumented<P> {
                     shared.metrics.closed.increment(1);
                     return Err(PoolError::Closed);
                 }
-                std::mem::forget(entered);
                 if backing_off != HEALTHY {
                     shared.backoff.succeeded();
                 }
-                shared.metrics.wait.record(waited.as_secs_f64());
+                // Without a recorder, one look tells so for the checkout's metrics, and its
+                // return records (or skips) the same: the used gauge stays balanced.
+                let measured = shared.metrics.wait.is_enabled();
+                if measured {
+                    shared.metrics.wait.record(waited.as_secs_f64());
+                    shared.metrics.used.increment(1.0);
+                }
                 let since = now;
                 let since_ns = shared.nanos_at(since);
-                let slot =
-                    shared
-                        .holders
-                        .claim(task.unwrap_or(NO_TASK), since_ns, stripes::index());
-                shared.metrics.used.increment(1.0);
+                let slot = entered.connected(since_ns);
                 self.maybe_refresh_sizes(since_ns);
                 Ok(Checkout {
                     connection: Some(connection),
                     cut_off: false,
+                    measured,
                     slot,
                     since,
                     owner: self.clone(),
@@ -513,7 +521,7 @@ impl<P: Pool> Instrumented<P> {
         }
         // Not while the pool backs off after a failed connection: the top-up would try every
         // round and hammer a database that is down.
-        let started = Instant::now();
+        let started = clock::now();
         let backing_off = shared.backoff.until_ns.load(Ordering::Relaxed);
         if backing_off != HEALTHY && shared.nanos_at(started) < backing_off {
             return Ok(status.idle);
@@ -590,14 +598,14 @@ impl<P: Pool> Instrumented<P> {
                 *lock(&shared.last_error) = Some(crate::error::chain(&err));
                 // A measured manager reports each attempt itself.
                 if shared.creations.is_none() {
-                    shared.backoff.failed(Instant::now());
+                    shared.backoff.failed(clock::now());
                 }
                 PoolError::Backend(err)
             }
             Ok(Err(GetError::Closed)) => PoolError::Closed,
-            Ok(Err(GetError::Timeout)) | Err(_) => {
-                PoolError::Exhausted(Box::new(self.diagnose(started.elapsed())))
-            }
+            Ok(Err(GetError::Timeout)) | Err(_) => PoolError::Exhausted(Box::new(
+                self.diagnose(clock::now().duration_since(started)),
+            )),
         };
         first_error.get_or_insert(err);
     }
@@ -621,23 +629,25 @@ impl<P: Pool> Instrumented<P> {
         // `Closed` (over deadpool) instead of holding `close` up until their wait timeout;
         // connections out keep working and are closed as they come back.
         shared.pool.close();
-        let started = Instant::now();
+        let started = clock::now();
         let drained = async {
             loop {
                 // Register before checking, so a return in between is not missed.
                 let notified = shared.drained.notified();
-                if shared.counters.in_use() == 0 {
+                if shared.in_use() == 0 {
                     return;
                 }
-                notified.await;
+                // A return frees its slot with a plain store, which its own read of `closed`
+                // may overtake: then it does not notify, and this counts again a little later.
+                let _ = tokio::time::timeout(RECOUNT_EVERY, notified).await;
             }
         };
         let result = tokio::time::timeout(timeout.min(MAX_WAIT), drained).await;
         self.refresh_sizes();
         result.map_err(|_| CloseTimeout {
             pool: shared.name.clone(),
-            in_use: shared.counters.in_use(),
-            waited: started.elapsed(),
+            in_use: shared.in_use(),
+            waited: clock::now().duration_since(started),
         })
     }
 
@@ -708,7 +718,7 @@ impl<P: Pool> Instrumented<P> {
     #[cold]
     fn held_back(&self, until_ns: u64) -> Result<bool, Unavailable> {
         let shared = &self.shared;
-        let now_ns = shared.nanos_at(Instant::now());
+        let now_ns = shared.nanos_at(clock::now());
         let backoff = &shared.backoff;
         let claimed = now_ns >= until_ns && {
             let next = backoff.until(backoff.failures.load(Ordering::Relaxed), now_ns);
@@ -775,7 +785,7 @@ impl<P: Pool> Instrumented<P> {
         let shared = &self.shared;
         let status = self.status();
         self.refresh_sizes();
-        let now_ns = shared.nanos_at(Instant::now());
+        let now_ns = shared.nanos_at(clock::now());
         let oldest = shared
             .holders
             .oldest_ns()
@@ -812,7 +822,7 @@ impl<P: Pool> Instrumented<P> {
                     return;
                 };
                 let pool = Instrumented { shared };
-                let now_ns = pool.shared.nanos_at(Instant::now());
+                let now_ns = pool.shared.nanos_at(clock::now());
                 pool.shared.refreshed_ns.store(now_ns, Ordering::Relaxed);
                 pool.refresh_sizes();
                 pool.maybe_recommend(now_ns / 1_000_000);
@@ -884,25 +894,79 @@ impl<P: Pool> Shared<P> {
 }
 
 impl<P: Pool> Shared<P> {
-    /// One checkout less out (or in progress); once the pool is closed, wakes `close` to count
-    /// again.
-    fn release(&self) {
-        // Every return after `close` notifies: which one is the last cannot be told from one
-        // stripe, and `close` checks the sum again.
-        self.counters.leave();
+    /// Checkouts out or in progress: those holding a slot and those counted in the stripes.
+    fn in_use(&self) -> usize {
+        self.holders.claimed() + self.counters.in_use()
+    }
+
+    /// One checkout less out (or in progress), counted in slot `slot` or else in the stripes;
+    /// once the pool is closed, wakes `close` to count again.
+    fn release(&self, slot: Option<usize>) -> Option<Released> {
+        let released = match slot {
+            Some(at) => Some(self.holders.release(at)),
+            None => {
+                self.counters.leave();
+                None
+            }
+        };
+        // Every return after `close` notifies: which one is the last is not known here, and
+        // `close` counts again.
         if self.closed.load(Ordering::SeqCst) {
             self.drained.notify_waiters();
         }
+        released
     }
 }
 
-/// A checkout in progress, counted in `in_use` until it becomes a [`Checkout`] (then
-/// forgotten) or fails or is dropped (then uncounted).
-struct Entered<'a, P: Pool>(&'a Shared<P>);
+/// A checkout in progress, counted as out until it becomes a [`Checkout`] or fails or is
+/// dropped (then uncounted): in a holder slot if one is free (the claim is the only
+/// read-modify-write of a checkout that needs no wait), else in the stripes.
+struct Entered<'a, P: Pool> {
+    shared: &'a Shared<P>,
+    task: u64,
+    slot: Option<usize>,
+}
+
+impl<'a, P: Pool> Entered<'a, P> {
+    fn new(shared: &'a Shared<P>, task: u64) -> Self {
+        let slot = shared.holders.claim(task, NO_AGE, stripes::index());
+        if slot.is_none() {
+            shared.counters.enter();
+        }
+        Self { shared, task, slot }
+    }
+
+    /// Moves the count from the slot to the stripes: a checkout that waits should not keep a
+    /// slot from the holder of a connection. Counted in both for an instant, never in neither.
+    fn unslot(&mut self) {
+        if let Some(at) = self.slot.take() {
+            self.shared.counters.enter();
+            self.shared.holders.release(at);
+        }
+    }
+
+    /// The checkout got its connection at `since_ns`: from now on the [`Checkout`] is counted,
+    /// in the slot returned (claimed now if it had none and one is free) or in the stripes.
+    fn connected(self, since_ns: u64) -> Option<usize> {
+        let shared = self.shared;
+        let slot = self.slot.or_else(|| {
+            let claimed = shared.holders.claim(self.task, since_ns, stripes::index());
+            if claimed.is_some() {
+                shared.counters.leave();
+            }
+            claimed
+        });
+        if let Some(at) = slot {
+            shared.holders.start(at, since_ns);
+        }
+        std::mem::forget(self);
+        slot
+    }
+}
 
 impl<P: Pool> Drop for Entered<'_, P> {
     fn drop(&mut self) {
-        self.0.release();
+        self.shared.release(self.slot);
     }
 }
 
@@ -955,6 +1019,8 @@ pub struct Checkout<P: Pool> {
     /// Set while an operation runs through this checkout, and by `discard`: closed, not
     /// returned, on drop.
     pub(crate) cut_off: bool,
+    /// Whether a recorder was there at checkout: the return is measured too.
+    measured: bool,
     /// Where this checkout is recorded in [`Holders`], unless it went untracked.
     slot: Option<usize>,
     since: Instant,
@@ -979,7 +1045,7 @@ impl<P: Pool> fmt::Debug for Checkout<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Checkout")
             .field("pool", &self.owner.shared.name)
-            .field("held", &self.since.elapsed())
+            .field("held", &clock::now().duration_since(self.since))
             .finish_non_exhaustive()
     }
 }
@@ -999,11 +1065,9 @@ impl<P: Pool> Checkout<P> {
 impl<P: Pool> Drop for Checkout<P> {
     fn drop(&mut self) {
         let shared = &self.owner.shared;
-        // The slot is freed before the connection goes back: freed after, a checkout on another
+        // Uncounted before the connection goes back: freed after, a checkout on another
         // thread could take the connection and find every slot still taken.
-        if let Some(slot) = self.slot
-            && let Some(nested) = shared.holders.release(slot).nested()
-        {
+        if let Some(nested) = shared.release(self.slot).and_then(Released::nested) {
             self.owner.confirm_nested(nested);
         }
         // Return (or close) the connection before the gauges below are read.
@@ -1024,13 +1088,16 @@ impl<P: Pool> Drop for Checkout<P> {
                 drop(connection);
             }
         }
-        shared.release();
-        shared.metrics.used.decrement(1.0);
-        let now = Instant::now();
-        let held = now.duration_since(self.since);
-        shared.metrics.use_time.record(held.as_secs_f64());
-        shared.add_demand(held);
-        self.owner.maybe_refresh_sizes(shared.nanos_at(now));
+        // What follows only feeds metrics (the demand: the recommended size): without a
+        // recorder, not even the clock is read.
+        if self.measured {
+            shared.metrics.used.decrement(1.0);
+            let now = clock::now();
+            let held = now.duration_since(self.since);
+            shared.metrics.use_time.record(held.as_secs_f64());
+            shared.add_demand(held);
+            self.owner.maybe_refresh_sizes(shared.nanos_at(now));
+        }
     }
 }
 
@@ -1074,10 +1141,12 @@ mod tests {
     impl Drop for Connection {
         fn drop(&mut self) {
             let shared = self.probe.get().and_then(Weak::upgrade).unwrap();
-            let claimed = shared.holders.claim(99, 0, 0);
+            let claimed: Vec<usize> = std::iter::from_fn(|| shared.holders.claim(99, 0, 0))
+                .take(shared.holders.len())
+                .collect();
             self.slot_was_free
-                .store(claimed.is_some(), Ordering::SeqCst);
-            if let Some(at) = claimed {
+                .store(claimed.len() == shared.holders.len(), Ordering::SeqCst);
+            for at in claimed {
                 shared.holders.release(at);
             }
         }
@@ -1184,5 +1253,68 @@ mod tests {
         checkout.await.unwrap().unwrap();
         assert_eq!(polls.load(Ordering::SeqCst), 2, "and once more when woken");
         assert_eq!(pool.status().waiting, Some(0));
+    }
+
+    /// More checkouts out than the pool has holder slots (a backend handing out more than its
+    /// size says): those past the slots are counted in the stripes, and `close` waits for all.
+    #[tokio::test(start_paused = true)]
+    async fn close_waits_for_checkouts_past_the_holder_slots() {
+        let gated = Gated::default();
+        gated.open.store(true, Ordering::SeqCst);
+        let pool = Instrumented::builder(gated).build().unwrap();
+        let out: Vec<_> = futures_util::future::try_join_all((0..5).map(|_| pool.get()))
+            .await
+            .unwrap();
+        assert!(out.len() > pool.shared.holders.len(), "past the slots");
+        let err = pool.close(Duration::from_millis(50)).await.unwrap_err();
+        assert_eq!(err.in_use, 5);
+        drop(out);
+        pool.close(Duration::from_millis(50)).await.unwrap();
+    }
+
+    /// A checkout still waiting for the backend gives its holder slot up, and stays counted:
+    /// `close` waits for it, and it gets no connection once the pool is closed.
+    #[tokio::test(start_paused = true)]
+    async fn close_waits_for_a_checkout_still_waiting() {
+        let gated = Gated::default();
+        let (open, waker) = (Arc::clone(&gated.open), Arc::clone(&gated.waker));
+        let pool = Instrumented::builder(gated).build().unwrap();
+        let checkout = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.get().await.map(drop) }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(pool.shared.holders.claimed(), 0, "its slot given up");
+        let err = pool.close(Duration::from_millis(50)).await.unwrap_err();
+        assert_eq!(err.in_use, 1);
+        open.store(true, Ordering::SeqCst);
+        lock(&waker).take().unwrap().wake();
+        assert!(matches!(checkout.await.unwrap(), Err(PoolError::Closed)));
+        pool.close(Duration::from_millis(50)).await.unwrap();
+    }
+
+    /// A checkout made with no recorder and returned once one is installed records nothing on
+    /// return either: the used gauge stays balanced instead of reading -1.
+    #[tokio::test]
+    async fn a_checkout_measured_at_neither_end_when_no_recorder_saw_it_leave() {
+        use brisk_metrics::testing::Capture;
+        let gated = Gated::default();
+        gated.open.store(true, Ordering::SeqCst);
+        let pool = Instrumented::builder(gated).name("late").build().unwrap();
+        let checkout = pool.get().await.unwrap();
+        let capture = Capture::new();
+        capture.run(|| drop(checkout));
+        let used = [
+            ("db_client_connection_pool_name", "late"),
+            ("db_client_connection_state", "used"),
+        ];
+        assert_eq!(capture.gauge(POOL_CONNECTIONS.name, &used), None);
+        assert!(capture.histogram(POOL_USE_TIME.name, &used[..1]).is_empty());
+        let checkout = capture.run(|| futures_util::FutureExt::now_or_never(pool.get()));
+        capture.run(|| drop(checkout));
+        assert_eq!(capture.gauge(POOL_CONNECTIONS.name, &used), Some(0.0));
+        assert_eq!(capture.histogram(POOL_USE_TIME.name, &used[..1]).len(), 1);
     }
 }

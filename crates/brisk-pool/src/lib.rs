@@ -91,6 +91,7 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod backoff;
+mod clock;
 mod error;
 mod holders;
 mod instrumented;

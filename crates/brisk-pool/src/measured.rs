@@ -102,7 +102,7 @@ impl Creations {
         self.0.time.record(started.elapsed().as_secs_f64());
         if let Some(backoff) = self.0.backoff.get().and_then(std::sync::Weak::upgrade) {
             match &result {
-                Err(_) => backoff.failed(quanta::Instant::now()),
+                Err(_) => backoff.failed(crate::clock::now()),
                 Ok(_)
                     if backoff.until_ns.load(std::sync::atomic::Ordering::Relaxed)
                         != crate::backoff::HEALTHY =>
