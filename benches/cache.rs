@@ -185,7 +185,7 @@ fn local_hit(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
 const HOT: u64 = 7;
 
 fn raw_key(k: u64) -> String {
-    format!("brisk:bench:1:i:{k}")
+    format!("{{brisk:bench:1:i:{k}}}")
 }
 
 fn remote_hit(c: &mut Criterion, rt: &tokio::runtime::Runtime, url: &str) {

@@ -257,7 +257,7 @@ where
     V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 {
     /// Starts a cache named `name`: 1 to 64 characters of `A-Z a-z 0-9 _ - .`. The name
-    /// prefixes its Redis keys (`brisk:<name>:1:…`) and labels its metrics, so two caches of
+    /// prefixes its Redis keys (`{brisk:<name>:1:…}`) and labels its metrics, so two caches of
     /// different value types need different names.
     pub fn builder(name: &str) -> CacheBuilder<K, V> {
         CacheBuilder::new(name)

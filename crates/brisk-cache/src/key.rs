@@ -3,8 +3,13 @@
 //! Every entry of a cache named `users` lives under
 //!
 //! ```text
-//! brisk:users:1:<the key's encoding>
+//! {brisk:users:1:<the key's encoding>}
 //! ```
+//!
+//! and the lease of a load of it (see the crate docs) under the same key followed by `:lease`.
+//! The braces are a Redis Cluster hash tag: an entry and its lease hash to the same slot, so
+//! one script can touch both on a cluster. (An encoding holding a `}` ends the tag early, at
+//! the same place in both keys: they still share their slot.)
 //!
 //! `1` is the format version: a change of the key or envelope format bumps it, so entries of the
 //! old format are never read as the new one. A cache name is 1 to 64 characters of
@@ -163,7 +168,7 @@ impl<A: CacheKey, B: CacheKey, C: CacheKey> CacheKey for (A, B, C) {
     }
 }
 
-/// The Redis key of `key` in the cache whose prefix is `prefix` (`brisk:<name>:1:`).
+/// The Redis key of `key` in the cache whose prefix is `prefix` (`{brisk:<name>:1:`).
 pub(crate) fn redis_key(
     prefix: &[u8],
     key: &impl CacheKey,
@@ -173,6 +178,7 @@ pub(crate) fn redis_key(
     out.extend_from_slice(prefix);
     key.encode(&mut out);
     let len = out.len() - prefix.len();
+    out.push(b'}');
     if len == 0 {
         return Err(KeyError::Empty);
     }
@@ -184,7 +190,12 @@ pub(crate) fn redis_key(
 
 /// The prefix of every key of the cache named `name`.
 pub(crate) fn prefix(name: &str) -> Vec<u8> {
-    format!("brisk:{name}:{}:", crate::envelope::FORMAT_VERSION).into_bytes()
+    format!("{{brisk:{name}:{}:", crate::envelope::FORMAT_VERSION).into_bytes()
+}
+
+/// The key of the lease on `rkey` (a key from [`redis_key`]): in the same hash slot.
+pub(crate) fn lease_key(rkey: &[u8]) -> Vec<u8> {
+    [rkey, b":lease"].concat()
 }
 
 #[cfg(test)]
@@ -215,7 +226,8 @@ mod tests {
     #[test]
     fn limits_are_errors_not_truncations() {
         let prefix = prefix("users");
-        assert_eq!(prefix, b"brisk:users:1:");
+        assert_eq!(prefix, b"{brisk:users:1:");
+        assert_eq!(redis_key(&prefix, &42_u64, 1_024).unwrap(), b"{brisk:users:1:i:42}");
         let long = "x".repeat(1_023);
         assert_eq!(
             redis_key(&prefix, &long, 1_024),

@@ -919,7 +919,7 @@ async fn redis_keeps_a_value_for_its_ttl_plus_the_stale_window() {
         .unwrap();
     cache.set(&1, "v".into()).await.unwrap();
     let pttl: i64 = server
-        .command(&["PTTL", "brisk:t:1:i:1"])
+        .command(&["PTTL", "{brisk:t:1:i:1}"])
         .unwrap()
         .trim()
         .parse()
@@ -1218,8 +1218,8 @@ async fn keys_are_stored_under_the_documented_redis_keys_and_never_share_an_entr
         Cache::builder("pairs").redis(redis).build().unwrap();
     ints.set(&42, "int".into()).await.unwrap();
     strings.set(&"ada".to_owned(), "str".into()).await.unwrap();
-    assert!(raw_get(&server, "brisk:users:1:i:42").await.is_some());
-    assert!(raw_get(&server, "brisk:names:1:s:ada").await.is_some());
+    assert!(raw_get(&server, "{brisk:users:1:i:42}").await.is_some());
+    assert!(raw_get(&server, "{brisk:names:1:s:ada}").await.is_some());
     tuples
         .set(&("a:b".into(), "c".into()), "first".into())
         .await
@@ -1256,7 +1256,7 @@ async fn the_envelope_is_thirty_seven_bytes() {
         .build()
         .unwrap();
     cache.set(&1, "abc".into()).await.unwrap();
-    let raw = raw_get(&server, "brisk:t:1:i:1").await.unwrap();
+    let raw = raw_get(&server, "{brisk:t:1:i:1}").await.unwrap();
     assert_eq!(raw.len(), 37 + br#""abc""#.len(), "{raw:?}");
     assert!(raw.ends_with(br#""abc""#));
 }
@@ -1572,8 +1572,8 @@ async fn a_tiny_max_value_size_keeps_everything_out_of_redis_and_calls_succeed()
         Some("w")
     );
     sleep(Duration::from_millis(100)).await;
-    assert_eq!(raw_get(&server, "brisk:t:1:i:1").await, None);
-    assert_eq!(raw_get(&server, "brisk:t:1:i:2").await, None);
+    assert_eq!(raw_get(&server, "{brisk:t:1:i:1}").await, None);
+    assert_eq!(raw_get(&server, "{brisk:t:1:i:2}").await, None);
     assert_eq!(capture.counter(CACHE_OVERSIZE.name, &[("cache", "t")]), 2);
 }
 
@@ -1590,7 +1590,7 @@ async fn an_oversize_value_removes_what_redis_held_for_the_key() {
         .unwrap();
     roomy.set(&1, "old".into()).await.unwrap();
     tight.set(&1, "x".repeat(200)).await.unwrap();
-    assert_eq!(raw_get(&server, "brisk:t:1:i:1").await, None);
+    assert_eq!(raw_get(&server, "{brisk:t:1:i:1}").await, None);
     assert_eq!(roomy.get(&1).await.unwrap(), None, "the old value is gone");
     // The load path too: an oversize loaded value still answers.
     let got = tight.get_or_load(&3, ok(&"y".repeat(200))).await.unwrap();
@@ -1796,7 +1796,7 @@ async fn a_dropped_probe_does_not_keep_redis_skipped() {
     let started = Instant::now();
     eventually("Redis is written again", async || {
         let _ = cache.set(&1, "back".into()).await;
-        raw_get(&server, "brisk:t:1:i:1").await.is_some()
+        raw_get(&server, "{brisk:t:1:i:1}").await.is_some()
     })
     .await;
     assert!(
@@ -1812,7 +1812,7 @@ async fn a_dropped_probe_does_not_keep_redis_skipped() {
 async fn another_programs_list_under_the_key_is_a_miss_and_is_overwritten() {
     let server = redis();
     server
-        .command(&["RPUSH", "brisk:t:1:i:1", "a", "b"])
+        .command(&["RPUSH", "{brisk:t:1:i:1}", "a", "b"])
         .unwrap();
     let cache: Cache<u64, String> = Cache::builder("t")
         .redis(connect(&server).await)
@@ -1825,7 +1825,7 @@ async fn another_programs_list_under_the_key_is_a_miss_and_is_overwritten() {
     );
     eventually("overwritten", async || {
         server
-            .command(&["TYPE", "brisk:t:1:i:1"])
+            .command(&["TYPE", "{brisk:t:1:i:1}"])
             .unwrap()
             .contains("string")
     })
@@ -1833,12 +1833,12 @@ async fn another_programs_list_under_the_key_is_a_miss_and_is_overwritten() {
     assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("fresh"));
     // set and invalidate over another program's hash work too.
     server
-        .command(&["HSET", "brisk:t:1:i:2", "f", "v"])
+        .command(&["HSET", "{brisk:t:1:i:2}", "f", "v"])
         .unwrap();
     cache.set(&2, "mine".into()).await.unwrap();
     assert_eq!(cache.get(&2).await.unwrap().as_deref(), Some("mine"));
     server
-        .command(&["HSET", "brisk:t:1:i:3", "f", "v"])
+        .command(&["HSET", "{brisk:t:1:i:3}", "f", "v"])
         .unwrap();
     cache.invalidate(&3).await.unwrap();
 }
@@ -1857,7 +1857,7 @@ async fn set_on_a_redis_refusing_writes_removes_the_old_value() {
         .command(&["CONFIG", "SET", "maxmemory", "1"])
         .unwrap();
     let set = cache.set(&1, "new".into()).await;
-    let raw = raw_get(&server, "brisk:t:1:i:1").await;
+    let raw = raw_get(&server, "{brisk:t:1:i:1}").await;
     server
         .command(&["CONFIG", "SET", "maxmemory", "0"])
         .unwrap();
@@ -1892,7 +1892,7 @@ async fn a_key_expiring_between_operations_is_a_miss() {
         .build()
         .unwrap();
     cache.set(&1, "v".into()).await.unwrap();
-    server.command(&["PEXPIRE", "brisk:t:1:i:1", "1"]).unwrap();
+    server.command(&["PEXPIRE", "{brisk:t:1:i:1}", "1"]).unwrap();
     sleep(Duration::from_millis(20)).await;
     assert_eq!(cache.get(&1).await.unwrap(), None);
     assert_eq!(
@@ -1916,7 +1916,7 @@ async fn after_a_restart_reads_reload_and_writes_land() {
     }
     eventually("writes land", async || {
         let _ = cache.set(&2, "w".into()).await;
-        raw_get(&server, "brisk:t:1:i:2").await.is_some()
+        raw_get(&server, "{brisk:t:1:i:2}").await.is_some()
     })
     .await;
 }
@@ -2219,7 +2219,7 @@ async fn a_huge_loaded_value_is_served_and_kept_out_of_redis() {
         capture.counter(CACHE_OVERSIZE.name, &[("cache", "t")]) == 1
     })
     .await;
-    assert_eq!(raw_get(&server, "brisk:t:1:i:1").await, None);
+    assert_eq!(raw_get(&server, "{brisk:t:1:i:1}").await, None);
     assert_eq!(
         cache.get(&1).await.unwrap().map(|v| v.len()),
         Some(2 << 20),
@@ -2295,8 +2295,8 @@ async fn an_entry_copied_from_another_cache_name_is_served_only_under_its_key() 
     let a: Cache<u64, String> = Cache::builder("a").redis(redis.clone()).build().unwrap();
     let b: Cache<u64, String> = Cache::builder("b").redis(redis).build().unwrap();
     a.set(&1, "from a".into()).await.unwrap();
-    let bytes = raw_get(&server, "brisk:a:1:i:1").await.unwrap();
-    raw_set(&server, "brisk:b:1:i:2", &bytes).await;
+    let bytes = raw_get(&server, "{brisk:a:1:i:1}").await.unwrap();
+    raw_set(&server, "{brisk:b:1:i:2}", &bytes).await;
     // Same type, same codec: the envelope is valid for b as well — it is served under b's key 2.
     let got = b.get(&2).await.unwrap();
     assert!(matches!(got.as_deref(), None | Some("from a")));
@@ -2315,7 +2315,7 @@ async fn envelope_of(
     value: &str,
 ) -> Vec<u8> {
     cache.set(&1, value.to_owned()).await.unwrap();
-    raw_get(server, "brisk:t:1:i:1").await.unwrap()
+    raw_get(server, "{brisk:t:1:i:1}").await.unwrap()
 }
 
 /// Reads of `bytes` under key 1 are `Ok`, never a panic; the key can then be loaded again.
@@ -2326,7 +2326,7 @@ async fn survives(
     what: &str,
 ) {
     cache.invalidate(&1).await.unwrap();
-    raw_set(server, "brisk:t:1:i:1", bytes).await;
+    raw_set(server, "{brisk:t:1:i:1}", bytes).await;
     let got = tokio::spawn({
         let cache = cache.clone();
         async move { cache.get(&1).await }
@@ -2487,7 +2487,7 @@ async fn max_value_size_applies_to_the_compressed_envelope() {
             .unwrap()
     });
     cache.set(&1, "a".repeat(10_000)).await.unwrap();
-    let raw = raw_get(&server, "brisk:t:1:i:1").await;
+    let raw = raw_get(&server, "{brisk:t:1:i:1}").await;
     assert_eq!(capture.counter(CACHE_OVERSIZE.name, &[("cache", "t")]), 0);
     assert!(
         raw.is_some_and(|r| r.len() < 1_000),
@@ -2750,7 +2750,7 @@ async fn the_breaker_counts_failures_in_a_row_only() {
             .build()
             .unwrap()
     });
-    server.command(&["RPUSH", "brisk:t:1:i:1", "x"]).unwrap();
+    server.command(&["RPUSH", "{brisk:t:1:i:1}", "x"]).unwrap();
     cache.set(&2, "v".into()).await.unwrap();
     let state = || capture.gauge(CACHE_BREAKER_STATE.name, &[("cache", "t")]);
     for _ in 0..3 {
@@ -3088,7 +3088,7 @@ async fn race_after_load(
             ));
         }
         if let Some(server) = server {
-            let raw = raw_get(server, &format!("brisk:{}:1:i:{key}", cache.name())).await;
+            let raw = raw_get(server, &format!("{{brisk:{}:1:i:{key}}}", cache.name())).await;
             if raw.as_ref().is_some_and(|r| r.len() > 100_000) {
                 lost.push(format!("{write:?} key {key}: Redis holds the load's value"));
             }

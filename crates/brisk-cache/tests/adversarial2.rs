@@ -278,7 +278,7 @@ async fn a_cached_absence_in_redis_is_shared_and_replaced_by_set() {
         .unwrap();
     assert_eq!(a.get_or_load(&1, none()).await.unwrap(), None);
     common::eventually("the absence reached Redis", async || {
-        raw_get(&server, "brisk:neg:1:i:1").await.is_some()
+        raw_get(&server, "{brisk:neg:1:i:1}").await.is_some()
     })
     .await;
     assert_eq!(b.get_or_load(&1, unreachable_load()).await.unwrap(), None);
@@ -710,7 +710,7 @@ async fn set_after_a_load_writing_a_briefly_paused_redis_lands_last() {
     assert!(took < rt * 2, "set took {took:?}");
     sleep(Duration::from_millis(200)).await;
     assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("new"));
-    let raw = raw_get(&server, "brisk:lw:1:i:1").await.unwrap();
+    let raw = raw_get(&server, "{brisk:lw:1:i:1}").await.unwrap();
     assert!(raw.windows(3).any(|w| w == b"new"), "Redis holds {raw:?}");
 }
 

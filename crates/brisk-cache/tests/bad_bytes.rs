@@ -7,7 +7,7 @@ use brisk_metrics::catalog::CACHE_DECODE_FAILURES;
 use brisk_metrics::testing::Capture;
 use common::{Source, connect, eventually, raw_get, raw_set, redis};
 
-const KEY: &str = "brisk:t:1:i:1";
+const KEY: &str = "{brisk:t:1:i:1}";
 
 async fn reload_over(server: &brisk_testkit::RedisServer, bad: &[u8], reason: &str) {
     raw_set(server, KEY, bad).await;
@@ -219,7 +219,7 @@ async fn a_field_added_with_a_default_reads_old_values() {
             .build()
             .unwrap();
         old.set(&1, V1 { id: 1 }).await.unwrap();
-        let bytes = raw_get(&server, &format!("brisk:{name}:1:i:1"))
+        let bytes = raw_get(&server, &format!("{{brisk:{name}:1:i:1}}"))
             .await
             .unwrap();
         let new: Cache<u64, V2> = Cache::builder(&name)
@@ -231,7 +231,7 @@ async fn a_field_added_with_a_default_reads_old_values() {
         // Stand in for "the same type, one field later": give the old bytes the new type's print.
         let new_print = brisk_cache_fingerprint::<V2>();
         patched[5..13].copy_from_slice(&new_print.to_le_bytes());
-        raw_set(&server, &format!("brisk:{name}:1:i:1"), &patched).await;
+        raw_set(&server, &format!("{{brisk:{name}:1:i:1}}"), &patched).await;
         assert_eq!(
             new.get(&1).await.unwrap(),
             Some(V2 {

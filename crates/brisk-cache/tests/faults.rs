@@ -66,7 +66,7 @@ async fn redis_killed_during_two_thousand_calls_fails_none_and_is_used_again_aft
     let restarted = Instant::now();
     eventually("the remote tier is used again", async || {
         let _ = cache.set(&1, "back".into()).await;
-        raw_get(&server, "brisk:t:1:i:1").await.is_some()
+        raw_get(&server, "{brisk:t:1:i:1}").await.is_some()
     })
     .await;
     let back_after = restarted.elapsed();
@@ -149,7 +149,7 @@ async fn a_cache_write_that_fails_removes_the_key_so_no_stale_value_survives() {
         .await
         .unwrap();
     assert_eq!(
-        raw_get(&server, "brisk:t:1:i:1").await,
+        raw_get(&server, "{brisk:t:1:i:1}").await,
         None,
         "removed, not left old"
     );
@@ -202,7 +202,7 @@ async fn a_write_through_dropped_midway_removes_the_key_everywhere() {
     .await;
     assert!(cut.is_err());
     eventually("removed from Redis", async || {
-        raw_get(&server, "brisk:t:1:i:1").await.is_none()
+        raw_get(&server, "{brisk:t:1:i:1}").await.is_none()
     })
     .await;
     assert_eq!(
@@ -245,6 +245,6 @@ async fn an_invalidation_during_a_load_wins() {
         Some("written"),
         "the load did not overwrite the write"
     );
-    let raw = raw_get(&server, "brisk:t:1:i:1").await.unwrap();
+    let raw = raw_get(&server, "{brisk:t:1:i:1}").await.unwrap();
     assert!(String::from_utf8_lossy(&raw).contains("written"));
 }

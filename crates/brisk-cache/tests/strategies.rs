@@ -225,7 +225,7 @@ async fn the_keys_in_redis_are_namespaced_by_cache() {
     let b: Cache<u64, String> = Cache::builder("b").redis(redis).build().unwrap();
     a.set(&1, "from a".into()).await.unwrap();
     assert_eq!(b.get(&1).await.unwrap(), None);
-    assert!(common::raw_get(&server, "brisk:a:1:i:1").await.is_some());
+    assert!(common::raw_get(&server, "{brisk:a:1:i:1}").await.is_some());
     b.set(&1, "from b".into()).await.unwrap();
     assert_eq!(a.get(&1).await.unwrap().as_deref(), Some("from a"));
 }
