@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use brisk_core::deadline;
 use brisk_metrics::catalog::{
-    CACHE_DECODE_FAILURES, CACHE_LOAD_DURATION, CACHE_LOADS, CACHE_LOCAL_ENTRIES, CACHE_OVERSIZE,
-    CACHE_REQUESTS,
+    CACHE_DECODE_FAILURES, CACHE_LEASES, CACHE_LOAD_DURATION, CACHE_LOADS, CACHE_LOCAL_ENTRIES,
+    CACHE_OVERSIZE, CACHE_REQUESTS,
 };
 use brisk_metrics::{Counter, Histogram};
 use futures_util::FutureExt;
@@ -29,7 +29,7 @@ use crate::envelope::{self, DecodeError, Format, Meta};
 use crate::error::{Error, RemoteError, SharedError};
 use crate::key::{self, CacheKey};
 use crate::local::{Local, LocalTier, Lookup};
-use crate::remote::Remote;
+use crate::remote::{Lease, Remote};
 
 /// The loader registered for read-through.
 pub(crate) type ReadThrough<K, V> =
@@ -196,6 +196,9 @@ struct Metrics {
     load_duration: Histogram,
     decode: [Counter; DecodeError::REASONS.len()],
     oversize: Counter,
+    lease_acquired: Counter,
+    lease_waited: Counter,
+    lease_fenced: Counter,
 }
 
 impl Metrics {
@@ -209,6 +212,9 @@ impl Metrics {
         };
         let load = |outcome: &'static str| {
             CACHE_LOADS.counter(&[("cache", cache.to_owned()), ("outcome", outcome.to_owned())])
+        };
+        let lease = |outcome: &'static str| {
+            CACHE_LEASES.counter(&[("cache", cache.to_owned()), ("outcome", outcome.to_owned())])
         };
         Self {
             local_hit: request("local", "hit"),
@@ -229,6 +235,9 @@ impl Metrics {
                     .counter(&[("cache", cache.to_owned()), ("reason", reason.to_owned())])
             }),
             oversize: CACHE_OVERSIZE.counter(&[("cache", cache.to_owned())]),
+            lease_acquired: lease("acquired"),
+            lease_waited: lease("waited"),
+            lease_fenced: lease("fenced"),
         }
     }
 
@@ -242,6 +251,22 @@ impl Metrics {
     fn decode_failure(&self, err: &DecodeError) {
         self.decode[err.index()].increment(1);
     }
+}
+
+/// How often a load waiting on another process's lease looks for its value: first after this,
+/// then twice as long each time, up to [`MAX_LEASE_POLL`].
+const FIRST_LEASE_POLL: Duration = Duration::from_millis(2);
+const MAX_LEASE_POLL: Duration = Duration::from_millis(50);
+
+/// What a load found when it asked for its key's lease.
+enum Leased<V> {
+    /// It holds the lease (this token): its value is stored only while the lease stands.
+    Held(String),
+    /// Another process loaded the key and stored it meanwhile.
+    Found(Option<V>, Instant, Instant),
+    /// No lease to be had (no Redis, Redis failing, or a lease that never freed): it loads and
+    /// stores as without leases.
+    Unfenced,
 }
 
 /// What the remote tier had.
@@ -524,7 +549,7 @@ where
         }
         let rkey = self.redis_key(key)?;
         let epoch = self.epoch(key).load(Ordering::Acquire);
-        match self.lookup(&rkey).await {
+        match self.lookup(&rkey, true).await {
             Found::Fresh(value, fresh_until, stale_until) => {
                 self.fill_local(key, &value, fresh_until, stale_until, epoch);
                 return Ok(value);
@@ -536,11 +561,19 @@ where
         self.wait(&flight, stale).await
     }
 
-    /// A read past the local tier that loads nothing: fresh values only.
+    /// A read past the local tier that loads nothing: fresh values only — among them what a
+    /// load has answered and is still writing to Redis. It never waits for a load.
     async fn peek(&self, key: &K) -> Result<Option<V>, Error> {
+        let landing = self
+            .flights()
+            .get(key)
+            .and_then(|flight| flight.outcome.get().and_then(|outcome| outcome.clone().ok()));
+        if let Some(value) = landing {
+            return Ok(value);
+        }
         let rkey = self.redis_key(key)?;
         let epoch = self.epoch(key).load(Ordering::Acquire);
-        match self.lookup(&rkey).await {
+        match self.lookup(&rkey, true).await {
             Found::Fresh(value, fresh_until, stale_until) => {
                 self.fill_local(key, &value, fresh_until, stale_until, epoch);
                 Ok(value)
@@ -575,16 +608,22 @@ where
         }
     }
 
-    /// Asks the remote tier; whatever goes wrong there is a miss, counted.
-    async fn lookup(&self, rkey: &[u8]) -> Found<V> {
+    /// Asks the remote tier; whatever goes wrong there is a miss, counted in the request
+    /// metrics if `counted` (a load polling for another process's value is no request).
+    async fn lookup(&self, rkey: &[u8], counted: bool) -> Found<V> {
+        let count = |counter: &Counter| {
+            if counted {
+                counter.increment(1);
+            }
+        };
         let bytes = match self.remote.get(rkey).await {
             Ok(Some(bytes)) => bytes,
             Ok(None) => {
-                self.metrics.remote_miss.increment(1);
+                count(&self.metrics.remote_miss);
                 return Found::Nothing;
             }
             Err(err) => {
-                self.metrics.remote_error.increment(1);
+                count(&self.metrics.remote_error);
                 tracing::debug!(cache = %self.name, %err, "remote read failed; going on as a miss");
                 return Found::Nothing;
             }
@@ -595,21 +634,65 @@ where
                 let stale_until = fresh_until + self.config.stale_for;
                 let now = Instant::now();
                 if now < fresh_until {
-                    self.metrics.remote_hit.increment(1);
+                    count(&self.metrics.remote_hit);
                     Found::Fresh(value, fresh_until, stale_until)
                 } else if now < stale_until {
-                    self.metrics.remote_miss.increment(1);
+                    count(&self.metrics.remote_miss);
                     Found::Stale(value)
                 } else {
-                    self.metrics.remote_miss.increment(1);
+                    count(&self.metrics.remote_miss);
                     Found::Nothing
                 }
             }
             Err(err) => {
                 self.metrics.decode_failure(&err);
-                self.metrics.remote_miss.increment(1);
+                count(&self.metrics.remote_miss);
                 tracing::debug!(cache = %self.name, reason = err.reason(), ?err, "a remote value did not decode; reloading it");
                 Found::Nothing
+            }
+        }
+    }
+
+    /// The TTL of a lease: a load holding it ends within its hard timeout and stores within a
+    /// remote timeout, so a live holder never loses its lease to time, and a dead one (its
+    /// process gone) frees the key after this long.
+    fn lease_ttl(&self) -> Duration {
+        self.config.hard_timeout + self.config.remote_timeout * 2
+    }
+
+    /// Before a load over Redis: takes the key's lease, or, while another process holds it,
+    /// waits for the value that process stores (polling, at most one lease TTL) and takes the
+    /// lease if it frees without one (the holder failed or died).
+    async fn lease(&self, rkey: &[u8]) -> Leased<V> {
+        if !self.remote.leases() {
+            return Leased::Unfenced;
+        }
+        let token = format!("{:032x}", fastrand::u128(..));
+        let ttl = self.lease_ttl();
+        let give_up = Instant::now() + ttl;
+        let mut pause = FIRST_LEASE_POLL;
+        let mut waited = false;
+        loop {
+            let left = match self.remote.acquire(rkey, &token, ttl).await {
+                Ok(Lease::Acquired) => {
+                    self.metrics.lease_acquired.increment(1);
+                    return Leased::Held(token);
+                }
+                Ok(Lease::Held(left)) => left,
+                // Redis failing: load, and store as without leases.
+                Err(_) => return Leased::Unfenced,
+            };
+            if !waited {
+                waited = true;
+                self.metrics.lease_waited.increment(1);
+            }
+            if Instant::now() >= give_up {
+                return Leased::Unfenced;
+            }
+            tokio::time::sleep(pause.min(left).max(Duration::from_millis(1))).await;
+            pause = (pause * 2).min(MAX_LEASE_POLL);
+            if let Found::Fresh(value, fresh_until, stale_until) = self.lookup(rkey, false).await {
+                return Leased::Found(value, fresh_until, stale_until);
             }
         }
     }
@@ -736,24 +819,38 @@ where
     }
 
     /// Writes stored bytes to Redis with its TTL (the fresh time plus the stale window), all of
-    /// it within one remote timeout. A value too large is kept out, and what Redis held removed;
-    /// a refused write is followed by a removal. An error means Redis may still hold what it
-    /// held before.
+    /// it within one remote timeout; with a load's lease `token`, only while that lease stands
+    /// (`Ok(false)`: fenced, nothing written). A value too large is kept out, and what Redis
+    /// held removed; a refused write is followed by a removal. An error means Redis may still
+    /// hold what it held before.
     async fn put_remote(
         &self,
         rkey: &[u8],
         bytes: &[u8],
         stale_until: Instant,
-    ) -> Result<(), Error> {
+        token: Option<&str>,
+    ) -> Result<bool, Error> {
         let timeout = self.config.remote_timeout;
         if bytes.len() > self.config.max_value_size {
             self.metrics.oversize.increment(1);
-            return self.del_remote(rkey, timeout).await;
+            return self.del_remote(rkey, timeout).await.map(|()| true);
         }
         let until = Instant::now() + timeout;
         let ttl = stale_until.saturating_duration_since(Instant::now());
-        match self.remote.set(rkey, bytes, ttl, timeout).await {
-            Ok(()) => Ok(()),
+        let put = match token {
+            Some(token) => {
+                self.remote
+                    .put_fenced(rkey, token, bytes, ttl, timeout)
+                    .await
+            }
+            None => self
+                .remote
+                .set(rkey, bytes, ttl, timeout)
+                .await
+                .map(|()| true),
+        };
+        match put {
+            Ok(stored) => Ok(stored),
             Err(err) => {
                 let left = until.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -761,6 +858,7 @@ where
                 }
                 self.del_remote(rkey, left)
                     .await
+                    .map(|()| true)
                     .map_err(|_| Error::Remote(err))
             }
         }
@@ -833,7 +931,9 @@ where
             local.insert(key.clone(), value, fresh_until, stale_until, Instant::now());
         }
         Self::after_landing(landing, until).await;
-        self.put_remote(&rkey, &bytes, stale_until).await
+        self.put_remote(&rkey, &bytes, stale_until, None)
+            .await
+            .map(drop)
     }
 
     /// Drops the local entry and cuts off a load in progress from storing; returns that load if
@@ -911,6 +1011,30 @@ where
     async fn run(self, load: impl Future<Output = Result<Option<V>, SharedError>> + Send) {
         let inner = &self.inner;
         let m = &inner.metrics;
+        let token = match inner.lease(&self.rkey).await {
+            Leased::Held(token) => Some(token),
+            Leased::Unfenced => None,
+            Leased::Found(value, fresh_until, stale_until) => {
+                // Another process loaded it: that value answers, and this load never runs.
+                if let Some(local) = &inner.local
+                    && !self.flight.superseded.load(Ordering::Acquire)
+                {
+                    let now = Instant::now();
+                    local.insert(
+                        self.key.clone(),
+                        value.clone(),
+                        fresh_until,
+                        stale_until,
+                        now,
+                    );
+                    if self.flight.superseded.load(Ordering::Acquire) {
+                        local.remove(&self.key);
+                    }
+                }
+                self.flight.finish(Ok(value));
+                return;
+            }
+        };
         let started = Instant::now();
         let hard = inner.config.hard_timeout;
         let span = tracing::debug_span!("brisk_cache_load", cache = %inner.name);
@@ -974,14 +1098,43 @@ where
         self.flight.finish(outcome);
         // Callers arriving until the remote write is done still join this flight and get its
         // value, rather than miss in Redis and load again.
-        if let Some((bytes, stale_until)) = remote
-            && {
-                self.flight.writing.store(true, Ordering::SeqCst);
-                !self.flight.superseded.load(Ordering::SeqCst)
+        let put = match remote {
+            Some((bytes, stale_until))
+                if {
+                    self.flight.writing.store(true, Ordering::SeqCst);
+                    !self.flight.superseded.load(Ordering::SeqCst)
+                } =>
+            {
+                Some(
+                    inner
+                        .put_remote(&self.rkey, &bytes, stale_until, token.as_deref())
+                        .await,
+                )
             }
-            && let Err(err) = inner.put_remote(&self.rkey, &bytes, stale_until).await
-        {
-            tracing::debug!(cache = %inner.name, %err, "a loaded value could not be written to Redis");
+            _ => None,
+        };
+        match put {
+            Some(Ok(true)) => {}
+            Some(Ok(false)) => {
+                // An invalidation or a write, maybe from another process, came after this
+                // load began: what it loaded may be older, and must not stay here either.
+                m.lease_fenced.increment(1);
+                if let Some(local) = &inner.local
+                    && !self.flight.superseded.load(Ordering::Acquire)
+                {
+                    local.remove(&self.key);
+                }
+            }
+            // A failed write was followed by a removal of the key and its lease.
+            Some(Err(err)) => {
+                tracing::debug!(cache = %inner.name, %err, "a loaded value could not be written to Redis");
+            }
+            // Nothing to store: let the next load in, rather than make it wait out the lease.
+            None => {
+                if let Some(token) = &token {
+                    let _ = inner.remote.release(&self.rkey, token).await;
+                }
+            }
         }
     }
 }

@@ -227,7 +227,10 @@ mod tests {
     fn limits_are_errors_not_truncations() {
         let prefix = prefix("users");
         assert_eq!(prefix, b"{brisk:users:1:");
-        assert_eq!(redis_key(&prefix, &42_u64, 1_024).unwrap(), b"{brisk:users:1:i:42}");
+        assert_eq!(
+            redis_key(&prefix, &42_u64, 1_024).unwrap(),
+            b"{brisk:users:1:i:42}"
+        );
         let long = "x".repeat(1_023);
         assert_eq!(
             redis_key(&prefix, &long, 1_024),

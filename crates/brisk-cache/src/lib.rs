@@ -39,8 +39,10 @@
 //! 3. The remote tier, within `min(remote_timeout, deadline::remaining())` and through a
 //!    circuit breaker; a fresh value answers (and fills the local tier). Down, slow, open
 //!    breaker, or bytes that are not this cache's: all a miss, counted.
-//! 4. The load, on its own task: one per key in this process at a time, bounded by the hard
-//!    timeout. Its value goes to every waiter and the local tier, then to Redis.
+//! 4. The load, on its own task: one per key in this process at a time (and over Redis, one
+//!    per key across processes: it takes the key's lease, or waits for the holder's value),
+//!    bounded by the hard timeout. Its value goes to every waiter and the local tier, then to
+//!    Redis — only while its lease stands.
 //!
 //! With a stale value at hand (past its TTL, within [`stale_for`](CacheBuilder::stale_for)), a
 //! load that fails, panics, times out, or passes the [`soft_timeout`](CacheBuilder::soft_timeout)
@@ -66,9 +68,14 @@
 //! - **Reads never fail because of Redis**, writes say so: `set`, `invalidate` and
 //!   `write_through` return [`Error::Remote`] when Redis may still hold an older value, since a
 //!   caller who asked to change the cache must know when it could not.
-//! - **Fenced writes across processes, leases, cross-process invalidation, tags, early refresh
-//!   and batched reads** are brisk-cache's next part; until then each process loads a missing key
-//!   once, and a local tier sees another process's writes only after its own TTL.
+//! - **Leases over Redis**: a load takes the key's lease first and stores its value by a
+//!   compare-and-set on it, which every write and invalidation ends, so a load that began
+//!   before an invalidation never stores its value after it, and processes missing one key
+//!   together load it once (the others wait for its value). Their TTL is the hard timeout plus
+//!   two remote timeouts: a live holder never outlives it, a dead one frees the key after it.
+//!   `docs/caching.md` has the details.
+//! - **Cross-process invalidation of local tiers, tags, early refresh and batched reads** are
+//!   still to come: a local tier sees another process's writes only after its own TTL.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod breaker;

@@ -1,7 +1,7 @@
 //! The remote tier: Redis through any `RedisSource`, or an in-memory map standing in for it.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use brisk_core::deadline;
@@ -14,6 +14,7 @@ use tracing::Instrument;
 
 use crate::breaker::{Breaker, BreakerConfig};
 use crate::error::RemoteError;
+use crate::key::lease_key;
 
 /// Where the remote tier lives; chosen on the builder.
 pub(crate) enum Store {
@@ -41,17 +42,96 @@ impl quick_cache::Weighter<Vec<u8>, Arc<Stored>> for StoredWeight {
 
 /// Redis commands over any source, behind one object-safe face so `Cache` need not carry the
 /// source's type. One allocation per command, against a network round trip.
+///
+/// Every write of a key also ends the lease on it (`<key>:lease`, same hash slot), so that a
+/// load in progress anywhere can no longer store what it loaded.
 pub(crate) trait RedisOps: Send + Sync + 'static {
     fn get<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Option<Vec<u8>>, RemoteError>>;
+    /// Stores `value` and ends the key's lease.
     fn set<'a>(
         &'a self,
         key: &'a [u8],
         value: &'a [u8],
         ttl_ms: u64,
     ) -> BoxFuture<'a, Result<(), RemoteError>>;
+    /// Removes the key and its lease.
     fn del<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<(), RemoteError>>;
+    /// Takes the lease on `key` for `token`, for `ttl_ms`, if no one holds it.
+    fn acquire<'a>(
+        &'a self,
+        key: &'a [u8],
+        token: &'a str,
+        ttl_ms: u64,
+    ) -> BoxFuture<'a, Result<Lease, RemoteError>>;
+    /// Stores `value` only while `token` still holds the key's lease, and ends the lease;
+    /// `false` when the lease was gone (invalidated, overwritten or expired).
+    fn put_fenced<'a>(
+        &'a self,
+        key: &'a [u8],
+        token: &'a str,
+        value: &'a [u8],
+        ttl_ms: u64,
+    ) -> BoxFuture<'a, Result<bool, RemoteError>>;
+    /// Ends the lease on `key` if `token` still holds it.
+    fn release<'a>(
+        &'a self,
+        key: &'a [u8],
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<(), RemoteError>>;
     fn kind(&self) -> &'static str;
 }
+
+/// What asking for a lease found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lease {
+    /// This load holds it now.
+    Acquired,
+    /// Another load holds it, for at most this much longer.
+    Held(Duration),
+}
+
+/// `KEYS`: the lease. `ARGV`: the token, the lease's TTL in ms. `{1}` when taken, else `{0,
+/// the holder's remaining ms}`.
+const ACQUIRE: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1} end
+return {0, redis.call('PTTL', KEYS[1])}
+";
+
+/// `KEYS`: the entry, its lease. `ARGV`: the token, the bytes, their TTL in ms.
+const PUT_FENCED: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[2])
+return 1
+";
+
+/// `KEYS`: the entry, its lease. `ARGV`: the bytes, their TTL in ms.
+const WRITE: &str = r"
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('DEL', KEYS[2])
+return 1
+";
+
+/// `KEYS`: the lease. `ARGV`: the token.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+";
+
+/// The scripts, run by `EVALSHA` (loaded again on `NOSCRIPT`, after a restart or failover).
+struct Scripts {
+    acquire: redis::Script,
+    put_fenced: redis::Script,
+    write: redis::Script,
+    release: redis::Script,
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    acquire: redis::Script::new(ACQUIRE),
+    put_fenced: redis::Script::new(PUT_FENCED),
+    write: redis::Script::new(WRITE),
+    release: redis::Script::new(RELEASE),
+});
 
 async fn connect<S: RedisSource>(source: &S) -> Result<S::Connection, RemoteError> {
     source
@@ -84,13 +164,15 @@ impl<S: RedisSource> RedisOps for S {
     ) -> BoxFuture<'a, Result<(), RemoteError>> {
         Box::pin(async move {
             let mut conn = connect(self).await?;
-            redis::cmd("SET")
-                .arg(key)
+            SCRIPTS
+                .write
+                .key(key)
+                .key(lease_key(key))
                 .arg(value)
-                .arg("PX")
                 .arg(ttl_ms.max(1))
-                .query_async(&mut conn)
+                .invoke_async::<i64>(&mut conn)
                 .await
+                .map(drop)
                 .map_err(redis_error)
         })
     }
@@ -100,8 +182,75 @@ impl<S: RedisSource> RedisOps for S {
             let mut conn = connect(self).await?;
             redis::cmd("DEL")
                 .arg(key)
+                .arg(lease_key(key))
                 .query_async(&mut conn)
                 .await
+                .map_err(redis_error)
+        })
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        key: &'a [u8],
+        token: &'a str,
+        ttl_ms: u64,
+    ) -> BoxFuture<'a, Result<Lease, RemoteError>> {
+        Box::pin(async move {
+            let mut conn = connect(self).await?;
+            let reply: Vec<i64> = SCRIPTS
+                .acquire
+                .key(lease_key(key))
+                .arg(token)
+                .arg(ttl_ms.max(1))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            Ok(match reply.as_slice() {
+                [1] => Lease::Acquired,
+                // A lease with no TTL (written by hand) or gone meanwhile: wait a little.
+                [_, left] => Lease::Held(Duration::from_millis(u64::try_from(*left).unwrap_or(1))),
+                _ => Lease::Held(Duration::from_millis(1)),
+            })
+        })
+    }
+
+    fn put_fenced<'a>(
+        &'a self,
+        key: &'a [u8],
+        token: &'a str,
+        value: &'a [u8],
+        ttl_ms: u64,
+    ) -> BoxFuture<'a, Result<bool, RemoteError>> {
+        Box::pin(async move {
+            let mut conn = connect(self).await?;
+            SCRIPTS
+                .put_fenced
+                .key(key)
+                .key(lease_key(key))
+                .arg(token)
+                .arg(value)
+                .arg(ttl_ms.max(1))
+                .invoke_async::<i64>(&mut conn)
+                .await
+                .map(|stored| stored == 1)
+                .map_err(redis_error)
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a [u8],
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<(), RemoteError>> {
+        Box::pin(async move {
+            let mut conn = connect(self).await?;
+            SCRIPTS
+                .release
+                .key(lease_key(key))
+                .arg(token)
+                .invoke_async::<i64>(&mut conn)
+                .await
+                .map(drop)
                 .map_err(redis_error)
         })
     }
@@ -115,17 +264,18 @@ impl<S: RedisSource> RedisOps for S {
 pub(crate) struct Remote {
     store: Store,
     timeout: Duration,
-    durations: [Histogram; 3],
+    durations: [Histogram; 4],
     cache: Arc<str>,
 }
 
-const OPERATIONS: [&str; 3] = ["get", "set", "del"];
+const OPERATIONS: [&str; 4] = ["get", "set", "del", "lease"];
 
 #[derive(Clone, Copy)]
 enum Op {
     Get = 0,
     Set = 1,
     Del = 2,
+    Lease = 3,
 }
 
 impl Remote {
@@ -231,6 +381,57 @@ impl Remote {
             Store::Redis { ops, .. } => {
                 let ttl_ms = crate::clock::millis(ttl);
                 self.call(Op::Set, within, ops.set(key, value, ttl_ms))
+                    .await
+            }
+        }
+    }
+
+    /// Whether loads here take leases: only across processes, that is over Redis.
+    pub(crate) fn leases(&self) -> bool {
+        matches!(self.store, Store::Redis { .. })
+    }
+
+    pub(crate) async fn acquire(
+        &self,
+        key: &[u8],
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Lease, RemoteError> {
+        match &self.store {
+            Store::Memory(_) => Ok(Lease::Acquired),
+            Store::Redis { ops, .. } => {
+                let ttl_ms = crate::clock::millis(ttl);
+                self.call(Op::Lease, self.timeout, ops.acquire(key, token, ttl_ms))
+                    .await
+            }
+        }
+    }
+
+    /// [`set`](Self::set), only while `token` holds the key's lease: `Ok(false)` when it did
+    /// not (nothing was written).
+    pub(crate) async fn put_fenced(
+        &self,
+        key: &[u8],
+        token: &str,
+        value: &[u8],
+        ttl: Duration,
+        within: Duration,
+    ) -> Result<bool, RemoteError> {
+        match &self.store {
+            Store::Memory(_) => self.set(key, value, ttl, within).await.map(|()| true),
+            Store::Redis { ops, .. } => {
+                let ttl_ms = crate::clock::millis(ttl);
+                self.call(Op::Set, within, ops.put_fenced(key, token, value, ttl_ms))
+                    .await
+            }
+        }
+    }
+
+    pub(crate) async fn release(&self, key: &[u8], token: &str) -> Result<(), RemoteError> {
+        match &self.store {
+            Store::Memory(_) => Ok(()),
+            Store::Redis { ops, .. } => {
+                self.call(Op::Lease, self.timeout, ops.release(key, token))
                     .await
             }
         }

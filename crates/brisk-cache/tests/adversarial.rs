@@ -1892,7 +1892,9 @@ async fn a_key_expiring_between_operations_is_a_miss() {
         .build()
         .unwrap();
     cache.set(&1, "v".into()).await.unwrap();
-    server.command(&["PEXPIRE", "{brisk:t:1:i:1}", "1"]).unwrap();
+    server
+        .command(&["PEXPIRE", "{brisk:t:1:i:1}", "1"])
+        .unwrap();
     sleep(Duration::from_millis(20)).await;
     assert_eq!(cache.get(&1).await.unwrap(), None);
     assert_eq!(

@@ -131,6 +131,18 @@ pub const CACHE_LOADS: MetricDef = MetricDef {
     buckets: &[],
 };
 
+/// What loads did with the lease that keeps processes from loading one key together.
+pub const CACHE_LEASES: MetricDef = MetricDef {
+    name: "brisk_cache_leases_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["cache", "outcome"],
+    help: "Leases of loads over Redis; outcome is acquired, waited (another process was loading the key) or fenced (an invalidation or write came first: the loaded value was not stored).",
+    emitted_by: "brisk-cache",
+    otel: None,
+    buckets: &[],
+};
+
 /// How long a cache's loads took.
 pub const CACHE_LOAD_DURATION: MetricDef = MetricDef {
     name: "brisk_cache_load_duration_seconds",
@@ -149,7 +161,7 @@ pub const CACHE_REMOTE_DURATION: MetricDef = MetricDef {
     kind: Kind::Histogram,
     unit: Unit::Seconds,
     labels: &["cache", "operation"],
-    help: "Duration of Redis operations (get, set, del), failed ones included.",
+    help: "Duration of Redis operations (get, set, del, lease), failed ones included.",
     emitted_by: "brisk-cache",
     otel: None,
     buckets: SECONDS_BUCKETS,
@@ -514,6 +526,7 @@ pub const CATALOG: &[MetricDef] = &[
     CACHE_LOADS,
     CACHE_LOAD_DURATION,
     CACHE_REMOTE_DURATION,
+    CACHE_LEASES,
     CACHE_BREAKER_STATE,
     CACHE_DECODE_FAILURES,
     CACHE_OVERSIZE,
