@@ -564,10 +564,12 @@ where
     /// A read past the local tier that loads nothing: fresh values only — among them what a
     /// load has answered and is still writing to Redis. It never waits for a load.
     async fn peek(&self, key: &K) -> Result<Option<V>, Error> {
-        let landing = self
-            .flights()
-            .get(key)
-            .and_then(|flight| flight.outcome.get().and_then(|outcome| outcome.clone().ok()));
+        let landing = self.flights().get(key).and_then(|flight| {
+            flight
+                .outcome
+                .get()
+                .and_then(|outcome| outcome.clone().ok())
+        });
         if let Some(value) = landing {
             return Ok(value);
         }

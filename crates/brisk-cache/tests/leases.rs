@@ -239,3 +239,68 @@ async fn a_failed_load_lets_the_next_instance_in_at_once() {
     // The lease TTL is 10.2 s by default; it took about one poll.
     assert!(started.elapsed() < Duration::from_secs(1));
 }
+
+/// On a 3-master cluster: keys spread over every slot range, each with its lease in its slot.
+/// Loads are fenced by another instance's invalidation, misses from two instances load once,
+/// and the strategies work as on one server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_leases_fence_and_share_loads() {
+    let cluster = tokio::task::spawn_blocking(brisk_testkit::RedisCluster::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let client = redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
+    let on_cluster = async || -> Cache<u64, String> {
+        Cache::builder("c")
+            .redis(client.get_async_connection().await.unwrap())
+            .local(LocalTier::entries(100))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (on_cluster().await, on_cluster().await);
+    let loads = Arc::new(AtomicUsize::new(0));
+    for key in 0..20_u64 {
+        // Fenced: a slow load on `a`, invalidated from `b`.
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let slow = tokio::spawn({
+            let a = a.clone();
+            async move {
+                a.get_or_load(&key, async move {
+                    let _ = released.await;
+                    Ok::<_, std::io::Error>(Some("old".to_owned()))
+                })
+                .await
+            }
+        });
+        // Another instance's miss meanwhile waits on the lease rather than loading.
+        let waiting = tokio::spawn({
+            let (b, loads) = (b.clone(), Arc::clone(&loads));
+            async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                b.get_or_load(&key, async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, std::io::Error>(Some("b".to_owned()))
+                })
+                .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        b.invalidate(&key).await.unwrap();
+        release.send(()).unwrap();
+        assert_eq!(slow.await.unwrap().unwrap().as_deref(), Some("old"));
+        // `b` waited on `a`'s lease; the invalidation ended it, so `b` loaded its own value
+        // (and, its load having begun before its own invalidation, stored it nowhere either).
+        assert_eq!(
+            waiting.await.unwrap().unwrap().as_deref(),
+            Some("b"),
+            "key {key}"
+        );
+        eventually("the fenced value is nowhere", async || {
+            a.get(&key).await.unwrap().is_none() && b.get(&key).await.unwrap().is_none()
+        })
+        .await;
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 20);
+    a.set(&100, "set".to_owned()).await.unwrap();
+    assert_eq!(b.get(&100).await.unwrap().as_deref(), Some("set"));
+}
