@@ -103,6 +103,18 @@ where
         self
     }
 
+    /// Refreshes hot keys before they expire, in the background (probabilistic early
+    /// expiration, `XFetch`): a hit on a value that took `delta` to load refreshes it when
+    /// `now + delta × beta × −ln(rand())` reaches its expiry, so the more often a key is read
+    /// and the slower its load, the earlier one read starts a reload — one per key at a time,
+    /// across processes too over Redis (the lease) — while every caller gets the cached value at
+    /// once. `beta` 1 is the usual; above 1 refreshes earlier. Off unless set. Values given by
+    /// [`set`](crate::Cache::set) took nothing to load and are never refreshed early.
+    pub fn early_refresh(mut self, beta: f64) -> Self {
+        self.config.early_beta = Some(beta);
+        self
+    }
+
     /// The most a load may take: past it the loader is dropped and waiters get
     /// [`Error::LoadTimeout`](crate::Error::LoadTimeout) (or a stale value).
     pub fn hard_timeout(mut self, timeout: Duration) -> Self {
@@ -234,6 +246,11 @@ where
                 value: config.stale_for,
                 max: MAX_TTL,
             });
+        }
+        if let Some(beta) = config.early_beta
+            && !(beta > 0.0 && beta <= 100.0)
+        {
+            return Err(BuildError::EarlyRefresh(beta.to_string()));
         }
         within("hard_timeout", config.hard_timeout, MAX_TIMEOUT)?;
         within("remote_timeout", config.remote_timeout, MAX_TIMEOUT)?;

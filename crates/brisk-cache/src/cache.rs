@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use brisk_core::deadline;
 use brisk_metrics::catalog::{
-    CACHE_DECODE_FAILURES, CACHE_LEASES, CACHE_LOAD_DURATION, CACHE_LOADS, CACHE_LOCAL_ENTRIES,
-    CACHE_OVERSIZE, CACHE_REQUESTS,
+    CACHE_DECODE_FAILURES, CACHE_EARLY_REFRESHES, CACHE_LEASES, CACHE_LOAD_DURATION, CACHE_LOADS,
+    CACHE_LOCAL_ENTRIES, CACHE_OVERSIZE, CACHE_REQUESTS,
 };
 use brisk_metrics::{Counter, Histogram};
 use futures_util::FutureExt;
@@ -25,6 +25,7 @@ use tracing::Instrument;
 use crate::builder::CacheBuilder;
 use crate::clock::Clock;
 use crate::codec::Codec;
+use crate::early::Early;
 use crate::envelope::{self, DecodeError, Format, Meta};
 use crate::error::{Error, RemoteError, SharedError};
 use crate::key::{self, CacheKey};
@@ -53,6 +54,7 @@ pub(crate) struct Config {
     pub(crate) max_value_size: usize,
     pub(crate) max_key_len: usize,
     pub(crate) compress_above: Option<usize>,
+    pub(crate) early_beta: Option<f64>,
 }
 
 impl Default for Config {
@@ -69,6 +71,7 @@ impl Default for Config {
             max_value_size: 1 << 20,
             max_key_len: 1_024,
             compress_above: None,
+            early_beta: None,
         }
     }
 }
@@ -127,6 +130,9 @@ type Stale<V> = Option<(Option<V>, Tier)>;
 /// One load in progress, shared by every caller that misses the key meanwhile.
 struct Flight<V> {
     started: Instant,
+    /// Started early by a hit, while the value was still fresh: readers go on reading it until
+    /// it expires, and only a miss joins this load.
+    early: bool,
     /// What the caller that started it had as a stale value.
     stale: Stale<V>,
     outcome: OnceLock<Result<Option<V>, Error>>,
@@ -196,6 +202,7 @@ struct Metrics {
     load_duration: Histogram,
     decode: [Counter; DecodeError::REASONS.len()],
     oversize: Counter,
+    early_refreshes: Counter,
     lease_acquired: Counter,
     lease_waited: Counter,
     lease_fenced: Counter,
@@ -235,6 +242,7 @@ impl Metrics {
                     .counter(&[("cache", cache.to_owned()), ("reason", reason.to_owned())])
             }),
             oversize: CACHE_OVERSIZE.counter(&[("cache", cache.to_owned())]),
+            early_refreshes: CACHE_EARLY_REFRESHES.counter(&[("cache", cache.to_owned())]),
             lease_acquired: lease("acquired"),
             lease_waited: lease("waited"),
             lease_fenced: lease("fenced"),
@@ -263,7 +271,7 @@ enum Leased<V> {
     /// It holds the lease (this token): its value is stored only while the lease stands.
     Held(String),
     /// Another process loaded the key and stored it meanwhile.
-    Found(Option<V>, Instant, Instant),
+    Found(Option<V>, Instant, Instant, Option<Early>),
     /// No lease to be had (no Redis, Redis failing, or a lease that never freed): it loads and
     /// stores as without leases.
     Unfenced,
@@ -271,7 +279,8 @@ enum Leased<V> {
 
 /// What the remote tier had.
 enum Found<V> {
-    Fresh(Option<V>, Instant, Instant),
+    /// The value, when it turns stale, when it leaves the stale window, and its early refresh.
+    Fresh(Option<V>, Instant, Instant, Option<Early>),
     Stale(Option<V>),
     Nothing,
 }
@@ -320,7 +329,12 @@ where
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let stale = match self.inner.local_first(key) {
-            Ok(hit) => return Ok(hit),
+            Ok((hit, false)) => return Ok(hit),
+            Ok((hit, true)) => {
+                let load = move || load.map(|result| result.map_err(share));
+                self.inner.refresh_early(key, load);
+                return Ok(hit);
+            }
             Err(stale) => stale,
         };
         // The miss path lives in its own allocation, so the future of a hit stays small.
@@ -340,7 +354,13 @@ where
     /// As [`get_or_load`](Self::get_or_load); without a loader only [`Error::Key`].
     pub async fn get(&self, key: &K) -> Result<Option<V>, Error> {
         let stale = match self.inner.local_first(key) {
-            Ok(hit) => return Ok(hit),
+            Ok((hit, refresh)) => {
+                if refresh && let Some(loader) = &self.inner.loader {
+                    let loader = Arc::clone(loader);
+                    self.inner.refresh_early(key, move || loader(key.clone()));
+                }
+                return Ok(hit);
+            }
             Err(stale) => stale,
         };
         match &self.inner.loader {
@@ -514,16 +534,17 @@ where
         lock(&self.flights)
     }
 
-    /// The local tier's answer: `Ok` for a fresh hit, `Err` with what a miss found there.
+    /// The local tier's answer: `Ok` for a fresh hit (and whether this read refreshes it
+    /// early), `Err` with what a miss found there.
     #[inline]
-    fn local_first(&self, key: &K) -> Result<Option<V>, Stale<V>> {
+    fn local_first(&self, key: &K) -> Result<(Option<V>, bool), Stale<V>> {
         let Some(local) = &self.local else {
             return Err(None);
         };
         let stale = match local.get(key, Instant::now()) {
-            Lookup::Fresh(value) => {
+            Lookup::Fresh(value, refresh) => {
                 self.metrics.local_hit.increment(1);
-                return Ok(value);
+                return Ok((value, refresh));
             }
             Lookup::Stale(value) => Some((value, Tier::Local)),
             Lookup::Absent => None,
@@ -543,21 +564,28 @@ where
         M: FnOnce() -> L,
         L: Future<Output = Result<Option<V>, SharedError>> + Send + 'static,
     {
-        let joined = self.flights().get(key).cloned();
+        let joined = self
+            .flights()
+            .get(key)
+            .filter(|flight| !flight.early)
+            .cloned();
         if let Some(flight) = joined {
             return self.wait(&flight, stale).await;
         }
         let rkey = self.redis_key(key)?;
         let epoch = self.epoch(key).load(Ordering::Acquire);
         match self.lookup(&rkey, true).await {
-            Found::Fresh(value, fresh_until, stale_until) => {
-                self.fill_local(key, &value, fresh_until, stale_until, epoch);
+            Found::Fresh(value, fresh_until, stale_until, early) => {
+                self.fill_local(key, &value, fresh_until, stale_until, epoch, early);
+                if early.is_some_and(|early| early.due(Instant::now())) {
+                    self.refresh_early(key, make);
+                }
                 return Ok(value);
             }
             Found::Stale(value) => stale = Some((value, Tier::Remote)),
             Found::Nothing => {}
         }
-        let flight = self.start(key, rkey, stale.clone(), make)?;
+        let flight = self.start(key, rkey, stale.clone(), make, false)?;
         self.wait(&flight, stale).await
     }
 
@@ -576,8 +604,8 @@ where
         let rkey = self.redis_key(key)?;
         let epoch = self.epoch(key).load(Ordering::Acquire);
         match self.lookup(&rkey, true).await {
-            Found::Fresh(value, fresh_until, stale_until) => {
-                self.fill_local(key, &value, fresh_until, stale_until, epoch);
+            Found::Fresh(value, fresh_until, stale_until, early) => {
+                self.fill_local(key, &value, fresh_until, stale_until, epoch, early);
                 Ok(value)
             }
             Found::Stale(_) | Found::Nothing => Ok(None),
@@ -591,6 +619,7 @@ where
         fresh_until: Instant,
         stale_until: Instant,
         epoch: u64,
+        early: Option<Early>,
     ) {
         let stripe = self.epoch(key);
         if let Some(local) = &self.local
@@ -602,6 +631,7 @@ where
                 fresh_until,
                 stale_until,
                 Instant::now(),
+                early,
             );
             // A write between the check and the insert: take back what may now be old.
             if stripe.load(Ordering::Acquire) != epoch {
@@ -637,7 +667,9 @@ where
                 let now = Instant::now();
                 if now < fresh_until {
                     count(&self.metrics.remote_hit);
-                    Found::Fresh(value, fresh_until, stale_until)
+                    let took = Duration::from_micros(u64::from(meta.load_micros));
+                    let early = Early::new(fresh_until, took, self.config.early_beta);
+                    Found::Fresh(value, fresh_until, stale_until, early)
                 } else if now < stale_until {
                     count(&self.metrics.remote_miss);
                     Found::Stale(value)
@@ -652,6 +684,24 @@ where
                 tracing::debug!(cache = %self.name, reason = err.reason(), ?err, "a remote value did not decode; reloading it");
                 Found::Nothing
             }
+        }
+    }
+
+    /// A hit drew an early refresh: starts a load of `key` in the background, unless one is in
+    /// progress. The caller does not wait for it; the load fills both tiers as any load does.
+    fn refresh_early<M, L>(self: &Arc<Self>, key: &K, make: M)
+    where
+        M: FnOnce() -> L,
+        L: Future<Output = Result<Option<V>, SharedError>> + Send + 'static,
+    {
+        if self.flights().contains_key(key) {
+            return;
+        }
+        let Ok(rkey) = self.redis_key(key) else {
+            return;
+        };
+        if self.start(key, rkey, None, make, true).is_ok() {
+            self.metrics.early_refreshes.increment(1);
         }
     }
 
@@ -693,8 +743,10 @@ where
             }
             tokio::time::sleep(pause.min(left).max(Duration::from_millis(1))).await;
             pause = (pause * 2).min(MAX_LEASE_POLL);
-            if let Found::Fresh(value, fresh_until, stale_until) = self.lookup(rkey, false).await {
-                return Leased::Found(value, fresh_until, stale_until);
+            if let Found::Fresh(value, fresh_until, stale_until, early) =
+                self.lookup(rkey, false).await
+            {
+                return Leased::Found(value, fresh_until, stale_until, early);
             }
         }
     }
@@ -706,6 +758,7 @@ where
         rkey: Vec<u8>,
         stale: Stale<V>,
         make: M,
+        early: bool,
     ) -> Result<Arc<Flight<V>>, Error>
     where
         M: FnOnce() -> L,
@@ -725,6 +778,7 @@ where
             let load = load?;
             let flight = Arc::new(Flight {
                 started: Instant::now(),
+                early,
                 stale,
                 outcome: OnceLock::new(),
                 done: Notify::new(),
@@ -930,7 +984,14 @@ where
         let _turn = self.turn(key, until).await?;
         let landing = self.forget(key);
         if let Some(local) = &self.local {
-            local.insert(key.clone(), value, fresh_until, stale_until, Instant::now());
+            local.insert(
+                key.clone(),
+                value,
+                fresh_until,
+                stale_until,
+                Instant::now(),
+                None,
+            );
         }
         Self::after_landing(landing, until).await;
         self.put_remote(&rkey, &bytes, stale_until, None)
@@ -1016,7 +1077,7 @@ where
         let token = match inner.lease(&self.rkey).await {
             Leased::Held(token) => Some(token),
             Leased::Unfenced => None,
-            Leased::Found(value, fresh_until, stale_until) => {
+            Leased::Found(value, fresh_until, stale_until, early) => {
                 // Another process loaded it: that value answers, and this load never runs.
                 if let Some(local) = &inner.local
                     && !self.flight.superseded.load(Ordering::Acquire)
@@ -1028,6 +1089,7 @@ where
                         fresh_until,
                         stale_until,
                         now,
+                        early,
                     );
                     if self.flight.superseded.load(Ordering::Acquire) {
                         local.remove(&self.key);
@@ -1075,12 +1137,14 @@ where
             let now = Instant::now();
             let (fresh_until, stale_until) = inner.expiry(value.is_none(), now);
             if let Some(local) = &inner.local {
+                let early = Early::new(fresh_until, took, inner.config.early_beta);
                 local.insert(
                     self.key.clone(),
                     value.clone(),
                     fresh_until,
                     stale_until,
                     now,
+                    early,
                 );
                 // A write between the check and the insert: take back what is now old.
                 if self.flight.superseded.load(Ordering::Acquire) {

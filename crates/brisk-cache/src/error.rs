@@ -152,6 +152,9 @@ pub enum BuildError {
     /// The TTL jitter is outside `[0, 1)`.
     #[error("ttl_jitter must be in [0, 1), a fraction of the TTL taken off at random; got {0}")]
     Jitter(String),
+    /// The early refresh's beta is not a number above zero and at most 100.
+    #[error("early_refresh beta must be above 0 and at most 100 (1 is XFetch's usual); got {0}")]
+    EarlyRefresh(String),
     /// The soft timeout is not below the hard timeout.
     #[error("the soft timeout ({soft:?}) must be below the hard timeout ({hard:?})")]
     SoftAboveHard {

@@ -74,8 +74,9 @@
 //!   together load it once (the others wait for its value). Their TTL is the hard timeout plus
 //!   two remote timeouts: a live holder never outlives it, a dead one frees the key after it.
 //!   `docs/caching.md` has the details.
-//! - **Cross-process invalidation of local tiers, tags, early refresh and batched reads** are
-//!   still to come: a local tier sees another process's writes only after its own TTL.
+//! - **Early refresh is opt-in** ([`CacheBuilder::early_refresh`], XFetch): a background
+//!   reload near the expiry costs a load that a cold key would not have needed.
+//! - **Cross-process invalidation of local tiers, tags and batched reads** are still to come: a local tier sees another process's writes only after its own TTL.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod breaker;
@@ -83,6 +84,7 @@ mod builder;
 mod cache;
 mod clock;
 mod codec;
+mod early;
 mod envelope;
 mod error;
 pub mod key;

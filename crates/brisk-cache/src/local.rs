@@ -90,12 +90,18 @@ pub(crate) struct Entry<V> {
     recheck_at: u64,
     /// Until then a failed or slow load may serve it.
     stale_until: u64,
+    /// Early refresh (see `early`): reads from then on draw, against that expiry, at that
+    /// scale; `early_from` is `u64::MAX` when the entry is never refreshed early.
+    early_from: u64,
+    early_expiry: u64,
+    early_scale_ns: u64,
     weight: u32,
 }
 
 /// What the local tier holds for a key.
 pub(crate) enum Lookup<V> {
-    Fresh(Option<V>),
+    /// A fresh value, and whether this read refreshes it early.
+    Fresh(Option<V>, bool),
     /// Past its recheck or freshness, within the stale window.
     Stale(Option<V>),
     Absent,
@@ -152,7 +158,12 @@ impl<K: Hash + Eq + Clone, V: Clone> Local<K, V> {
         };
         let now = self.at(now);
         if now < entry.recheck_at {
-            Lookup::Fresh(entry.value)
+            let refresh = now >= entry.early_from
+                && crate::early::due(
+                    Duration::from_nanos(entry.early_expiry.saturating_sub(now)),
+                    Duration::from_nanos(entry.early_scale_ns),
+                );
+            Lookup::Fresh(entry.value, refresh)
         } else if now < entry.stale_until {
             Lookup::Stale(entry.value)
         } else {
@@ -167,6 +178,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Local<K, V> {
         fresh_until: Instant,
         stale_until: Instant,
         now: Instant,
+        early: Option<crate::early::Early>,
     ) {
         let weight = match (&self.weigher, &value) {
             (Some(weigher), Some(v)) => {
@@ -180,6 +192,11 @@ impl<K: Hash + Eq + Clone, V: Clone> Local<K, V> {
             value,
             recheck_at: self.at(recheck_at),
             stale_until: self.at(stale_until),
+            early_from: early.map_or(u64::MAX, |early| self.at(early.from)),
+            early_expiry: early.map_or(u64::MAX, |early| self.at(early.expiry)),
+            early_scale_ns: early.map_or(0, |early| {
+                u64::try_from(early.scale.as_nanos()).unwrap_or(u64::MAX)
+            }),
             weight,
         };
         self.map.insert(key, entry);

@@ -131,6 +131,18 @@ pub const CACHE_LOADS: MetricDef = MetricDef {
     buckets: &[],
 };
 
+/// Loads started early, in the background, by a hit near its value's expiry.
+pub const CACHE_EARLY_REFRESHES: MetricDef = MetricDef {
+    name: "brisk_cache_early_refreshes_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["cache"],
+    help: "Background reloads a hit started before its value expired (early refresh, XFetch).",
+    emitted_by: "brisk-cache",
+    otel: None,
+    buckets: &[],
+};
+
 /// What loads did with the lease that keeps processes from loading one key together.
 pub const CACHE_LEASES: MetricDef = MetricDef {
     name: "brisk_cache_leases_total",
@@ -527,6 +539,7 @@ pub const CATALOG: &[MetricDef] = &[
     CACHE_LOAD_DURATION,
     CACHE_REMOTE_DURATION,
     CACHE_LEASES,
+    CACHE_EARLY_REFRESHES,
     CACHE_BREAKER_STATE,
     CACHE_DECODE_FAILURES,
     CACHE_OVERSIZE,
