@@ -149,6 +149,20 @@ struct Flight<V> {
 }
 
 impl<V: Clone> Flight<V> {
+    fn new(stale: Stale<V>, early: bool) -> Self {
+        Self {
+            started: Instant::now(),
+            early,
+            stale,
+            outcome: OnceLock::new(),
+            done: Notify::new(),
+            superseded: AtomicBool::new(false),
+            writing: AtomicBool::new(false),
+            landed: AtomicBool::new(false),
+            landing: Notify::new(),
+        }
+    }
+
     fn finish(&self, outcome: Result<Option<V>, Error>) {
         if self.outcome.set(outcome).is_ok() {
             self.done.notify_waiters();
@@ -442,6 +456,78 @@ where
     }
 }
 
+impl<K, V> Cache<K, V>
+where
+    K: CacheKey + Hash + Eq + Clone + Send + Sync + 'static,
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    /// Cache-aside for many keys at once: each key's value from the cache, and one call of
+    /// `load` for the keys it misses. Results come per key, in the order of `keys` (a key
+    /// given twice gets its result twice).
+    ///
+    /// The local tier answers what it can; the rest is read from Redis in one `MGET` (split by
+    /// slot on a cluster); `load` gets the keys still missing (each once), and returns the
+    /// values it found — a key it leaves out is "there is none", cached for the negative TTL.
+    /// Its values are stored in one pipelined round trip. As with
+    /// [`get_or_load`](Self::get_or_load), the load runs on its own task (a caller dropped
+    /// does not stop it), each key it loads is a load other callers of that key join, keys
+    /// whose load is already in progress are joined rather than loaded again, over Redis the
+    /// loaded keys are leased (a key another process is loading is loaded here too, but stored
+    /// only by that process), and a stale value within the stale window stands in for a failed
+    /// load. Early refresh does not apply to batched reads.
+    ///
+    /// ```
+    /// use std::collections::HashMap;
+    /// use brisk_cache::Cache;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let names: Cache<u64, String> = Cache::builder("names").build()?;
+    /// names.set(&1, "Ada".to_owned()).await?;
+    /// let found = names
+    ///     .get_or_load_many(&[1, 2, 3], |missing: Vec<u64>| async move {
+    ///         assert_eq!(missing, [2, 3]); // 1 was cached
+    ///         Ok::<_, std::io::Error>(HashMap::from([(2, "Grace".to_owned())]))
+    ///     })
+    ///     .await;
+    /// let found: Vec<Option<String>> = found.into_iter().collect::<Result<_, _>>()?;
+    /// assert_eq!(found, [Some("Ada".into()), Some("Grace".into()), None]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Per key, as [`get_or_load`](Self::get_or_load): the load's error is every missing key's
+    /// (without a stale value), [`Error::Key`] only that key's.
+    pub async fn get_or_load_many<F, Fut, E>(
+        &self,
+        keys: &[K],
+        load: F,
+    ) -> Vec<Result<Option<V>, Error>>
+    where
+        F: FnOnce(Vec<K>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<HashMap<K, V>, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        Box::pin(self.inner.fetch_many(keys, move |missing| {
+            load(missing).map(|result| result.map_err(share)).boxed()
+        }))
+        .await
+    }
+}
+
+/// The batch load of `get_or_load_many`, with the user's error shared.
+type BatchLoad<K, V> = BoxFuture<'static, Result<HashMap<K, V>, SharedError>>;
+
+/// A key of `get_or_load_many` past the local tier.
+struct Wanted<V> {
+    /// Where in the caller's keys it stands.
+    at: Vec<usize>,
+    rkey: Vec<u8>,
+    stale: Stale<V>,
+}
+
 /// Clears a key whose write-through was dropped midway.
 struct Unsettled<
     'a,
@@ -528,6 +614,14 @@ where
 
     fn redis_key(&self, key: &K) -> Result<Vec<u8>, Error> {
         Ok(key::redis_key(&self.prefix, key, self.config.max_key_len)?)
+    }
+
+    /// Takes `flight` out of the map of loads in progress, unless a write already replaced it.
+    fn leave(&self, key: &K, flight: &Arc<Flight<V>>) {
+        let mut flights = self.flights();
+        if flights.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            flights.remove(key);
+        }
     }
 
     fn flights(&self) -> MutexGuard<'_, HashMap<K, Arc<Flight<V>>, foldhash::fast::RandomState>> {
@@ -643,12 +737,33 @@ where
     /// Asks the remote tier; whatever goes wrong there is a miss, counted in the request
     /// metrics if `counted` (a load polling for another process's value is no request).
     async fn lookup(&self, rkey: &[u8], counted: bool) -> Found<V> {
+        let read = self.remote.get(rkey).await;
+        self.found(read, counted)
+    }
+
+    /// [`lookup`](Self::lookup) of many keys in one round trip (`MGET`).
+    async fn lookup_many(&self, rkeys: &[Vec<u8>]) -> Vec<Found<V>> {
+        match self.remote.get_many(rkeys).await {
+            Ok(read) => read
+                .into_iter()
+                .map(|bytes| self.found(Ok(bytes), true))
+                .collect(),
+            Err(err) => {
+                self.metrics.remote_error.increment(rkeys.len() as u64);
+                tracing::debug!(cache = %self.name, %err, "remote read of many keys failed; going on as misses");
+                rkeys.iter().map(|_| Found::Nothing).collect()
+            }
+        }
+    }
+
+    /// What a remote read found, counted.
+    fn found(&self, read: Result<Option<Vec<u8>>, RemoteError>, counted: bool) -> Found<V> {
         let count = |counter: &Counter| {
             if counted {
                 counter.increment(1);
             }
         };
-        let bytes = match self.remote.get(rkey).await {
+        let bytes = match read {
             Ok(Some(bytes)) => bytes,
             Ok(None) => {
                 count(&self.metrics.remote_miss);
@@ -685,6 +800,148 @@ where
                 Found::Nothing
             }
         }
+    }
+
+    /// `get_or_load_many`: the local tier, then one `MGET`, then one batch load of the misses.
+    async fn fetch_many<M>(self: &Arc<Self>, keys: &[K], make: M) -> Vec<Result<Option<V>, Error>>
+    where
+        M: FnOnce(Vec<K>) -> BatchLoad<K, V>,
+    {
+        let mut out: Vec<Option<Result<Option<V>, Error>>> = keys.iter().map(|_| None).collect();
+        let mut wanted: HashMap<K, Wanted<V>, foldhash::fast::RandomState> = HashMap::default();
+        let mut order = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            if let Some(known) = wanted.get_mut(key) {
+                known.at.push(i);
+                continue;
+            }
+            match self.local_first(key) {
+                Ok((hit, _)) => out[i] = Some(Ok(hit)),
+                Err(stale) => match self.redis_key(key) {
+                    Ok(rkey) => {
+                        wanted.insert(
+                            key.clone(),
+                            Wanted {
+                                at: vec![i],
+                                rkey,
+                                stale,
+                            },
+                        );
+                        order.push(key.clone());
+                    }
+                    Err(err) => out[i] = Some(Err(err)),
+                },
+            }
+        }
+        // Loads in progress are joined; the other keys are read in one round trip.
+        let (mut joined, mut read) = (Vec::new(), Vec::new());
+        {
+            let flights = self.flights();
+            for key in order {
+                match flights.get(&key).filter(|flight| !flight.early) {
+                    Some(flight) => joined.push((key, Arc::clone(flight))),
+                    None => read.push(key),
+                }
+            }
+        }
+        let rkeys: Vec<Vec<u8>> = read.iter().map(|key| wanted[key].rkey.clone()).collect();
+        let epochs: Vec<u64> = read
+            .iter()
+            .map(|key| self.epoch(key).load(Ordering::Acquire))
+            .collect();
+        let found = if rkeys.is_empty() {
+            Vec::new()
+        } else {
+            self.lookup_many(&rkeys).await
+        };
+        let mut misses = Vec::new();
+        for ((key, found), epoch) in read.into_iter().zip(found).zip(epochs) {
+            match found {
+                Found::Fresh(value, fresh_until, stale_until, early) => {
+                    self.fill_local(&key, &value, fresh_until, stale_until, epoch, early);
+                    for &i in &wanted[&key].at {
+                        out[i] = Some(Ok(value.clone()));
+                    }
+                }
+                Found::Stale(value) => {
+                    if let Some(known) = wanted.get_mut(&key) {
+                        known.stale = Some((value, Tier::Remote));
+                    }
+                    misses.push(key);
+                }
+                Found::Nothing => misses.push(key),
+            }
+        }
+        if !misses.is_empty() {
+            match self.start_many(misses.clone(), &wanted, make) {
+                Ok(flights) => joined.extend(flights),
+                Err(err) => {
+                    for key in &misses {
+                        for &i in &wanted[key].at {
+                            out[i] = Some(Err(err.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        for (key, flight) in joined {
+            let known = &wanted[&key];
+            let result = self.wait(&flight, known.stale.clone()).await;
+            for &i in &known.at {
+                out[i] = Some(result.clone());
+            }
+        }
+        out.into_iter()
+            .map(|result| result.unwrap_or(Err(Error::Cancelled)))
+            .collect()
+    }
+
+    /// One load, on its own task, of the `misses` not being loaded already: a flight per key,
+    /// which callers of single keys join too. Returns the flight of every miss.
+    #[allow(clippy::type_complexity)]
+    fn start_many<M>(
+        self: &Arc<Self>,
+        misses: Vec<K>,
+        wanted: &HashMap<K, Wanted<V>, foldhash::fast::RandomState>,
+        make: M,
+    ) -> Result<Vec<(K, Arc<Flight<V>>)>, Error>
+    where
+        M: FnOnce(Vec<K>) -> BatchLoad<K, V>,
+    {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        let (mut all, mut mine) = (Vec::new(), Vec::new());
+        {
+            let mut flights = self.flights();
+            for key in misses {
+                if let Some(flight) = flights.get(&key) {
+                    all.push((key, Arc::clone(flight)));
+                    continue;
+                }
+                let known = &wanted[&key];
+                let flight = Arc::new(Flight::new(known.stale.clone(), false));
+                flights.insert(key.clone(), Arc::clone(&flight));
+                mine.push((key.clone(), known.rkey.clone(), Arc::clone(&flight)));
+                all.push((key, flight));
+            }
+        }
+        if mine.is_empty() {
+            return Ok(all);
+        }
+        let keys = mine.iter().map(|(key, _, _)| key.clone()).collect();
+        let landing = BatchLanding {
+            inner: Arc::clone(self),
+            flights: mine,
+        };
+        // A panic building the load's future is the load's panic (the landing's drop answers).
+        match std::panic::catch_unwind(AssertUnwindSafe(|| make(keys))) {
+            Ok(load) => {
+                runtime.spawn(async move { landing.run(load).await });
+            }
+            Err(panic) => landing.fail(&Error::Panicked {
+                message: envelope::panic_message(&*panic).into(),
+            }),
+        }
+        Ok(all)
     }
 
     /// A hit drew an early refresh: starts a load of `key` in the background, unless one is in
@@ -776,17 +1033,7 @@ where
                 return Ok(Arc::clone(flight));
             }
             let load = load?;
-            let flight = Arc::new(Flight {
-                started: Instant::now(),
-                early,
-                stale,
-                outcome: OnceLock::new(),
-                done: Notify::new(),
-                superseded: AtomicBool::new(false),
-                writing: AtomicBool::new(false),
-                landed: AtomicBool::new(false),
-                landing: Notify::new(),
-            });
+            let flight = Arc::new(Flight::new(stale, early));
             flights.insert(key.clone(), Arc::clone(&flight));
             let landing = Landing {
                 inner: Arc::clone(self),
@@ -1062,13 +1309,7 @@ where
 {
     /// Takes this flight out of the map, unless a write already replaced it.
     fn leave(&self) {
-        let mut flights = self.inner.flights();
-        if flights
-            .get(&self.key)
-            .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
-        {
-            flights.remove(&self.key);
-        }
+        self.inner.leave(&self.key, &self.flight);
     }
 
     async fn run(self, load: impl Future<Output = Result<Option<V>, SharedError>> + Send) {
@@ -1215,6 +1456,192 @@ where
         // Ended without an outcome: the task was dropped (its runtime shut down).
         self.flight.finish(Err(Error::Cancelled));
         self.flight.land();
+    }
+}
+
+/// The batch load of `get_or_load_many` on its own task, and what happens when it ends: each
+/// key's flight is answered, and what it loaded stored, however it ends.
+struct BatchLanding<
+    K: CacheKey + Hash + Eq + Clone + Send + Sync + 'static,
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+> {
+    inner: Arc<Inner<K, V>>,
+    flights: Vec<(K, Vec<u8>, Arc<Flight<V>>)>,
+}
+
+impl<K, V> BatchLanding<K, V>
+where
+    K: CacheKey + Hash + Eq + Clone + Send + Sync + 'static,
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    /// Every key's load failed with `err`.
+    fn fail(&self, err: &Error) {
+        for (key, _, flight) in &self.flights {
+            self.inner.leave(key, flight);
+            flight.finish(Err(err.clone()));
+        }
+    }
+
+    async fn run(self, load: BatchLoad<K, V>) {
+        let inner = &self.inner;
+        let m = &inner.metrics;
+        let rkeys: Vec<Vec<u8>> = self
+            .flights
+            .iter()
+            .map(|(_, rkey, _)| rkey.clone())
+            .collect();
+        let token = format!("{:032x}", fastrand::u128(..));
+        // Which keys this load leased; `None`: no leases (no Redis, or Redis failing).
+        let leased = if inner.remote.leases() {
+            match inner
+                .remote
+                .acquire_many(&rkeys, &token, inner.lease_ttl())
+                .await
+            {
+                Ok(leased) => {
+                    let taken = leased.iter().filter(|&&taken| taken).count() as u64;
+                    m.lease_acquired.increment(taken);
+                    m.lease_waited.increment(leased.len() as u64 - taken);
+                    Some(leased)
+                }
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
+        let holds = |i: usize| leased.as_ref().is_none_or(|leased| leased[i]);
+        let started = Instant::now();
+        let hard = inner.config.hard_timeout;
+        let span =
+            tracing::debug_span!("brisk_cache_load_many", cache = %inner.name, keys = rkeys.len());
+        let outcome = match deadline::bounded(hard, AssertUnwindSafe(load).catch_unwind())
+            .instrument(span)
+            .await
+        {
+            Ok(Ok(Ok(values))) => {
+                m.loaded.increment(1);
+                Ok(values)
+            }
+            Ok(Ok(Err(err))) => {
+                m.load_error.increment(1);
+                Err(Error::Load(err))
+            }
+            Ok(Err(panic)) => {
+                m.load_panic.increment(1);
+                Err(Error::Panicked {
+                    message: envelope::panic_message(&*panic).into(),
+                })
+            }
+            Err(_) => {
+                m.load_timeout.increment(1);
+                Err(Error::LoadTimeout { after: hard })
+            }
+        };
+        let took = started.elapsed();
+        m.load_duration.record(took.as_secs_f64());
+        let mut values = match outcome {
+            Ok(values) => values,
+            Err(err) => {
+                self.fail(&err);
+                let held: Vec<Vec<u8>> = (0..rkeys.len())
+                    .filter(|&i| holds(i))
+                    .map(|i| rkeys[i].clone())
+                    .collect();
+                inner.remote.release_many(&held, &token).await;
+                return;
+            }
+        };
+        // Answer every key first, then store what may be stored in one round trip.
+        let (mut puts, mut put_at, mut release) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, (key, rkey, flight)) in self.flights.iter().enumerate() {
+            let value = values.remove(key);
+            let keep =
+                value.is_some() || !inner.config.negative_ttl.is_some_and(|ttl| ttl.is_zero());
+            if keep && !flight.superseded.load(Ordering::Acquire) {
+                let now = Instant::now();
+                let (fresh_until, stale_until) = inner.expiry(value.is_none(), now);
+                if let Some(local) = &inner.local {
+                    let early = Early::new(fresh_until, took, inner.config.early_beta);
+                    local.insert(
+                        key.clone(),
+                        value.clone(),
+                        fresh_until,
+                        stale_until,
+                        now,
+                        early,
+                    );
+                    if flight.superseded.load(Ordering::Acquire) {
+                        local.remove(key);
+                    }
+                }
+                let bytes = inner.envelope(value.as_ref(), fresh_until, took, now);
+                match bytes {
+                    Ok(bytes) if bytes.len() <= inner.config.max_value_size && holds(i) => {
+                        flight.writing.store(true, Ordering::SeqCst);
+                        if !flight.superseded.load(Ordering::SeqCst) {
+                            let ttl = stale_until.saturating_duration_since(Instant::now());
+                            puts.push((rkey.clone(), bytes, ttl));
+                            put_at.push(i);
+                        }
+                    }
+                    Ok(bytes) if bytes.len() > inner.config.max_value_size => {
+                        m.oversize.increment(1);
+                        release.push(rkey.clone());
+                    }
+                    Ok(_) => {} // another process holds the lease: it stores the key
+                    Err(err) => {
+                        tracing::warn!(cache = %inner.name, %err, "a loaded value was kept out of the remote tier");
+                        release.push(rkey.clone());
+                    }
+                }
+            } else if holds(i) {
+                release.push(rkey.clone());
+            }
+            flight.finish(Ok(value));
+        }
+        let token = leased.is_some().then_some(token);
+        if !puts.is_empty() {
+            match inner
+                .remote
+                .put_many(&puts, token.as_deref(), inner.config.remote_timeout)
+                .await
+            {
+                Ok(stored) => {
+                    for (&i, stored) in put_at.iter().zip(stored) {
+                        let (key, _, flight) = &self.flights[i];
+                        if !stored {
+                            m.lease_fenced.increment(1);
+                            if let Some(local) = &inner.local
+                                && !flight.superseded.load(Ordering::Acquire)
+                            {
+                                local.remove(key);
+                            }
+                        }
+                    }
+                }
+                Err(err) => {
+                    tracing::debug!(cache = %inner.name, %err, "loaded values could not be written to Redis");
+                }
+            }
+        }
+        if let Some(token) = &token {
+            inner.remote.release_many(&release, token).await;
+        }
+    }
+}
+
+impl<K, V> Drop for BatchLanding<K, V>
+where
+    K: CacheKey + Hash + Eq + Clone + Send + Sync + 'static,
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    fn drop(&mut self) {
+        for (key, _, flight) in &self.flights {
+            self.inner.leave(key, flight);
+            // Ended without an outcome: the task was dropped (its runtime shut down).
+            flight.finish(Err(Error::Cancelled));
+            flight.land();
+        }
     }
 }
 

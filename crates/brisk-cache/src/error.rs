@@ -123,6 +123,9 @@ pub enum RemoteError {
     /// Redis answered with an error, or the connection broke.
     #[error("Redis failed: {0}")]
     Redis(#[source] Arc<redis::RedisError>),
+    /// Redis answered, but not as a command of this shape must (a reply of the wrong length).
+    #[error("Redis answered unexpectedly: {0}")]
+    Reply(String),
 }
 
 /// A setting `build()` refused. Nothing is clamped: each setting is taken as given or refused.

@@ -31,6 +31,8 @@
 //! - Read-through: register a loader with [`CacheBuilder::loader`]; [`Cache::get`] uses it.
 //! - Write-through: [`Cache::write_through`] writes the source of truth first, then the cache.
 //! - Direct: [`Cache::set`], [`Cache::get`] (without a loader: no load), [`Cache::invalidate`].
+//! - Batched: [`Cache::get_or_load_many`] reads many keys in one round trip and loads the
+//!   misses in one call.
 //!
 //! # The read path
 //!
@@ -76,7 +78,8 @@
 //!   `docs/caching.md` has the details.
 //! - **Early refresh is opt-in** ([`CacheBuilder::early_refresh`], XFetch): a background
 //!   reload near the expiry costs a load that a cold key would not have needed.
-//! - **Cross-process invalidation of local tiers, tags and batched reads** are still to come: a local tier sees another process's writes only after its own TTL.
+//! - **Cross-process invalidation of local tiers, and tags** are still to come: a local tier
+//!   sees another process's writes only after its own TTL.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod breaker;

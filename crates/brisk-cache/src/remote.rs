@@ -78,6 +78,32 @@ pub(crate) trait RedisOps: Send + Sync + 'static {
         key: &'a [u8],
         token: &'a str,
     ) -> BoxFuture<'a, Result<(), RemoteError>>;
+    /// `MGET` of `keys` (split by slot on a cluster, answered in order).
+    fn get_many<'a>(
+        &'a self,
+        keys: &'a [Vec<u8>],
+    ) -> BoxFuture<'a, Result<Vec<Option<Vec<u8>>>, RemoteError>>;
+    /// [`acquire`](Self::acquire) of each key, in one pipeline: whether each was taken.
+    fn acquire_many<'a>(
+        &'a self,
+        keys: &'a [Vec<u8>],
+        token: &'a str,
+        ttl_ms: u64,
+    ) -> BoxFuture<'a, Result<Vec<bool>, RemoteError>>;
+    /// Stores each `(key, value, ttl_ms)`, in one pipeline: fenced by `token` (as
+    /// [`put_fenced`](Self::put_fenced)) or, without one, as [`set`](Self::set). Whether each
+    /// was stored.
+    fn put_many<'a>(
+        &'a self,
+        items: &'a [(Vec<u8>, Vec<u8>, u64)],
+        token: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<bool>, RemoteError>>;
+    /// [`release`](Self::release) of each key, in one pipeline.
+    fn release_many<'a>(
+        &'a self,
+        keys: &'a [Vec<u8>],
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<(), RemoteError>>;
     fn kind(&self) -> &'static str;
 }
 
@@ -142,6 +168,49 @@ async fn connect<S: RedisSource>(source: &S) -> Result<S::Connection, RemoteErro
 
 fn redis_error(err: redis::RedisError) -> RemoteError {
     RemoteError::Redis(Arc::new(err))
+}
+
+/// Runs `pipeline` over the keys at `0..keys.len()` once, or over a cluster once per hash slot,
+/// concurrently (redis-rs sends a pipeline to one node); the replies in the order of `keys`.
+async fn by_slot<T, F, Fut>(
+    cluster: bool,
+    keys: &[&[u8]],
+    pipeline: F,
+) -> Result<Vec<T>, RemoteError>
+where
+    F: Fn(Vec<usize>) -> Fut,
+    Fut: Future<Output = Result<Vec<T>, RemoteError>>,
+{
+    if !cluster {
+        return pipeline((0..keys.len()).collect()).await;
+    }
+    let mut slots: std::collections::HashMap<redis::cluster_routing::Slot, Vec<usize>> =
+        std::collections::HashMap::new();
+    for (i, key) in keys.iter().enumerate() {
+        slots
+            .entry(redis::cluster_routing::Slot::for_key(key))
+            .or_default()
+            .push(i);
+    }
+    let replies = futures_util::future::try_join_all(slots.into_values().map(|at| {
+        let reply = pipeline(at.clone());
+        async move { Ok::<_, RemoteError>((at, reply.await?)) }
+    }))
+    .await?;
+    let mut out: Vec<Option<T>> = keys.iter().map(|_| None).collect();
+    for (at, reply) in replies {
+        if reply.len() != at.len() {
+            return Err(RemoteError::Reply(format!(
+                "a pipeline of {} commands answered {}",
+                at.len(),
+                reply.len()
+            )));
+        }
+        for (i, reply) in at.into_iter().zip(reply) {
+            out[i] = Some(reply);
+        }
+    }
+    Ok(out.into_iter().flatten().collect())
 }
 
 impl<S: RedisSource> RedisOps for S {
@@ -255,6 +324,110 @@ impl<S: RedisSource> RedisOps for S {
         })
     }
 
+    fn get_many<'a>(
+        &'a self,
+        keys: &'a [Vec<u8>],
+    ) -> BoxFuture<'a, Result<Vec<Option<Vec<u8>>>, RemoteError>> {
+        Box::pin(async move {
+            let mut conn = connect(self).await?;
+            redis::cmd("MGET")
+                .arg(keys)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)
+        })
+    }
+
+    fn acquire_many<'a>(
+        &'a self,
+        keys: &'a [Vec<u8>],
+        token: &'a str,
+        ttl_ms: u64,
+    ) -> BoxFuture<'a, Result<Vec<bool>, RemoteError>> {
+        Box::pin(async move {
+            let slices: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+            by_slot(S::CLUSTER, &slices, |at| async move {
+                let mut conn = connect(self).await?;
+                let mut pipe = redis::pipe();
+                for i in at {
+                    pipe.cmd("SET")
+                        .arg(lease_key(&keys[i]))
+                        .arg(token)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(ttl_ms.max(1));
+                }
+                let replies: Vec<Option<String>> =
+                    pipe.query_async(&mut conn).await.map_err(redis_error)?;
+                Ok(replies.into_iter().map(|reply| reply.is_some()).collect())
+            })
+            .await
+        })
+    }
+
+    fn put_many<'a>(
+        &'a self,
+        items: &'a [(Vec<u8>, Vec<u8>, u64)],
+        token: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<bool>, RemoteError>> {
+        let slices: Vec<&[u8]> = items.iter().map(|(key, _, _)| key.as_slice()).collect();
+        Box::pin(async move {
+            by_slot(S::CLUSTER, &slices, |at| async move {
+                let mut conn = connect(self).await?;
+                // EVAL rather than EVALSHA: a pipeline cannot load a script on NOSCRIPT midway.
+                let mut pipe = redis::pipe();
+                for (key, value, ttl_ms) in at.into_iter().map(|i| &items[i]) {
+                    let command = pipe.cmd("EVAL");
+                    match token {
+                        Some(token) => command
+                            .arg(PUT_FENCED)
+                            .arg(2)
+                            .arg(key)
+                            .arg(lease_key(key))
+                            .arg(token)
+                            .arg(value),
+                        None => command
+                            .arg(WRITE)
+                            .arg(2)
+                            .arg(key)
+                            .arg(lease_key(key))
+                            .arg(value),
+                    }
+                    .arg((*ttl_ms).max(1));
+                }
+                let stored: Vec<i64> = pipe.query_async(&mut conn).await.map_err(redis_error)?;
+                Ok(stored.into_iter().map(|stored| stored == 1).collect())
+            })
+            .await
+        })
+    }
+
+    fn release_many<'a>(
+        &'a self,
+        keys: &'a [Vec<u8>],
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<(), RemoteError>> {
+        Box::pin(async move {
+            let slices: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+            by_slot(S::CLUSTER, &slices, |at| async move {
+                let mut conn = connect(self).await?;
+                let mut pipe = redis::pipe();
+                for i in at {
+                    pipe.cmd("EVAL")
+                        .arg(RELEASE)
+                        .arg(1)
+                        .arg(lease_key(&keys[i]))
+                        .arg(token);
+                }
+                pipe.query_async::<Vec<i64>>(&mut conn)
+                    .await
+                    .map_err(redis_error)
+            })
+            .await
+            .map(drop)
+        })
+    }
+
     fn kind(&self) -> &'static str {
         std::any::type_name::<S>()
     }
@@ -356,6 +529,120 @@ impl Remote {
                 .filter(|stored| Instant::now() < stored.expires)
                 .map(|stored| stored.bytes.clone())),
             Store::Redis { ops, .. } => self.call(Op::Get, self.timeout, ops.get(key)).await,
+        }
+    }
+
+    /// [`get`](Self::get) of many keys in one round trip (one per node on a cluster).
+    pub(crate) async fn get_many(
+        &self,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Option<Vec<u8>>>, RemoteError> {
+        match &self.store {
+            Store::Memory(map) => {
+                let now = Instant::now();
+                Ok(keys
+                    .iter()
+                    .map(|key| {
+                        map.get(key)
+                            .filter(|stored| now < stored.expires)
+                            .map(|stored| stored.bytes.clone())
+                    })
+                    .collect())
+            }
+            Store::Redis { ops, .. } => {
+                let got = self.call(Op::Get, self.timeout, ops.get_many(keys)).await?;
+                if got.len() == keys.len() {
+                    Ok(got)
+                } else {
+                    Err(RemoteError::Reply(format!(
+                        "MGET of {} keys answered {}",
+                        keys.len(),
+                        got.len()
+                    )))
+                }
+            }
+        }
+    }
+
+    /// The leases of many keys, in one round trip: which were taken. Without Redis, all.
+    pub(crate) async fn acquire_many(
+        &self,
+        keys: &[Vec<u8>],
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Vec<bool>, RemoteError> {
+        match &self.store {
+            Store::Memory(_) => Ok(vec![true; keys.len()]),
+            Store::Redis { ops, .. } => {
+                let ttl_ms = crate::clock::millis(ttl);
+                let taken = self
+                    .call(
+                        Op::Lease,
+                        self.timeout,
+                        ops.acquire_many(keys, token, ttl_ms),
+                    )
+                    .await?;
+                Ok(if taken.len() == keys.len() {
+                    taken
+                } else {
+                    vec![false; keys.len()]
+                })
+            }
+        }
+    }
+
+    /// Stores many `(key, bytes, ttl)` in one round trip, fenced by `token` if given: whether
+    /// each was stored.
+    pub(crate) async fn put_many(
+        &self,
+        items: &[(Vec<u8>, Vec<u8>, Duration)],
+        token: Option<&str>,
+        within: Duration,
+    ) -> Result<Vec<bool>, RemoteError> {
+        match &self.store {
+            Store::Memory(map) => {
+                let now = Instant::now();
+                for (key, bytes, ttl) in items {
+                    map.insert(
+                        key.clone(),
+                        Arc::new(Stored {
+                            bytes: bytes.clone(),
+                            expires: now + *ttl,
+                        }),
+                    );
+                }
+                Ok(vec![true; items.len()])
+            }
+            Store::Redis { ops, .. } => {
+                let items: Vec<_> = items
+                    .iter()
+                    .map(|(key, bytes, ttl)| {
+                        (key.clone(), bytes.clone(), crate::clock::millis(*ttl))
+                    })
+                    .collect();
+                let stored = self
+                    .call(Op::Set, within, ops.put_many(&items, token))
+                    .await?;
+                if stored.len() == items.len() {
+                    Ok(stored)
+                } else {
+                    Err(RemoteError::Reply(format!(
+                        "a pipeline of {} writes answered {}",
+                        items.len(),
+                        stored.len()
+                    )))
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn release_many(&self, keys: &[Vec<u8>], token: &str) {
+        if let Store::Redis { ops, .. } = &self.store
+            && !keys.is_empty()
+        {
+            let _ = self
+                .call(Op::Lease, self.timeout, ops.release_many(keys, token))
+                .await;
         }
     }
 

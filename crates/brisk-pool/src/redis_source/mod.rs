@@ -49,6 +49,10 @@ pub trait RedisSource: Send + Sync + 'static {
 
     /// A connection, ready for `query_async`.
     fn connection(&self) -> impl Future<Output = Result<Self::Connection, SourceError>> + Send;
+
+    /// Whether its connections route commands over a Redis Cluster, where a pipeline must
+    /// keep to the keys of one node: users of a source split their pipelines by hash slot then.
+    const CLUSTER: bool = false;
 }
 
 /// A source could not provide a connection.
@@ -247,6 +251,8 @@ where
 
 impl RedisSource for redis::cluster_async::ClusterConnection {
     type Connection = Self;
+
+    const CLUSTER: bool = true;
 
     async fn connection(&self) -> Result<Self, SourceError> {
         Ok(self.clone())
