@@ -15,6 +15,14 @@
 //!   returns once the value is loaded and writes Redis on the load's task, so at concurrency 1
 //!   its SET overlaps the next call's GET: the figures compare what a caller waits for.
 //!
+//! - `cache/get_or_load_many`: 100 keys, half cached (the same 50) and half fresh each time,
+//!   an instant batch loader, no local tier: `brisk` (`get_or_load_many`) beside `loop` (a
+//!   `get_or_load` per key, in turn) and `hand` (raw redis-rs: `MGET`, decode the hits, load the
+//!   misses, encode, one pipeline of `SET … PX`) — the hand-written version it replaces.
+//! - `cache/remote_hit_concurrent`: 256 concurrent readers of distinct keys (1 KiB values, no
+//!   local tier), each a hit: `brisk` beside `redis` (raw redis-rs multiplexed GET plus decode
+//!   per key). After it, `redis-benchmark -c 256 -P 16` GET throughput on the same server.
+//!
 //! Run: `cargo bench --bench cache`.
 #![allow(clippy::print_stdout, missing_docs)] // the physical-limit report
 
@@ -343,6 +351,187 @@ fn physical_limit(port: u16) {
     }
 }
 
+/// 100 keys: the 50 cached ones and 50 fresh.
+fn hundred(fresh: &AtomicU64) -> Vec<u64> {
+    let base = fresh.fetch_add(50, Ordering::Relaxed);
+    (0..50).chain(base..base + 50).collect()
+}
+
+fn get_many(c: &mut Criterion, rt: &tokio::runtime::Runtime, url: &str) {
+    let (brisk, raw) = rt.block_on(async {
+        let cache: Cache<u64, Profile> = Cache::builder("many")
+            .ttl(Duration::from_secs(600))
+            .redis(Multiplexed::connect(url).await.unwrap())
+            .build()
+            .unwrap();
+        let client = redis::Client::open(url).unwrap();
+        let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+        for k in 0..50 {
+            cache.set(&k, profile(k)).await.unwrap();
+            let () = redis::cmd("SET")
+                .arg(format!("raw:{k}"))
+                .arg(rmp_serde::to_vec_named(&profile(k)).unwrap())
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+        }
+        (Arc::new(cache), raw)
+    });
+    let fresh = Arc::new(AtomicU64::new(1 << 32));
+    let mut group = c.benchmark_group("cache/get_or_load_many");
+    group.throughput(Throughput::Elements(100));
+    let load = |missing: Vec<u64>| async move {
+        Ok::<_, std::io::Error>(
+            missing
+                .into_iter()
+                .map(|k| (k, profile(k)))
+                .collect::<std::collections::HashMap<_, _>>(),
+        )
+    };
+    group.bench_function(BenchmarkId::new("brisk", 100), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (cache, fresh) = (brisk.clone(), fresh.clone());
+            spread(iters, 1, move || {
+                let (cache, keys) = (cache.clone(), hundred(&fresh));
+                async move {
+                    let got = cache.get_or_load_many(&keys, load).await;
+                    assert!(got.iter().all(|r| matches!(r, Ok(Some(_)))));
+                }
+            })
+        });
+    });
+    group.bench_function(BenchmarkId::new("loop", 100), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (cache, fresh) = (brisk.clone(), fresh.clone());
+            spread(iters, 1, move || {
+                let (cache, keys) = (cache.clone(), hundred(&fresh));
+                async move {
+                    for k in keys {
+                        let got = cache
+                            .get_or_load(
+                                &k,
+                                async move { Ok::<_, std::io::Error>(Some(profile(k))) },
+                            )
+                            .await;
+                        assert!(got.unwrap().is_some());
+                    }
+                }
+            })
+        });
+    });
+    group.bench_function(BenchmarkId::new("hand", 100), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (conn, fresh) = (raw.clone(), fresh.clone());
+            spread(iters, 1, move || {
+                let (mut conn, keys) = (conn.clone(), hundred(&fresh));
+                async move {
+                    let names: Vec<String> = keys.iter().map(|k| format!("raw:{k}")).collect();
+                    let found: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+                        .arg(&names)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    let mut values = Vec::with_capacity(keys.len());
+                    let mut missing = Vec::new();
+                    for (&k, bytes) in keys.iter().zip(found) {
+                        match bytes {
+                            Some(bytes) => {
+                                values.push(rmp_serde::from_slice::<Profile>(&bytes).unwrap())
+                            }
+                            None => missing.push(k),
+                        }
+                    }
+                    let loaded = load(missing).await.unwrap();
+                    let mut pipe = redis::pipe();
+                    for (k, value) in &loaded {
+                        pipe.cmd("SET")
+                            .arg(format!("raw:{k}"))
+                            .arg(rmp_serde::to_vec_named(value).unwrap())
+                            .arg("PX")
+                            .arg(600_000)
+                            .ignore();
+                    }
+                    let () = pipe.query_async(&mut conn).await.unwrap();
+                    values.extend(loaded.into_values());
+                    assert_eq!(values.len(), 100);
+                }
+            })
+        });
+    });
+    group.finish();
+}
+
+/// Readers at once in `cache/remote_hit_concurrent`.
+const READERS: u64 = 256;
+
+fn remote_hit_concurrent(c: &mut Criterion, rt: &tokio::runtime::Runtime, url: &str) {
+    let (brisk, raw) = rt.block_on(async {
+        let cache: Cache<u64, Profile> = Cache::builder("conc")
+            .ttl(Duration::from_secs(3_600))
+            .redis(Multiplexed::connect(url).await.unwrap())
+            .build()
+            .unwrap();
+        let client = redis::Client::open(url).unwrap();
+        let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+        for k in 0..READERS {
+            cache.set(&k, profile(k)).await.unwrap();
+            let () = redis::cmd("SET")
+                .arg(format!("raw:{k}"))
+                .arg(rmp_serde::to_vec_named(&profile(k)).unwrap())
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+        }
+        (Arc::new(cache), raw)
+    });
+    let mut group = c.benchmark_group("cache/remote_hit_concurrent");
+    group.throughput(Throughput::Elements(1));
+    let next = Arc::new(AtomicU64::new(0));
+    group.bench_function(BenchmarkId::new("brisk", READERS), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (cache, next) = (brisk.clone(), next.clone());
+            spread(iters, READERS, move || {
+                let cache = cache.clone();
+                let k = next.fetch_add(1, Ordering::Relaxed) % READERS;
+                async move {
+                    let hit = cache.get(&k).await.unwrap();
+                    assert_eq!(hit.map(|p| p.id), Some(k));
+                }
+            })
+        });
+    });
+    group.bench_function(BenchmarkId::new("redis", READERS), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (conn, next) = (raw.clone(), next.clone());
+            spread(iters, READERS, move || {
+                let mut conn = conn.clone();
+                let k = next.fetch_add(1, Ordering::Relaxed) % READERS;
+                async move {
+                    let bytes: Vec<u8> = redis::cmd("GET")
+                        .arg(format!("raw:{k}"))
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    let p: Profile = rmp_serde::from_slice(&bytes).unwrap();
+                    assert_eq!(p.id, k);
+                }
+            })
+        });
+    });
+    group.finish();
+}
+
+/// redis-benchmark's GET throughput at 256 clients, 16 pipelined, 1 KiB values.
+fn concurrent_limit(port: u16) {
+    match redis_benchmark::get(
+        port,
+        &["-d", "1024", "-n", "500000", "-c", "256", "-P", "16", "-q"],
+    ) {
+        Ok(text) => println!("redis-benchmark -c 256 -P 16 -d 1024: {}", text.trim()),
+        Err(why) => println!("{why}"),
+    }
+}
+
 fn main() {
     let (server, rt) = redis_benchmark::server_and_runtime();
     let url = server.url();
@@ -351,6 +540,9 @@ fn main() {
     local_hit(&mut criterion, &rt);
     remote_hit(&mut criterion, &rt, &url);
     miss(&mut criterion, &rt, &url);
+    get_many(&mut criterion, &rt, &url);
+    remote_hit_concurrent(&mut criterion, &rt, &url);
     criterion.final_summary();
     physical_limit(server.port().expect("TCP"));
+    concurrent_limit(server.port().expect("TCP"));
 }

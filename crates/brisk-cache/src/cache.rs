@@ -30,7 +30,7 @@ use crate::envelope::{self, DecodeError, Format, Meta};
 use crate::error::{Error, RemoteError, SharedError};
 use crate::key::{self, CacheKey};
 use crate::local::{Local, LocalTier, Lookup};
-use crate::remote::{Lease, Remote};
+use crate::remote::{Lease, Read, Remote};
 
 /// The loader registered for read-through.
 pub(crate) type ReadThrough<K, V> =
@@ -520,6 +520,24 @@ where
 /// The batch load of `get_or_load_many`, with the user's error shared.
 type BatchLoad<K, V> = BoxFuture<'static, Result<HashMap<K, V>, SharedError>>;
 
+/// A random token naming one load's leases.
+fn lease_token() -> String {
+    format!("{:032x}", fastrand::u128(..))
+}
+
+/// What a key of a batch load holds of its lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leasing {
+    /// The batch's read took it.
+    Mine,
+    /// Another load holds it: the key is loaded here, and stored by that load.
+    Others,
+    /// The read found a value, stale or undecodable: the batch asks for the lease.
+    Ask,
+    /// No leases: no Redis, or Redis failing.
+    Unfenced,
+}
+
 /// A key of `get_or_load_many` past the local tier.
 struct Wanted<V> {
     /// Where in the caller's keys it stands.
@@ -741,21 +759,6 @@ where
         self.found(read, counted)
     }
 
-    /// [`lookup`](Self::lookup) of many keys in one round trip (`MGET`).
-    async fn lookup_many(&self, rkeys: &[Vec<u8>]) -> Vec<Found<V>> {
-        match self.remote.get_many(rkeys).await {
-            Ok(read) => read
-                .into_iter()
-                .map(|bytes| self.found(Ok(bytes), true))
-                .collect(),
-            Err(err) => {
-                self.metrics.remote_error.increment(rkeys.len() as u64);
-                tracing::debug!(cache = %self.name, %err, "remote read of many keys failed; going on as misses");
-                rkeys.iter().map(|_| Found::Nothing).collect()
-            }
-        }
-    }
-
     /// What a remote read found, counted.
     fn found(&self, read: Result<Option<Vec<u8>>, RemoteError>, counted: bool) -> Found<V> {
         let count = |counter: &Counter| {
@@ -849,34 +852,66 @@ where
             .iter()
             .map(|key| self.epoch(key).load(Ordering::Acquire))
             .collect();
-        let found = if rkeys.is_empty() {
+        // One round trip reads the keys and leases those missing (one script, over Redis).
+        let token = lease_token();
+        let reads: Vec<Option<Read>> = if rkeys.is_empty() {
             Vec::new()
         } else {
-            self.lookup_many(&rkeys).await
-        };
-        let mut misses = Vec::new();
-        for ((key, found), epoch) in read.into_iter().zip(found).zip(epochs) {
-            match found {
-                Found::Fresh(value, fresh_until, stale_until, early) => {
-                    self.fill_local(&key, &value, fresh_until, stale_until, epoch, early);
-                    for &i in &wanted[&key].at {
-                        out[i] = Some(Ok(value.clone()));
-                    }
+            match self
+                .remote
+                .read_many(&rkeys, &token, self.lease_ttl())
+                .await
+            {
+                Ok(reads) => reads.into_iter().map(Some).collect(),
+                Err(err) => {
+                    self.metrics.remote_error.increment(rkeys.len() as u64);
+                    tracing::debug!(cache = %self.name, %err, "remote read of many keys failed; going on as misses");
+                    rkeys.iter().map(|_| None).collect()
                 }
-                Found::Stale(value) => {
-                    if let Some(known) = wanted.get_mut(&key) {
-                        known.stale = Some((value, Tier::Remote));
-                    }
-                    misses.push(key);
-                }
-                Found::Nothing => misses.push(key),
             }
+        };
+        let leases = self.remote.leases();
+        let mut misses = Vec::new();
+        for ((key, read), epoch) in read.into_iter().zip(reads).zip(epochs) {
+            let leasing = match read {
+                Some(Read::Value(bytes)) => match self.found(Ok(Some(bytes)), true) {
+                    Found::Fresh(value, fresh_until, stale_until, early) => {
+                        self.fill_local(&key, &value, fresh_until, stale_until, epoch, early);
+                        for &i in &wanted[&key].at {
+                            out[i] = Some(Ok(value.clone()));
+                        }
+                        continue;
+                    }
+                    Found::Stale(value) => {
+                        if let Some(known) = wanted.get_mut(&key) {
+                            known.stale = Some((value, Tier::Remote));
+                        }
+                        Leasing::Ask
+                    }
+                    Found::Nothing => Leasing::Ask,
+                },
+                Some(Read::Leased) => {
+                    self.metrics.remote_miss.increment(1);
+                    if leases {
+                        self.metrics.lease_acquired.increment(1);
+                    }
+                    Leasing::Mine
+                }
+                Some(Read::Held) => {
+                    self.metrics.remote_miss.increment(1);
+                    self.metrics.lease_waited.increment(1);
+                    Leasing::Others
+                }
+                None => Leasing::Unfenced,
+            };
+            misses.push((key, if leases { leasing } else { Leasing::Unfenced }));
         }
         if !misses.is_empty() {
-            match self.start_many(misses.clone(), &wanted, make) {
+            let keys: Vec<K> = misses.iter().map(|(key, _)| key.clone()).collect();
+            match self.start_many(misses, &wanted, token, make) {
                 Ok(flights) => joined.extend(flights),
                 Err(err) => {
-                    for key in &misses {
+                    for key in &keys {
                         for &i in &wanted[key].at {
                             out[i] = Some(Err(err.clone()));
                         }
@@ -897,40 +932,58 @@ where
     }
 
     /// One load, on its own task, of the `misses` not being loaded already: a flight per key,
-    /// which callers of single keys join too. Returns the flight of every miss.
+    /// which callers of single keys join too. Returns the flight of every miss. A lease taken
+    /// for a key that another task of this process started loading meanwhile is handed back.
     #[allow(clippy::type_complexity)]
     fn start_many<M>(
         self: &Arc<Self>,
-        misses: Vec<K>,
+        misses: Vec<(K, Leasing)>,
         wanted: &HashMap<K, Wanted<V>, foldhash::fast::RandomState>,
+        token: String,
         make: M,
     ) -> Result<Vec<(K, Arc<Flight<V>>)>, Error>
     where
         M: FnOnce(Vec<K>) -> BatchLoad<K, V>,
     {
+        // Without a runtime the leases just taken end with their TTL.
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
-        let (mut all, mut mine) = (Vec::new(), Vec::new());
+        let (mut all, mut mine, mut release) = (Vec::new(), Vec::new(), Vec::new());
         {
             let mut flights = self.flights();
-            for key in misses {
+            for (key, leasing) in misses {
+                let known = &wanted[&key];
                 if let Some(flight) = flights.get(&key) {
                     all.push((key, Arc::clone(flight)));
+                    if leasing == Leasing::Mine {
+                        release.push(known.rkey.clone());
+                    }
                     continue;
                 }
-                let known = &wanted[&key];
                 let flight = Arc::new(Flight::new(known.stale.clone(), false));
                 flights.insert(key.clone(), Arc::clone(&flight));
-                mine.push((key.clone(), known.rkey.clone(), Arc::clone(&flight)));
+                mine.push((
+                    key.clone(),
+                    known.rkey.clone(),
+                    Arc::clone(&flight),
+                    leasing,
+                ));
                 all.push((key, flight));
             }
+        }
+        if !release.is_empty() {
+            // Not awaited: the leases end within one round trip, and whoever waits on them
+            // takes them then.
+            let (inner, token) = (Arc::clone(self), token.clone());
+            runtime.spawn(async move { inner.remote.release_many(&release, &token).await });
         }
         if mine.is_empty() {
             return Ok(all);
         }
-        let keys = mine.iter().map(|(key, _, _)| key.clone()).collect();
+        let keys = mine.iter().map(|(key, ..)| key.clone()).collect();
         let landing = BatchLanding {
             inner: Arc::clone(self),
             flights: mine,
+            token,
         };
         // A panic building the load's future is the load's panic (the landing's drop answers).
         match std::panic::catch_unwind(AssertUnwindSafe(|| make(keys))) {
@@ -976,7 +1029,7 @@ where
         if !self.remote.leases() {
             return Leased::Unfenced;
         }
-        let token = format!("{:032x}", fastrand::u128(..));
+        let token = lease_token();
         let ttl = self.lease_ttl();
         let give_up = Instant::now() + ttl;
         let mut pause = FIRST_LEASE_POLL;
@@ -1466,7 +1519,9 @@ struct BatchLanding<
     V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 > {
     inner: Arc<Inner<K, V>>,
-    flights: Vec<(K, Vec<u8>, Arc<Flight<V>>)>,
+    flights: Vec<(K, Vec<u8>, Arc<Flight<V>>, Leasing)>,
+    /// The token of the batch's leases.
+    token: String,
 }
 
 impl<K, V> BatchLanding<K, V>
@@ -1476,7 +1531,7 @@ where
 {
     /// Every key's load failed with `err`.
     fn fail(&self, err: &Error) {
-        for (key, _, flight) in &self.flights {
+        for (key, _, flight, _) in &self.flights {
             self.inner.leave(key, flight);
             flight.finish(Err(err.clone()));
         }
@@ -1485,31 +1540,40 @@ where
     async fn run(self, load: BatchLoad<K, V>) {
         let inner = &self.inner;
         let m = &inner.metrics;
+        let token = &self.token;
         let rkeys: Vec<Vec<u8>> = self
             .flights
             .iter()
-            .map(|(_, rkey, _)| rkey.clone())
+            .map(|(_, rkey, ..)| rkey.clone())
             .collect();
-        let token = format!("{:032x}", fastrand::u128(..));
-        // Which keys this load leased; `None`: no leases (no Redis, or Redis failing).
-        let leased = if inner.remote.leases() {
-            match inner
+        // The keys whose read found a stale or foreign value ask for their lease now (the read
+        // leased only keys it found missing).
+        let mut leasing: Vec<Leasing> = self.flights.iter().map(|(.., leasing)| *leasing).collect();
+        let ask: Vec<usize> = (0..leasing.len())
+            .filter(|&i| leasing[i] == Leasing::Ask)
+            .collect();
+        if !ask.is_empty() {
+            let keys: Vec<Vec<u8>> = ask.iter().map(|&i| rkeys[i].clone()).collect();
+            let taken = inner
                 .remote
-                .acquire_many(&rkeys, &token, inner.lease_ttl())
-                .await
-            {
-                Ok(leased) => {
-                    let taken = leased.iter().filter(|&&taken| taken).count() as u64;
-                    m.lease_acquired.increment(taken);
-                    m.lease_waited.increment(leased.len() as u64 - taken);
-                    Some(leased)
-                }
-                Err(_) => None,
+                .acquire_many(&keys, token, inner.lease_ttl())
+                .await;
+            for (n, &i) in ask.iter().enumerate() {
+                leasing[i] = match &taken {
+                    Ok(taken) if taken[n] => {
+                        m.lease_acquired.increment(1);
+                        Leasing::Mine
+                    }
+                    Ok(_) => {
+                        m.lease_waited.increment(1);
+                        Leasing::Others
+                    }
+                    Err(_) => Leasing::Unfenced,
+                };
             }
-        } else {
-            None
-        };
-        let holds = |i: usize| leased.as_ref().is_none_or(|leased| leased[i]);
+        }
+        // Whether key `i` is stored by this load (fenced by its lease, or unfenced).
+        let stores = |i: usize| leasing[i] != Leasing::Others;
         let started = Instant::now();
         let hard = inner.config.hard_timeout;
         let span =
@@ -1544,16 +1608,20 @@ where
             Err(err) => {
                 self.fail(&err);
                 let held: Vec<Vec<u8>> = (0..rkeys.len())
-                    .filter(|&i| holds(i))
+                    .filter(|&i| leasing[i] == Leasing::Mine)
                     .map(|i| rkeys[i].clone())
                     .collect();
-                inner.remote.release_many(&held, &token).await;
+                inner.remote.release_many(&held, token).await;
                 return;
             }
         };
         // Answer every key first, then store what may be stored in one round trip.
-        let (mut puts, mut put_at, mut release) = (Vec::new(), Vec::new(), Vec::new());
-        for (i, (key, rkey, flight)) in self.flights.iter().enumerate() {
+        // Per group (fenced by the batch's leases, or unfenced): the writes and their keys.
+        let mut puts: [(Vec<_>, Vec<usize>); 2] =
+            [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
+        let mut release = Vec::new();
+        let mine = |i: usize| leasing[i] == Leasing::Mine;
+        for (i, (key, rkey, flight, _)) in self.flights.iter().enumerate() {
             let value = values.remove(key);
             let keep =
                 value.is_some() || !inner.config.negative_ttl.is_some_and(|ttl| ttl.is_zero());
@@ -1576,39 +1644,50 @@ where
                 }
                 let bytes = inner.envelope(value.as_ref(), fresh_until, took, now);
                 match bytes {
-                    Ok(bytes) if bytes.len() <= inner.config.max_value_size && holds(i) => {
+                    Ok(bytes) if bytes.len() <= inner.config.max_value_size && stores(i) => {
                         flight.writing.store(true, Ordering::SeqCst);
-                        if !flight.superseded.load(Ordering::SeqCst) {
+                        if flight.superseded.load(Ordering::SeqCst) {
+                            if mine(i) {
+                                release.push(rkey.clone());
+                            }
+                        } else {
                             let ttl = stale_until.saturating_duration_since(Instant::now());
-                            puts.push((rkey.clone(), bytes, ttl));
-                            put_at.push(i);
+                            let group = &mut puts[usize::from(!mine(i))];
+                            group.0.push((rkey.clone(), bytes, ttl));
+                            group.1.push(i);
                         }
                     }
                     Ok(bytes) if bytes.len() > inner.config.max_value_size => {
                         m.oversize.increment(1);
-                        release.push(rkey.clone());
+                        if mine(i) {
+                            release.push(rkey.clone());
+                        }
                     }
                     Ok(_) => {} // another process holds the lease: it stores the key
                     Err(err) => {
                         tracing::warn!(cache = %inner.name, %err, "a loaded value was kept out of the remote tier");
-                        release.push(rkey.clone());
+                        if mine(i) {
+                            release.push(rkey.clone());
+                        }
                     }
                 }
-            } else if holds(i) {
+            } else if mine(i) {
                 release.push(rkey.clone());
             }
             flight.finish(Ok(value));
         }
-        let token = leased.is_some().then_some(token);
-        if !puts.is_empty() {
+        for ((writes, at), token) in puts.iter().zip([Some(token.as_str()), None]) {
+            if writes.is_empty() {
+                continue;
+            }
             match inner
                 .remote
-                .put_many(&puts, token.as_deref(), inner.config.remote_timeout)
+                .put_many(writes, token, inner.config.remote_timeout)
                 .await
             {
                 Ok(stored) => {
-                    for (&i, stored) in put_at.iter().zip(stored) {
-                        let (key, _, flight) = &self.flights[i];
+                    for (&i, stored) in at.iter().zip(stored) {
+                        let (key, _, flight, _) = &self.flights[i];
                         if !stored {
                             m.lease_fenced.increment(1);
                             if let Some(local) = &inner.local
@@ -1624,9 +1703,7 @@ where
                 }
             }
         }
-        if let Some(token) = &token {
-            inner.remote.release_many(&release, token).await;
-        }
+        inner.remote.release_many(&release, token).await;
     }
 }
 
@@ -1636,7 +1713,7 @@ where
     V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 {
     fn drop(&mut self) {
-        for (key, _, flight) in &self.flights {
+        for (key, _, flight, _) in &self.flights {
             self.inner.leave(key, flight);
             // Ended without an outcome: the task was dropped (its runtime shut down).
             flight.finish(Err(Error::Cancelled));

@@ -78,11 +78,14 @@ pub(crate) trait RedisOps: Send + Sync + 'static {
         key: &'a [u8],
         token: &'a str,
     ) -> BoxFuture<'a, Result<(), RemoteError>>;
-    /// `MGET` of `keys` (split by slot on a cluster, answered in order).
-    fn get_many<'a>(
+    /// Reads `keys` and takes the lease of each one missing, in one script (one per hash
+    /// slot on a cluster, concurrently), answered in order.
+    fn read_many<'a>(
         &'a self,
         keys: &'a [Vec<u8>],
-    ) -> BoxFuture<'a, Result<Vec<Option<Vec<u8>>>, RemoteError>>;
+        token: &'a str,
+        ttl_ms: u64,
+    ) -> BoxFuture<'a, Result<Vec<Read>, RemoteError>>;
     /// [`acquire`](Self::acquire) of each key, in one pipeline: whether each was taken.
     fn acquire_many<'a>(
         &'a self,
@@ -106,6 +109,46 @@ pub(crate) trait RedisOps: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), RemoteError>>;
     fn kind(&self) -> &'static str;
 }
+
+/// One key of a [`RedisOps::read_many`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Read {
+    /// The stored bytes (no lease was asked for).
+    Value(Vec<u8>),
+    /// Nothing stored; the lease is this reader's now.
+    Leased,
+    /// Nothing stored; another load holds the lease.
+    Held,
+}
+
+/// `KEYS`: the entries, then their leases. `ARGV`: the token, the leases' TTL in ms. Per key
+/// the stored bytes, or 1 (leased now) or 0 (leased by another).
+const READ_MANY: &str = r"
+local n = #KEYS / 2
+local out = {}
+for i = 1, n do
+  local v = redis.call('GET', KEYS[i])
+  if v then out[i] = v
+  elseif redis.call('SET', KEYS[n + i], ARGV[1], 'NX', 'PX', ARGV[2]) then out[i] = 1
+  else out[i] = 0 end
+end
+return out
+";
+
+/// `KEYS`: the entries, then their leases. `ARGV`: the token (empty: write unfenced), then
+/// each entry's bytes and TTL in ms. Per key 1 if stored, 0 if fenced out.
+const PUT_MANY: &str = r"
+local n = #KEYS / 2
+local out = {}
+for i = 1, n do
+  if ARGV[1] == '' or redis.call('GET', KEYS[n + i]) == ARGV[1] then
+    redis.call('SET', KEYS[i], ARGV[2 * i], 'PX', ARGV[2 * i + 1])
+    redis.call('DEL', KEYS[n + i])
+    out[i] = 1
+  else out[i] = 0 end
+end
+return out
+";
 
 /// What asking for a lease found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +189,8 @@ return 1
 
 /// The scripts, run by `EVALSHA` (loaded again on `NOSCRIPT`, after a restart or failover).
 struct Scripts {
+    read_many: redis::Script,
+    put_many: redis::Script,
     acquire: redis::Script,
     put_fenced: redis::Script,
     write: redis::Script,
@@ -153,6 +198,8 @@ struct Scripts {
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    read_many: redis::Script::new(READ_MANY),
+    put_many: redis::Script::new(PUT_MANY),
     acquire: redis::Script::new(ACQUIRE),
     put_fenced: redis::Script::new(PUT_FENCED),
     write: redis::Script::new(WRITE),
@@ -324,17 +371,40 @@ impl<S: RedisSource> RedisOps for S {
         })
     }
 
-    fn get_many<'a>(
+    fn read_many<'a>(
         &'a self,
         keys: &'a [Vec<u8>],
-    ) -> BoxFuture<'a, Result<Vec<Option<Vec<u8>>>, RemoteError>> {
+        token: &'a str,
+        ttl_ms: u64,
+    ) -> BoxFuture<'a, Result<Vec<Read>, RemoteError>> {
         Box::pin(async move {
-            let mut conn = connect(self).await?;
-            redis::cmd("MGET")
-                .arg(keys)
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)
+            let slices: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+            by_slot(S::CLUSTER, &slices, |at| async move {
+                let mut conn = connect(self).await?;
+                let mut invocation = SCRIPTS.read_many.prepare_invoke();
+                for &i in &at {
+                    invocation.key(&keys[i]);
+                }
+                for &i in &at {
+                    invocation.key(lease_key(&keys[i]));
+                }
+                let replies: Vec<redis::Value> = invocation
+                    .arg(token)
+                    .arg(ttl_ms.max(1))
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(redis_error)?;
+                replies
+                    .into_iter()
+                    .map(|reply| match reply {
+                        redis::Value::BulkString(bytes) => Ok(Read::Value(bytes)),
+                        redis::Value::Int(1) => Ok(Read::Leased),
+                        redis::Value::Int(0) => Ok(Read::Held),
+                        other => Err(RemoteError::Reply(format!("{other:?} from a read"))),
+                    })
+                    .collect()
+            })
+            .await
         })
     }
 
@@ -374,28 +444,22 @@ impl<S: RedisSource> RedisOps for S {
         Box::pin(async move {
             by_slot(S::CLUSTER, &slices, |at| async move {
                 let mut conn = connect(self).await?;
-                // EVAL rather than EVALSHA: a pipeline cannot load a script on NOSCRIPT midway.
-                let mut pipe = redis::pipe();
-                for (key, value, ttl_ms) in at.into_iter().map(|i| &items[i]) {
-                    let command = pipe.cmd("EVAL");
-                    match token {
-                        Some(token) => command
-                            .arg(PUT_FENCED)
-                            .arg(2)
-                            .arg(key)
-                            .arg(lease_key(key))
-                            .arg(token)
-                            .arg(value),
-                        None => command
-                            .arg(WRITE)
-                            .arg(2)
-                            .arg(key)
-                            .arg(lease_key(key))
-                            .arg(value),
-                    }
-                    .arg((*ttl_ms).max(1));
+                let mut invocation = SCRIPTS.put_many.prepare_invoke();
+                for &i in &at {
+                    invocation.key(&items[i].0);
                 }
-                let stored: Vec<i64> = pipe.query_async(&mut conn).await.map_err(redis_error)?;
+                for &i in &at {
+                    invocation.key(lease_key(&items[i].0));
+                }
+                invocation.arg(token.unwrap_or(""));
+                for &i in &at {
+                    let (_, value, ttl_ms) = &items[i];
+                    invocation.arg(value).arg((*ttl_ms).max(1));
+                }
+                let stored: Vec<i64> = invocation
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(redis_error)?;
                 Ok(stored.into_iter().map(|stored| stored == 1).collect())
             })
             .await
@@ -532,11 +596,15 @@ impl Remote {
         }
     }
 
-    /// [`get`](Self::get) of many keys in one round trip (one per node on a cluster).
-    pub(crate) async fn get_many(
+    /// Reads many keys in one round trip (one per hash slot on a cluster), taking the lease
+    /// of each missing one for `token`. Without Redis no lease is taken: a missing key is
+    /// [`Read::Leased`], as this process's loads are single-flight already.
+    pub(crate) async fn read_many(
         &self,
         keys: &[Vec<u8>],
-    ) -> Result<Vec<Option<Vec<u8>>>, RemoteError> {
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Vec<Read>, RemoteError> {
         match &self.store {
             Store::Memory(map) => {
                 let now = Instant::now();
@@ -545,19 +613,22 @@ impl Remote {
                     .map(|key| {
                         map.get(key)
                             .filter(|stored| now < stored.expires)
-                            .map(|stored| stored.bytes.clone())
+                            .map_or(Read::Leased, |stored| Read::Value(stored.bytes.clone()))
                     })
                     .collect())
             }
             Store::Redis { ops, .. } => {
-                let got = self.call(Op::Get, self.timeout, ops.get_many(keys)).await?;
-                if got.len() == keys.len() {
-                    Ok(got)
+                let ttl_ms = crate::clock::millis(ttl);
+                let read = self
+                    .call(Op::Get, self.timeout, ops.read_many(keys, token, ttl_ms))
+                    .await?;
+                if read.len() == keys.len() {
+                    Ok(read)
                 } else {
                     Err(RemoteError::Reply(format!(
-                        "MGET of {} keys answered {}",
+                        "a read of {} keys answered {}",
                         keys.len(),
-                        got.len()
+                        read.len()
                     )))
                 }
             }
