@@ -43,17 +43,22 @@ struct Holder {
 
 impl Holders {
     pub(crate) fn new(max_size: Option<usize>) -> Self {
-        // A quarter more than the connections: checkouts in progress hold a slot too, and
-        // the holders of connections should still find one.
+        // A quarter more than the connections, since checkouts in progress hold a slot too,
+        // and at least as many as when the size is unknown: a pool resized later (deadpool's
+        // `resize`) keeps its checkouts tracked up to that. Scans stop at the high-water mark,
+        // so unused slots cost memory only.
         let max = max_size.unwrap_or(UNKNOWN_MAX_SIZE).max(1);
-        let slots = (0..max + max.div_ceil(4))
-            .map(|_| Holder {
-                task: AtomicU64::new(FREE),
-                since_ns: AtomicU64::new(NO_AGE),
-            })
-            .collect();
+        Self::with_slots((max + max.div_ceil(4)).max(UNKNOWN_MAX_SIZE))
+    }
+
+    fn with_slots(slots: usize) -> Self {
         Self {
-            slots,
+            slots: (0..slots)
+                .map(|_| Holder {
+                    task: AtomicU64::new(FREE),
+                    since_ns: AtomicU64::new(NO_AGE),
+                })
+                .collect(),
             high_water: AtomicUsize::new(0),
         }
     }
@@ -182,7 +187,7 @@ mod tests {
 
     #[test]
     fn claims_release_and_scans() {
-        let holders = Holders::new(Some(1)); // two slots: a connection and a quarter more
+        let holders = Holders::with_slots(2);
         let a = holders.claim(7, 100, 0).unwrap();
         let b = holders.claim(9, 50, 0).unwrap();
         assert_ne!(a, b);

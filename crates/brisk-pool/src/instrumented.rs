@@ -438,6 +438,9 @@ impl<P: Pool> Instrumented<P> {
                 if measured {
                     shared.metrics.wait.record(waited.as_secs_f64());
                     shared.metrics.used.increment(1.0);
+                    // Registered now, with the recorder in place (a test's local one), so that
+                    // the return records there wherever it happens.
+                    let _ = shared.metrics.use_time.is_enabled();
                 }
                 let since = now;
                 let since_ns = shared.nanos_at(since);
@@ -975,21 +978,31 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Counts a caller as waiting until its checkout ends, even if it is dropped meanwhile.
-struct Waiting<'a, P: Pool>(&'a Shared<P>);
+/// Counts a caller as waiting until its checkout ends, even if it is dropped meanwhile. The
+/// pending gauge is moved at both ends or at neither, by whether a recorder was there when the
+/// wait began: one installed meanwhile must not see a decrement without its increment (-1).
+struct Waiting<'a, P: Pool> {
+    shared: &'a Shared<P>,
+    measured: bool,
+}
 
 impl<'a, P: Pool> Waiting<'a, P> {
     fn new(shared: &'a Shared<P>) -> Self {
         shared.counters.begin_wait();
-        shared.metrics.pending.increment(1.0);
-        Self(shared)
+        let measured = shared.metrics.wait.is_enabled();
+        if measured {
+            shared.metrics.pending.increment(1.0);
+        }
+        Self { shared, measured }
     }
 }
 
 impl<P: Pool> Drop for Waiting<'_, P> {
     fn drop(&mut self) {
-        self.0.counters.end_wait();
-        self.0.metrics.pending.decrement(1.0);
+        self.shared.counters.end_wait();
+        if self.measured {
+            self.shared.metrics.pending.decrement(1.0);
+        }
     }
 }
 
@@ -1262,12 +1275,12 @@ mod tests {
         let gated = Gated::default();
         gated.open.store(true, Ordering::SeqCst);
         let pool = Instrumented::builder(gated).build().unwrap();
-        let out: Vec<_> = futures_util::future::try_join_all((0..5).map(|_| pool.get()))
+        let past = pool.shared.holders.len() + 4;
+        let out: Vec<_> = futures_util::future::try_join_all((0..past).map(|_| pool.get()))
             .await
             .unwrap();
-        assert!(out.len() > pool.shared.holders.len(), "past the slots");
         let err = pool.close(Duration::from_millis(50)).await.unwrap_err();
-        assert_eq!(err.in_use, 5);
+        assert_eq!(err.in_use, past);
         drop(out);
         pool.close(Duration::from_millis(50)).await.unwrap();
     }

@@ -807,7 +807,7 @@ async fn a_pool_grown_past_its_wrapped_size_still_hands_out_and_takes_back() {
     let pool = Instrumented::builder(deadpool(&pg.url(), 2))
         .build()
         .unwrap();
-    // Two holder slots were made at wrapping; the two extra checkouts go untracked.
+    // Holder slots are made at wrapping: at least 256, so the two extra checkouts are tracked.
     pool.get_ref().resize(4);
     let held: Vec<_> = futures_util::future::join_all((0..4).map(|_| pool.get()))
         .await
