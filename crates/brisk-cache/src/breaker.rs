@@ -62,6 +62,12 @@ impl Breaker {
         u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// Whether the breaker is closed (no failures in a row enough to open it): reads may then
+    /// share a batch. No side effect, unlike [`allow`](Self::allow).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state.load(Ordering::Acquire) == CLOSED
+    }
+
     /// May this call go to Redis? An open breaker lets one call through once `open_for` has
     /// passed; so does a half-open one whose probe never reported (its caller was dropped).
     pub(crate) fn allow(&self) -> bool {

@@ -1,5 +1,6 @@
 //! The remote tier: Redis through any `RedisSource`, or an in-memory map standing in for it.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -11,6 +12,8 @@ use brisk_pool::redis_source::RedisSource;
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 use tracing::Instrument;
+
+use brisk_batch::{BatchFn, LoadError, Loader};
 
 use crate::breaker::{Breaker, BreakerConfig};
 use crate::error::RemoteError;
@@ -78,6 +81,11 @@ pub(crate) trait RedisOps: Send + Sync + 'static {
         key: &'a [u8],
         token: &'a str,
     ) -> BoxFuture<'a, Result<(), RemoteError>>;
+    /// `MGET` of `keys` (redis-rs splits it by slot on a cluster), answered in order.
+    fn get_many<'a>(
+        &'a self,
+        keys: &'a [Vec<u8>],
+    ) -> BoxFuture<'a, Result<Vec<Option<Vec<u8>>>, RemoteError>>;
     /// Reads `keys` and takes the lease of each one missing, in one script (one per hash
     /// slot on a cluster, concurrently), answered in order.
     fn read_many<'a>(
@@ -371,6 +379,20 @@ impl<S: RedisSource> RedisOps for S {
         })
     }
 
+    fn get_many<'a>(
+        &'a self,
+        keys: &'a [Vec<u8>],
+    ) -> BoxFuture<'a, Result<Vec<Option<Vec<u8>>>, RemoteError>> {
+        Box::pin(async move {
+            let mut conn = connect(self).await?;
+            redis::cmd("MGET")
+                .arg(keys)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)
+        })
+    }
+
     fn read_many<'a>(
         &'a self,
         keys: &'a [Vec<u8>],
@@ -497,8 +519,101 @@ impl<S: RedisSource> RedisOps for S {
     }
 }
 
-/// The remote tier with its timeout, breaker and metrics.
+/// The remote tier: its store, and over Redis the batcher its single-key reads share.
 pub(crate) struct Remote {
+    core: Arc<Core>,
+    /// Over Redis: concurrent `get`s of single keys, gathered into one `MGET`.
+    reads: Option<Loader<Vec<u8>, Vec<u8>, Mget>>,
+}
+
+impl std::ops::Deref for Remote {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+/// The single-key reads of one scheduler tick, as one `MGET` (brisk-batch's loader gathers
+/// them, and runs the read on a task of its own).
+struct Mget(Arc<Core>);
+
+impl BatchFn<Vec<u8>, Vec<u8>> for Mget {
+    type Error = RemoteError;
+
+    async fn load(&self, keys: &[Vec<u8>]) -> Result<HashMap<Vec<u8>, Vec<u8>>, RemoteError> {
+        let Store::Redis { ops, .. } = &self.0.store else {
+            unreachable!("only the Redis store batches reads")
+        };
+        let values = self
+            .0
+            .call(Op::Get, self.0.timeout, ops.get_many(keys))
+            .await?;
+        if values.len() != keys.len() {
+            return Err(RemoteError::Reply(format!(
+                "MGET of {} keys answered {}",
+                keys.len(),
+                values.len()
+            )));
+        }
+        Ok(keys
+            .iter()
+            .zip(values)
+            .filter_map(|(key, value)| Some((key.clone(), value?)))
+            .collect())
+    }
+}
+
+impl Remote {
+    pub(crate) fn memory(max_bytes: u64, cache: &str) -> Self {
+        Self {
+            core: Arc::new(Core::memory(max_bytes, cache)),
+            reads: None,
+        }
+    }
+
+    pub(crate) fn redis(
+        ops: Box<dyn RedisOps>,
+        timeout: Duration,
+        breaker: BreakerConfig,
+        cache: &Arc<str>,
+    ) -> Self {
+        let core = Arc::new(Core::redis(ops, timeout, breaker, cache));
+        let reads = Loader::builder(Mget(Arc::clone(&core)))
+            .name(format!("brisk-cache:{cache}"))
+            .max_batch_size(MAX_READ_BATCH)
+            // Never queued behind other batches: each is bounded by the remote timeout alone.
+            .max_concurrent_batches(1_024)
+            .build()
+            .expect("constant, valid settings");
+        Self {
+            core,
+            reads: Some(reads),
+        }
+    }
+
+    /// The bytes stored under `key`: over Redis, while the breaker is closed, in the `MGET`
+    /// of the reads made at the same moment (that command bounded by the remote timeout, the
+    /// wait for it by the caller's deadline); else in a `GET` of its own, through the breaker,
+    /// so that a half-open breaker's probe is one read, not a batch of them.
+    pub(crate) async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, RemoteError> {
+        let Some(reads) = self.reads.as_ref().filter(|_| self.core.closed()) else {
+            return self.core.get(key).await;
+        };
+        match reads.load(key.to_vec()).await {
+            Ok(value) => Ok(value),
+            Err(LoadError::Batch(err)) => Err((*err).clone()),
+            Err(LoadError::Deadline(elapsed)) => Err(RemoteError::Timeout(elapsed)),
+            Err(other) => Err(RemoteError::Reply(other.to_string())),
+        }
+    }
+}
+
+/// Keys in one coalesced `MGET` at most: more wait for the next.
+const MAX_READ_BATCH: usize = 256;
+
+/// The remote tier with its timeout, breaker and metrics.
+pub(crate) struct Core {
     store: Store,
     timeout: Duration,
     durations: [Histogram; 4],
@@ -515,7 +630,7 @@ enum Op {
     Lease = 3,
 }
 
-impl Remote {
+impl Core {
     pub(crate) fn memory(max_bytes: u64, cache: &str) -> Self {
         let estimate = usize::try_from((max_bytes / 256).clamp(64, 1 << 20)).unwrap_or(1 << 20);
         Self::with(
@@ -551,6 +666,14 @@ impl Remote {
             timeout,
             durations: OPERATIONS.map(histogram),
             cache: cache.into(),
+        }
+    }
+
+    /// Whether the breaker is closed (true without Redis).
+    fn closed(&self) -> bool {
+        match &self.store {
+            Store::Redis { breaker, .. } => breaker.is_closed(),
+            Store::Memory(_) => true,
         }
     }
 
@@ -807,6 +930,12 @@ impl Remote {
 }
 
 impl fmt::Debug for Remote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.core.fmt(f)
+    }
+}
+
+impl fmt::Debug for Core {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.store {
             Store::Memory(map) => f
