@@ -520,6 +520,9 @@ where
 /// The batch load of `get_or_load_many`, with the user's error shared.
 type BatchLoad<K, V> = BoxFuture<'static, Result<HashMap<K, V>, SharedError>>;
 
+/// A key of a batch load: the key, its Redis key, its flight, its lease.
+type BatchKey<K, V> = (K, Vec<u8>, Arc<Flight<V>>, Leasing);
+
 /// A random token naming one load's leases.
 fn lease_token() -> String {
     format!("{:032x}", fastrand::u128(..))
@@ -1519,7 +1522,7 @@ struct BatchLanding<
     V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 > {
     inner: Arc<Inner<K, V>>,
-    flights: Vec<(K, Vec<u8>, Arc<Flight<V>>, Leasing)>,
+    flights: Vec<BatchKey<K, V>>,
     /// The token of the batch's leases.
     token: String,
 }
