@@ -10,7 +10,7 @@
 //! `serde` (`derive`), as a service would.
 //!
 //! Without `REDIS_URL` the remote tier is brisk's in-memory stand-in. With it, the example
-//! writes only keys under `brisk:brisk-example-cache-aside:` (its own cache name), each for at
+//! writes only keys under `{brisk:brisk-example-cache-aside:` (its own cache name), each for at
 //! most a minute, and removes them before it exits; it reads and changes nothing else.
 
 use std::error::Error;
