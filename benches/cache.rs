@@ -436,7 +436,7 @@ fn get_many(c: &mut Criterion, rt: &tokio::runtime::Runtime, url: &str) {
                     for (&k, bytes) in keys.iter().zip(found) {
                         match bytes {
                             Some(bytes) => {
-                                values.push(rmp_serde::from_slice::<Profile>(&bytes).unwrap())
+                                values.push(rmp_serde::from_slice::<Profile>(&bytes).unwrap());
                             }
                             None => missing.push(k),
                         }

@@ -263,6 +263,36 @@ impl Metrics {
         }
     }
 
+    /// What a load's run (bounded by `hard`, panics caught) came to, counted: a success under
+    /// the counter `loaded` picks for its value.
+    fn outcome<'a, T>(
+        &'a self,
+        run: Result<std::thread::Result<Result<T, SharedError>>, deadline::Elapsed>,
+        hard: Duration,
+        loaded: impl FnOnce(&T) -> &'a Counter,
+    ) -> Result<T, Error> {
+        match run {
+            Ok(Ok(Ok(value))) => {
+                loaded(&value).increment(1);
+                Ok(value)
+            }
+            Ok(Ok(Err(err))) => {
+                self.load_error.increment(1);
+                Err(Error::Load(err))
+            }
+            Ok(Err(panic)) => {
+                self.load_panic.increment(1);
+                Err(Error::Panicked {
+                    message: envelope::panic_message(&*panic).into(),
+                })
+            }
+            Err(_) => {
+                self.load_timeout.increment(1);
+                Err(Error::LoadTimeout { after: hard })
+            }
+        }
+    }
+
     fn served_stale(&self, tier: Tier) {
         match tier {
             Tier::Local => self.local_stale.increment(1),
@@ -1400,30 +1430,13 @@ where
         let hard = inner.config.hard_timeout;
         let span = tracing::debug_span!("brisk_cache_load", cache = %inner.name);
         let load = deadline::bounded(hard, AssertUnwindSafe(load).catch_unwind()).instrument(span);
-        let outcome = match load.await {
-            Ok(Ok(Ok(value))) => {
-                if value.is_some() {
-                    m.loaded.increment(1);
-                } else {
-                    m.load_none.increment(1);
-                }
-                Ok(value)
+        let outcome = m.outcome(load.await, hard, |value| {
+            if value.is_some() {
+                &m.loaded
+            } else {
+                &m.load_none
             }
-            Ok(Ok(Err(err))) => {
-                m.load_error.increment(1);
-                Err(Error::Load(err))
-            }
-            Ok(Err(panic)) => {
-                m.load_panic.increment(1);
-                Err(Error::Panicked {
-                    message: envelope::panic_message(&*panic).into(),
-                })
-            }
-            Err(_) => {
-                m.load_timeout.increment(1);
-                Err(Error::LoadTimeout { after: hard })
-            }
-        };
+        });
         let took = started.elapsed();
         m.load_duration.record(took.as_secs_f64());
         let mut remote = None;
@@ -1581,29 +1594,10 @@ where
         let hard = inner.config.hard_timeout;
         let span =
             tracing::debug_span!("brisk_cache_load_many", cache = %inner.name, keys = rkeys.len());
-        let outcome = match deadline::bounded(hard, AssertUnwindSafe(load).catch_unwind())
+        let run = deadline::bounded(hard, AssertUnwindSafe(load).catch_unwind())
             .instrument(span)
-            .await
-        {
-            Ok(Ok(Ok(values))) => {
-                m.loaded.increment(1);
-                Ok(values)
-            }
-            Ok(Ok(Err(err))) => {
-                m.load_error.increment(1);
-                Err(Error::Load(err))
-            }
-            Ok(Err(panic)) => {
-                m.load_panic.increment(1);
-                Err(Error::Panicked {
-                    message: envelope::panic_message(&*panic).into(),
-                })
-            }
-            Err(_) => {
-                m.load_timeout.increment(1);
-                Err(Error::LoadTimeout { after: hard })
-            }
-        };
+            .await;
+        let outcome = m.outcome(run, hard, |_| &m.loaded);
         let took = started.elapsed();
         m.load_duration.record(took.as_secs_f64());
         let mut values = match outcome {
