@@ -792,7 +792,7 @@ where
         self.found(read, counted)
     }
 
-    /// What a remote read found, counted.
+    /// What a remote read found; counted (requests, decode failures) if `counted`.
     fn found(&self, read: Result<Option<Vec<u8>>, RemoteError>, counted: bool) -> Found<V> {
         let count = |counter: &Counter| {
             if counted {
@@ -830,7 +830,9 @@ where
                 }
             }
             Err(err) => {
-                self.metrics.decode_failure(&err);
+                if counted {
+                    self.metrics.decode_failure(&err);
+                }
                 count(&self.metrics.remote_miss);
                 tracing::debug!(cache = %self.name, reason = err.reason(), ?err, "a remote value did not decode; reloading it");
                 Found::Nothing
@@ -1057,8 +1059,11 @@ where
 
     /// Before a load over Redis: takes the key's lease, or, while another process holds it,
     /// waits for the value that process stores (polling, at most one lease TTL) and takes the
-    /// lease if it frees without one (the holder failed or died).
-    async fn lease(&self, rkey: &[u8]) -> Leased<V> {
+    /// lease if it frees without one (the holder failed or died). Each poll reads the key and
+    /// asks for the lease in one step, so a value stored since this load's first read is
+    /// found, not loaded again — unless the load is an `early` refresh of a value still fresh,
+    /// which takes the lease it finds free whatever is stored.
+    async fn lease(&self, rkey: &[u8], early: bool) -> Leased<V> {
         if !self.remote.leases() {
             return Leased::Unfenced;
         }
@@ -1068,14 +1073,26 @@ where
         let mut pause = FIRST_LEASE_POLL;
         let mut waited = false;
         loop {
-            let left = match self.remote.acquire(rkey, &token, ttl).await {
-                Ok(Lease::Acquired) => {
+            // Redis failing: load, and store as without leases.
+            let Ok((lease, stored)) = self.remote.acquire(rkey, &token, ttl).await else {
+                return Leased::Unfenced;
+            };
+            if let Some(bytes) = stored
+                && !(early && lease == Lease::Acquired)
+                && let Found::Fresh(value, fresh_until, stale_until, early) =
+                    self.found(Ok(Some(bytes)), false)
+            {
+                if lease == Lease::Acquired {
+                    let _ = self.remote.release(rkey, &token).await;
+                }
+                return Leased::Found(value, fresh_until, stale_until, early);
+            }
+            let left = match lease {
+                Lease::Acquired => {
                     self.metrics.lease_acquired.increment(1);
                     return Leased::Held(token);
                 }
-                Ok(Lease::Held(left)) => left,
-                // Redis failing: load, and store as without leases.
-                Err(_) => return Leased::Unfenced,
+                Lease::Held(left) => left,
             };
             if !waited {
                 waited = true;
@@ -1086,11 +1103,6 @@ where
             }
             tokio::time::sleep(pause.min(left).max(Duration::from_millis(1))).await;
             pause = (pause * 2).min(MAX_LEASE_POLL);
-            if let Found::Fresh(value, fresh_until, stale_until, early) =
-                self.lookup(rkey, false).await
-            {
-                return Leased::Found(value, fresh_until, stale_until, early);
-            }
         }
     }
 
@@ -1401,7 +1413,7 @@ where
     async fn run(self, load: impl Future<Output = Result<Option<V>, SharedError>> + Send) {
         let inner = &self.inner;
         let m = &inner.metrics;
-        let token = match inner.lease(&self.rkey).await {
+        let token = match inner.lease(&self.rkey, self.flight.early).await {
             Leased::Held(token) => Some(token),
             Leased::Unfenced => None,
             Leased::Found(value, fresh_until, stale_until, early) => {

@@ -59,13 +59,15 @@ pub(crate) trait RedisOps: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), RemoteError>>;
     /// Removes the key and its lease.
     fn del<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<(), RemoteError>>;
-    /// Takes the lease on `key` for `token`, for `ttl_ms`, if no one holds it.
+    /// Takes the lease on `key` for `token`, for `ttl_ms`, if no one holds it; and reads what
+    /// `key` holds, in the same step (a value stored between a read and a lease taken after
+    /// it would be loaded again).
     fn acquire<'a>(
         &'a self,
         key: &'a [u8],
         token: &'a str,
         ttl_ms: u64,
-    ) -> BoxFuture<'a, Result<Lease, RemoteError>>;
+    ) -> BoxFuture<'a, Result<LeaseAnswer, RemoteError>>;
     /// Stores `value` only while `token` still holds the key's lease, and ends the lease;
     /// `false` when the lease was gone (invalidated, overwritten or expired).
     fn put_fenced<'a>(
@@ -130,13 +132,15 @@ pub(crate) enum Read {
 }
 
 /// `KEYS`: the entries, then their leases. `ARGV`: the token, the leases' TTL in ms. Per key
-/// the stored bytes, or 1 (leased now) or 0 (leased by another).
+/// the stored bytes, or 1 (leased now) or 0 (leased by another). Read and lease are one step:
+/// no value stored between them is loaded again.
 const READ_MANY: &str = r"
 local n = #KEYS / 2
 local out = {}
 for i = 1, n do
-  local v = redis.call('GET', KEYS[i])
-  if v then out[i] = v
+  -- A value of another type is an error reply under pcall: read as missing.
+  local v = redis.pcall('GET', KEYS[i])
+  if type(v) == 'string' then out[i] = v
   elseif redis.call('SET', KEYS[n + i], ARGV[1], 'NX', 'PX', ARGV[2]) then out[i] = 1
   else out[i] = 0 end
 end
@@ -149,7 +153,7 @@ const PUT_MANY: &str = r"
 local n = #KEYS / 2
 local out = {}
 for i = 1, n do
-  if ARGV[1] == '' or redis.call('GET', KEYS[n + i]) == ARGV[1] then
+  if ARGV[1] == '' or redis.pcall('GET', KEYS[n + i]) == ARGV[1] then
     redis.call('SET', KEYS[i], ARGV[2 * i], 'PX', ARGV[2 * i + 1])
     redis.call('DEL', KEYS[n + i])
     out[i] = 1
@@ -157,6 +161,9 @@ for i = 1, n do
 end
 return out
 ";
+
+/// What asking for a lease answered: the lease, and what the key held at that moment.
+pub(crate) type LeaseAnswer = (Lease, Option<Vec<u8>>);
 
 /// What asking for a lease found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,11 +174,14 @@ pub(crate) enum Lease {
     Held(Duration),
 }
 
-/// `KEYS`: the lease. `ARGV`: the token, the lease's TTL in ms. `{1}` when taken, else `{0,
-/// the holder's remaining ms}`.
+/// `KEYS`: the entry, its lease. `ARGV`: the token, the lease's TTL in ms. `{1, 0, bytes}`
+/// when taken, else `{0, the holder's remaining ms, bytes}`; `bytes` what the entry holds, nil
+/// if nothing (or a value of another type, which `pcall` turns into an error reply).
 const ACQUIRE: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1} end
-return {0, redis.call('PTTL', KEYS[1])}
+local v = redis.pcall('GET', KEYS[1])
+if type(v) ~= 'string' then v = false end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, 0, v} end
+return {0, redis.call('PTTL', KEYS[2]), v}
 ";
 
 /// `KEYS`: the entry, its lease. `ARGV`: the token, the bytes, their TTL in ms.
@@ -318,23 +328,34 @@ impl<S: RedisSource> RedisOps for S {
         key: &'a [u8],
         token: &'a str,
         ttl_ms: u64,
-    ) -> BoxFuture<'a, Result<Lease, RemoteError>> {
+    ) -> BoxFuture<'a, Result<LeaseAnswer, RemoteError>> {
         Box::pin(async move {
             let mut conn = connect(self).await?;
-            let reply: Vec<i64> = SCRIPTS
+            let reply: Vec<redis::Value> = SCRIPTS
                 .acquire
+                .key(key)
                 .key(lease_key(key))
                 .arg(token)
                 .arg(ttl_ms.max(1))
                 .invoke_async(&mut conn)
                 .await
                 .map_err(redis_error)?;
-            Ok(match reply.as_slice() {
-                [1] => Lease::Acquired,
-                // A lease with no TTL (written by hand) or gone meanwhile: wait a little.
-                [_, left] => Lease::Held(Duration::from_millis(u64::try_from(*left).unwrap_or(1))),
+            let mut reply = reply.into_iter();
+            let (taken, left, value) = (reply.next(), reply.next(), reply.next());
+            let value = match value {
+                Some(redis::Value::BulkString(bytes)) => Some(bytes),
+                _ => None,
+            };
+            let lease = match (taken, left) {
+                (Some(redis::Value::Int(1)), _) => Lease::Acquired,
+                // A lease with no TTL (written by hand, PTTL -1) or gone meanwhile: wait a
+                // little.
+                (_, Some(redis::Value::Int(left))) => {
+                    Lease::Held(Duration::from_millis(u64::try_from(left).unwrap_or(1)))
+                }
                 _ => Lease::Held(Duration::from_millis(1)),
-            })
+            };
+            Ok((lease, value))
         })
     }
 
@@ -872,14 +893,15 @@ impl Core {
         matches!(self.store, Store::Redis { .. })
     }
 
+    /// Takes the key's lease if it is free, and reads the key in the same step.
     pub(crate) async fn acquire(
         &self,
         key: &[u8],
         token: &str,
         ttl: Duration,
-    ) -> Result<Lease, RemoteError> {
+    ) -> Result<LeaseAnswer, RemoteError> {
         match &self.store {
-            Store::Memory(_) => Ok(Lease::Acquired),
+            Store::Memory(_) => Ok((Lease::Acquired, None)),
             Store::Redis { ops, .. } => {
                 let ttl_ms = crate::clock::millis(ttl);
                 self.call(Op::Lease, self.timeout, ops.acquire(key, token, ttl_ms))
