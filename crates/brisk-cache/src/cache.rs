@@ -495,10 +495,11 @@ where
     /// `load` for the keys it misses. Results come per key, in the order of `keys` (a key
     /// given twice gets its result twice).
     ///
-    /// The local tier answers what it can; the rest is read from Redis in one `MGET` (split by
-    /// slot on a cluster); `load` gets the keys still missing (each once), and returns the
-    /// values it found — a key it leaves out is "there is none", cached for the negative TTL.
-    /// Its values are stored in one pipelined round trip. As with
+    /// The local tier answers what it can; the rest is read from Redis in one round trip (a
+    /// script that also leases the keys it finds missing; one per hash slot on a cluster);
+    /// `load` gets the keys still missing (each once), and returns the values it found — a key
+    /// it leaves out is "there is none", cached for the negative TTL. Its values are stored in
+    /// one more round trip. As with
     /// [`get_or_load`](Self::get_or_load), the load runs on its own task (a caller dropped
     /// does not stop it), each key it loads is a load other callers of that key join, keys
     /// whose load is already in progress are joined rather than loaded again, over Redis the
@@ -840,7 +841,8 @@ where
         }
     }
 
-    /// `get_or_load_many`: the local tier, then one `MGET`, then one batch load of the misses.
+    /// `get_or_load_many`: the local tier, then one read (and lease) script, then one batch
+    /// load of the misses.
     async fn fetch_many<M>(self: &Arc<Self>, keys: &[K], make: M) -> Vec<Result<Option<V>, Error>>
     where
         M: FnOnce(Vec<K>) -> BatchLoad<K, V>,
