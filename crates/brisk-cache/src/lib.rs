@@ -39,8 +39,9 @@
 //! 1. The local tier, if any: a fresh entry answers at once.
 //! 2. A load of the key already in progress: wait for it.
 //! 3. The remote tier, within `min(remote_timeout, deadline::remaining())` and through a
-//!    circuit breaker; a fresh value answers (and fills the local tier). Down, slow, open
-//!    breaker, or bytes that are not this cache's: all a miss, counted.
+//!    circuit breaker; a fresh value answers (and fills the local tier). Reads made at the same
+//!    moment share one `MGET` (while the breaker is closed). Down, slow, open breaker, or bytes
+//!    that are not this cache's: all a miss, counted.
 //! 4. The load, on its own task: one per key in this process at a time (and over Redis, one
 //!    per key across processes: it takes the key's lease, or waits for the holder's value),
 //!    bounded by the hard timeout. Its value goes to every waiter and the local tier, then to
