@@ -668,6 +668,32 @@ where
         Ok(key::redis_key(&self.prefix, key, self.config.max_key_len)?)
     }
 
+    /// Puts what `flight` loaded into the local tier, if there is one; `when` is when it turns
+    /// stale, leaves the stale window, and now. The caller saw the flight not superseded; a
+    /// write between that look and the insert takes the entry back out, since it may be older.
+    fn keep_local(
+        &self,
+        key: &K,
+        value: &Option<V>,
+        (fresh_until, stale_until, now): (Instant, Instant, Instant),
+        early: Option<Early>,
+        flight: &Flight<V>,
+    ) {
+        if let Some(local) = &self.local {
+            local.insert(
+                key.clone(),
+                value.clone(),
+                fresh_until,
+                stale_until,
+                now,
+                early,
+            );
+            if flight.superseded.load(Ordering::Acquire) {
+                local.remove(key);
+            }
+        }
+    }
+
     /// Takes `flight` out of the map of loads in progress, unless a write already replaced it.
     fn leave(&self, key: &K, flight: &Arc<Flight<V>>) {
         let mut flights = self.flights();
@@ -1420,21 +1446,9 @@ where
             Leased::Unfenced => None,
             Leased::Found(value, fresh_until, stale_until, early) => {
                 // Another process loaded it: that value answers, and this load never runs.
-                if let Some(local) = &inner.local
-                    && !self.flight.superseded.load(Ordering::Acquire)
-                {
-                    let now = Instant::now();
-                    local.insert(
-                        self.key.clone(),
-                        value.clone(),
-                        fresh_until,
-                        stale_until,
-                        now,
-                        early,
-                    );
-                    if self.flight.superseded.load(Ordering::Acquire) {
-                        local.remove(&self.key);
-                    }
+                if !self.flight.superseded.load(Ordering::Acquire) {
+                    let when = (fresh_until, stale_until, Instant::now());
+                    inner.keep_local(&self.key, &value, when, early, &self.flight);
                 }
                 self.flight.finish(Ok(value));
                 return;
@@ -1460,21 +1474,9 @@ where
         {
             let now = Instant::now();
             let (fresh_until, stale_until) = inner.expiry(value.is_none(), now);
-            if let Some(local) = &inner.local {
-                let early = Early::new(fresh_until, took, inner.config.early_beta);
-                local.insert(
-                    self.key.clone(),
-                    value.clone(),
-                    fresh_until,
-                    stale_until,
-                    now,
-                    early,
-                );
-                // A write between the check and the insert: take back what is now old.
-                if self.flight.superseded.load(Ordering::Acquire) {
-                    local.remove(&self.key);
-                }
-            }
+            let early = Early::new(fresh_until, took, inner.config.early_beta);
+            let when = (fresh_until, stale_until, now);
+            inner.keep_local(&self.key, value, when, early, &self.flight);
             match inner.envelope(value.as_ref(), fresh_until, took, now) {
                 Ok(bytes) => remote = Some((bytes, stale_until)),
                 Err(err) => {
@@ -1639,20 +1641,8 @@ where
             if keep && !flight.superseded.load(Ordering::Acquire) {
                 let now = Instant::now();
                 let (fresh_until, stale_until) = inner.expiry(value.is_none(), now);
-                if let Some(local) = &inner.local {
-                    let early = Early::new(fresh_until, took, inner.config.early_beta);
-                    local.insert(
-                        key.clone(),
-                        value.clone(),
-                        fresh_until,
-                        stale_until,
-                        now,
-                        early,
-                    );
-                    if flight.superseded.load(Ordering::Acquire) {
-                        local.remove(key);
-                    }
-                }
+                let early = Early::new(fresh_until, took, inner.config.early_beta);
+                inner.keep_local(key, &value, (fresh_until, stale_until, now), early, flight);
                 let bytes = inner.envelope(value.as_ref(), fresh_until, took, now);
                 match bytes {
                     Ok(bytes) if bytes.len() <= inner.config.max_value_size && stores(i) => {
