@@ -527,3 +527,107 @@ async fn multiplexed_sockets_have_tcp_keepalive() {
         assert!(timer.starts_with("02:"), "no keepalive timer: {line}");
     }
 }
+
+/// The next push of `kind` within 5 s, skipping others.
+async fn next_push(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+    kind: redis::PushKind,
+) -> redis::PushInfo {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let push = rx.recv().await.expect("the push sender was dropped");
+            if push.kind == kind {
+                return push;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {kind:?} push within 5 s"))
+}
+
+async fn publish(server: &RedisServer, channel: &str, message: &str) {
+    let publisher = Multiplexed::connect(&server.url()).await.unwrap();
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(channel)
+        .arg(message)
+        .query_async(&mut publisher.connection().await.unwrap())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_listening_connection_is_set_up_again_after_it_is_killed() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let server = RedisServer::start().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let setups = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&setups);
+    let listener = Multiplexed::builder(&server.url())
+        .push_sender(tx)
+        .on_connect(move |mut connection| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let _: () = redis::cmd("CLIENT")
+                    .arg("SETNAME")
+                    .arg("listener")
+                    .query_async(&mut connection)
+                    .await?;
+                connection.subscribe("news").await
+            }
+        })
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(setups.load(Ordering::SeqCst), 1);
+    publish(&server, "news", "one").await;
+    let message = next_push(&mut rx, redis::PushKind::Message).await;
+    assert_eq!(message.data[1], redis::Value::BulkString(b"one".to_vec()));
+
+    // Killed by the server: no command of ours finds it broken, yet it comes back, subscribed.
+    server
+        .command(&["CLIENT", "KILL", "TYPE", "pubsub"])
+        .unwrap();
+    next_push(&mut rx, redis::PushKind::Disconnection).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while setups.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "not set up again within 5 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The setup's SUBSCRIBE is confirmed before the connection is in use.
+    next_push(&mut rx, redis::PushKind::Subscribe).await;
+    publish(&server, "news", "two").await;
+    let message = next_push(&mut rx, redis::PushKind::Message).await;
+    assert_eq!(message.data[1], redis::Value::BulkString(b"two".to_vec()));
+    drop(listener);
+}
+
+#[tokio::test]
+async fn a_setup_that_fails_panics_or_hangs_fails_the_connect() {
+    let server = RedisServer::start().unwrap();
+    let failing = Multiplexed::builder(&server.url())
+        .on_connect(|mut connection| async move {
+            redis::cmd("NO-SUCH-COMMAND")
+                .query_async::<()>(&mut connection)
+                .await
+        })
+        .connect()
+        .await;
+    assert!(
+        matches!(failing, Err(SourceError::Connect { .. })),
+        "{failing:?}"
+    );
+    let panicking = Multiplexed::builder(&server.url())
+        .on_connect(|_| async { panic!("setup panicked") })
+        .connect()
+        .await;
+    assert!(matches!(panicking, Err(SourceError::Connect { .. })));
+    let started = Instant::now();
+    let hanging = Multiplexed::builder(&server.url())
+        .response_timeout(Duration::from_millis(100))
+        .on_connect(|_| std::future::pending())
+        .connect()
+        .await;
+    assert!(matches!(hanging, Err(SourceError::Connect { .. })));
+    assert!(started.elapsed() < Duration::from_secs(2));
+}

@@ -1,11 +1,17 @@
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use brisk_metrics::catalog::REDIS_RECONNECTS;
-use redis::aio::{ConnectionLike, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use futures_util::FutureExt as _;
+use futures_util::future::BoxFuture;
+use redis::aio::{AsyncPushSender, ConnectionLike, MultiplexedConnection, SendError};
+use redis::{
+    AsyncConnectionConfig, Cmd, Pipeline, ProtocolVersion, PushInfo, PushKind, RedisFuture,
+    RedisResult, Value,
+};
 
 use super::{RedactedUrl, RedisSource, SourceError};
 use crate::{BuildError, MAX_WAIT};
@@ -63,9 +69,88 @@ struct Slot {
     /// Commands in a row that timed out on the current connection.
     timeouts: AtomicU32,
     reconnects: brisk_metrics::Counter,
+    dialer: Dialer,
+    url: RedactedUrl,
+}
+
+/// What it takes to open one connection: the first, and each that replaces a lost one.
+#[derive(Clone)]
+struct Dialer {
     client: redis::Client,
     config: AsyncConnectionConfig,
-    url: RedactedUrl,
+    pushes: Option<Arc<Pushes>>,
+    setup: Option<Setup>,
+    /// The longest the setup may take: the response timeout.
+    setup_within: Duration,
+}
+
+/// The user's setup, run on every new connection before any command is sent on it.
+type Setup =
+    Arc<dyn Fn(MultiplexedConnection) -> BoxFuture<'static, RedisResult<()>> + Send + Sync>;
+
+impl Dialer {
+    /// Opens the connection that will be `generation` and runs the setup on it.
+    async fn open(&self, generation: u64) -> RedisResult<MultiplexedConnection> {
+        let config = match &self.pushes {
+            Some(pushes) => self.config.clone().set_push_sender(Pushed {
+                pushes: Arc::clone(pushes),
+                generation,
+            }),
+            None => self.config.clone(),
+        };
+        let connection = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        if let Some(setup) = &self.setup {
+            // User code: a panic or a hang fails this connection, not the caller or the
+            // reconnection task.
+            let run = std::panic::AssertUnwindSafe(setup(connection.clone())).catch_unwind();
+            match tokio::time::timeout(self.setup_within, run).await {
+                Ok(Ok(done)) => done?,
+                Ok(Err(_)) => return Err(setup_failed("the on_connect setup panicked")),
+                Err(_) => return Err(setup_failed("the on_connect setup timed out")),
+            }
+        }
+        Ok(connection)
+    }
+}
+
+fn setup_failed(why: &'static str) -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Io, why))
+}
+
+/// The user's push sender, shared by the connections of one slot.
+struct Pushes {
+    sender: Arc<dyn AsyncPushSender>,
+    /// The generation of the connection in use: a connection already replaced pushes nothing
+    /// more (not even its `Disconnection`, which would say the current one was lost).
+    current: AtomicU64,
+    slot: OnceLock<Weak<Slot>>,
+}
+
+/// The push sender of one connection: forwards its pushes unless it was replaced, and
+/// reconnects as soon as it is lost, since a connection that only listens sends no command
+/// that would find it broken.
+struct Pushed {
+    pushes: Arc<Pushes>,
+    generation: u64,
+}
+
+impl AsyncPushSender for Pushed {
+    fn send(&self, info: PushInfo) -> Result<(), SendError> {
+        // A newer generation is one still being set up: its pushes (the replies to its
+        // SUBSCRIBE, say) are already the current connection's.
+        if self.generation < self.pushes.current.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let lost = info.kind == PushKind::Disconnection;
+        let sent = self.pushes.sender.send(info);
+        if lost && let Some(slot) = self.pushes.slot.get().and_then(Weak::upgrade) {
+            slot.reconnect(self.generation);
+        }
+        sent
+    }
 }
 
 struct Current {
@@ -116,17 +201,16 @@ impl Slot {
         loop {
             // Stop once every `Multiplexed` clone and connection is gone.
             let Some(slot) = slot.upgrade() else { return };
-            match slot
-                .client
-                .get_multiplexed_async_connection_with_config(&slot.config)
-                .await
-            {
+            let generation = slot.current.load().generation + 1;
+            match slot.dialer.open(generation).await {
                 Ok(connection) => {
-                    let generation = slot.current.load().generation + 1;
                     slot.current.store(Arc::new(Current {
                         connection,
                         generation,
                     }));
+                    if let Some(pushes) = &slot.dialer.pushes {
+                        pushes.current.store(generation, Ordering::Release);
+                    }
                     tracing::info!(url = %slot.url, "Redis connection restored");
                     return;
                 }
@@ -231,6 +315,8 @@ pub struct MultiplexedBuilder {
     connections: usize,
     connect_timeout: Duration,
     response_timeout: Duration,
+    pushes: Option<Arc<dyn AsyncPushSender>>,
+    setup: Option<Setup>,
     #[cfg(feature = "tls")]
     tls: Option<redis::TlsCertificates>,
 }
@@ -242,6 +328,8 @@ impl std::fmt::Debug for MultiplexedBuilder {
             .field("connections", &self.connections)
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
+            .field("pushes", &self.pushes.is_some())
+            .field("setup", &self.setup.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -265,6 +353,49 @@ impl MultiplexedBuilder {
     /// [`MAX_WAIT`](crate::MAX_WAIT).
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
+        self
+    }
+
+    /// Speak RESP3 and hand every push the server sends (pub/sub messages, client-side caching
+    /// invalidations) to `sender`, which must not block. Each lost connection sends a
+    /// [`PushKind::Disconnection`] and is replaced at once, without waiting for a command to
+    /// find it broken; pushes of a connection already replaced are dropped. What the server
+    /// knew of the old connection (subscriptions, tracking) is gone: re-establish it in
+    /// [`on_connect`](Self::on_connect).
+    pub fn push_sender(mut self, sender: impl AsyncPushSender) -> Self {
+        self.pushes = Some(Arc::new(sender));
+        self
+    }
+
+    /// Runs `setup` on every new connection before it is handed out: the first (an error fails
+    /// [`connect`](Self::connect)) and each that replaces a lost one (an error drops it and
+    /// tries again after the usual pause). A setup that panics or takes longer than the
+    /// response timeout fails the same way. Use it for per-connection state the server forgets
+    /// on a reconnect, such as `SUBSCRIBE` or `CLIENT TRACKING`.
+    ///
+    /// ```no_run
+    /// use brisk_pool::redis_source::Multiplexed;
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    /// let listener = Multiplexed::builder("redis://127.0.0.1:6379")
+    ///     .push_sender(tx)
+    ///     .on_connect(|mut connection| async move { connection.subscribe("news").await })
+    ///     .connect()
+    ///     .await?;
+    /// while let Some(push) = rx.recv().await {
+    ///     println!("{:?}: {:?}", push.kind, push.data);
+    /// }
+    /// # drop(listener);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn on_connect<F, Fut>(mut self, setup: F) -> Self
+    where
+        F: Fn(MultiplexedConnection) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = RedisResult<()>> + Send + 'static,
+    {
+        self.setup = Some(Arc::new(move |connection| Box::pin(setup(connection))));
         self
     }
 
@@ -307,7 +438,11 @@ impl MultiplexedBuilder {
         let tcp = info.tcp_settings().clone().set_keepalive(keepalive);
         #[cfg(target_os = "linux")]
         let tcp = tcp.set_user_timeout((self.response_timeout * 2).max(Duration::from_secs(1)));
-        let info = info.set_tcp_settings(tcp);
+        let mut info = info.set_tcp_settings(tcp);
+        if self.pushes.is_some() {
+            let settings = info.redis_settings().clone();
+            info = info.set_redis_settings(settings.set_protocol(ProtocolVersion::RESP3));
+        }
         #[cfg(feature = "tls")]
         if let Some(certificates) = &self.tls {
             return redis::Client::build_with_tls(info, certificates.clone());
@@ -349,13 +484,23 @@ impl MultiplexedBuilder {
             REDIS_RECONNECTS.counter(vec![metrics::Label::new("server", url.server())]);
         let mut slots = Vec::with_capacity(self.connections);
         for _ in 0..self.connections {
+            let dialer = Dialer {
+                client: client.clone(),
+                config: config.clone(),
+                pushes: self.pushes.as_ref().map(|sender| {
+                    Arc::new(Pushes {
+                        sender: Arc::clone(sender),
+                        current: AtomicU64::new(0),
+                        slot: OnceLock::new(),
+                    })
+                }),
+                setup: self.setup.clone(),
+                setup_within: self.response_timeout,
+            };
             // The first connection is not retried: a wrong URL or an unreachable server is
             // reported now, within the connect timeout.
-            let connection = client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-                .map_err(fail)?;
-            slots.push(Arc::new(Slot {
+            let connection = dialer.open(0).await.map_err(fail)?;
+            let slot = Arc::new(Slot {
                 current: ArcSwap::from_pointee(Current {
                     connection,
                     generation: 0,
@@ -363,10 +508,13 @@ impl MultiplexedBuilder {
                 reconnecting: AtomicBool::new(false),
                 timeouts: AtomicU32::new(0),
                 reconnects: reconnects.clone(),
-                client: client.clone(),
-                config: config.clone(),
+                dialer,
                 url: url.clone(),
-            }));
+            });
+            if let Some(pushes) = &slot.dialer.pushes {
+                let _ = pushes.slot.set(Arc::downgrade(&slot));
+            }
+            slots.push(slot);
         }
         Ok(Multiplexed {
             slots: slots.into(),
@@ -393,6 +541,8 @@ impl Multiplexed {
             connections: 1,
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
+            pushes: None,
+            setup: None,
             #[cfg(feature = "tls")]
             tls: None,
         }
