@@ -46,11 +46,30 @@ use std::sync::Arc;
 ///     fn encode(&self, out: &mut Vec<u8>) {
 ///         self.0.encode(out);
 ///     }
+///
+///     // Lets an invalidation from another instance (backplane or tracking) drop just this key
+///     // from the local tier; without it, such an invalidation empties the whole local tier.
+///     fn decode(bytes: &[u8]) -> Option<Self> {
+///         u64::decode(bytes).map(UserId)
+///     }
 /// }
 /// ```
 pub trait CacheKey {
     /// Appends this key's bytes to `out`. Two different keys must never append the same bytes.
     fn encode(&self, out: &mut Vec<u8>);
+
+    /// The key that [`encode`](Self::encode) wrote as `bytes`, or `None` if it cannot tell (the
+    /// default). An invalidation that reaches the local tier by key from another instance or
+    /// from Redis (see the crate docs on invalidation) names the key only by its bytes: a key
+    /// type that decodes loses just that entry, one that does not loses the whole local tier.
+    /// Every key type brisk provides decodes.
+    fn decode(bytes: &[u8]) -> Option<Self>
+    where
+        Self: Sized,
+    {
+        let _ = bytes;
+        None
+    }
 }
 
 /// A key the cache refuses.
@@ -83,9 +102,18 @@ impl CacheKey for str {
     }
 }
 
+/// The text of an `s:` encoding.
+fn text(bytes: &[u8]) -> Option<&str> {
+    std::str::from_utf8(bytes.strip_prefix(b"s:")?).ok()
+}
+
 impl CacheKey for String {
     fn encode(&self, out: &mut Vec<u8>) {
         self.as_str().encode(out);
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        text(bytes).map(str::to_owned)
     }
 }
 
@@ -93,11 +121,19 @@ impl CacheKey for Box<str> {
     fn encode(&self, out: &mut Vec<u8>) {
         (**self).encode(out);
     }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        text(bytes).map(Box::from)
+    }
 }
 
 impl CacheKey for Arc<str> {
     fn encode(&self, out: &mut Vec<u8>) {
         (**self).encode(out);
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        text(bytes).map(Arc::from)
     }
 }
 
@@ -112,11 +148,23 @@ impl CacheKey for Vec<u8> {
     fn encode(&self, out: &mut Vec<u8>) {
         self.as_slice().encode(out);
     }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        bytes.strip_prefix(b"x:").map(<[u8]>::to_vec)
+    }
 }
 
 impl CacheKey for bool {
     fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(if *self { b"b:1" } else { b"b:0" });
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        match bytes {
+            b"b:1" => Some(true),
+            b"b:0" => Some(false),
+            _ => None,
+        }
     }
 }
 
@@ -124,6 +172,12 @@ impl CacheKey for char {
     fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(b"c:");
         out.extend_from_slice(self.encode_utf8(&mut [0; 4]).as_bytes());
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(bytes.strip_prefix(b"c:")?).ok()?;
+        let mut chars = text.chars();
+        chars.next().filter(|_| chars.as_str().is_empty())
     }
 }
 
@@ -135,6 +189,10 @@ macro_rules! integer_keys {
                 out.extend_from_slice(b"i:");
                 // Writing to a Vec cannot fail.
                 let _ = write!(out, "{self}");
+            }
+
+            fn decode(bytes: &[u8]) -> Option<Self> {
+                std::str::from_utf8(bytes.strip_prefix(b"i:")?).ok()?.parse().ok()
             }
         }
     )*};
@@ -151,11 +209,26 @@ fn part(key: &impl CacheKey, out: &mut Vec<u8>) {
     out.extend_from_slice(&bytes);
 }
 
+/// Reads one tuple part off the front of `bytes`: the part and what follows it.
+fn unpart<T: CacheKey>(bytes: &[u8]) -> Option<(T, &[u8])> {
+    let colon = bytes.iter().position(|&b| b == b':')?;
+    let len: usize = std::str::from_utf8(&bytes[..colon]).ok()?.parse().ok()?;
+    let rest = &bytes[colon + 1..];
+    let part = rest.get(..len)?;
+    Some((T::decode(part)?, &rest[len..]))
+}
+
 impl<A: CacheKey, B: CacheKey> CacheKey for (A, B) {
     fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(b"t:");
         part(&self.0, out);
         part(&self.1, out);
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let (a, rest) = unpart(bytes.strip_prefix(b"t:")?)?;
+        let (b, rest) = unpart(rest)?;
+        rest.is_empty().then_some((a, b))
     }
 }
 
@@ -165,6 +238,13 @@ impl<A: CacheKey, B: CacheKey, C: CacheKey> CacheKey for (A, B, C) {
         part(&self.0, out);
         part(&self.1, out);
         part(&self.2, out);
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let (a, rest) = unpart(bytes.strip_prefix(b"t:")?)?;
+        let (b, rest) = unpart(rest)?;
+        let (c, rest) = unpart(rest)?;
+        rest.is_empty().then_some((a, b, c))
     }
 }
 
@@ -221,6 +301,40 @@ mod tests {
         assert_ne!(enc(&("a:b", "c")), enc(&("a", "b:c")));
         assert_eq!(enc(&("ab", 1_u8)), b"t:4:s:ab3:i:1");
         assert_ne!(enc(&("", "")), enc(&""));
+    }
+
+    fn round_trip<K: CacheKey + PartialEq + std::fmt::Debug>(key: K) {
+        assert_eq!(K::decode(&enc(&key)), Some(key));
+    }
+
+    #[test]
+    fn every_provided_key_decodes_what_it_encodes() {
+        round_trip(String::from("a:b}c"));
+        round_trip(Box::<str>::from(""));
+        round_trip(Arc::<str>::from("é"));
+        round_trip(u8::MAX);
+        round_trip(i128::MIN);
+        round_trip(-1_isize);
+        round_trip(true);
+        round_trip(false);
+        round_trip('é');
+        round_trip(vec![0_u8, 255, b':']);
+        round_trip((String::from("a:b"), 7_u32));
+        round_trip((1_u8, (String::new(), false), 'x'));
+        // What another type wrote, or nothing sensible, is no key.
+        assert_eq!(u8::decode(b"i:256"), None);
+        assert_eq!(u64::decode(b"i:-1"), None);
+        assert_eq!(String::decode(b"x:abc"), None);
+        assert_eq!(char::decode(b"c:ab"), None);
+        assert_eq!(<(u8, u8)>::decode(b"t:3:i:13:i:2extra"), None);
+        assert_eq!(<(u8, u8)>::decode(b"t:9:i:1"), None);
+        struct Opaque;
+        impl CacheKey for Opaque {
+            fn encode(&self, out: &mut Vec<u8>) {
+                out.push(1);
+            }
+        }
+        assert!(Opaque::decode(b"\x01").is_none());
     }
 
     #[test]
