@@ -14,7 +14,8 @@ use crate::breaker::BreakerConfig;
 use crate::cache::{Cache, Config, Inner, ReadThrough};
 use crate::codec::Codec;
 use crate::error::BuildError;
-use crate::key::CacheKey;
+use crate::invalidation::{self, Invalidation, Listener};
+use crate::key::{self, CacheKey};
 use crate::local::LocalTier;
 use crate::remote::{RedisOps, Remote};
 
@@ -38,6 +39,7 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(3_600);
 /// | [`remote_timeout`](Self::remote_timeout) | 100 ms |
 /// | [`breaker`](Self::breaker) | 5 failures in a row open it for 500 ms |
 /// | [`local`](Self::local) | none |
+/// | [`invalidation`](Self::invalidation) | none: a local tier sees other instances' writes after its TTL |
 /// | [`codec`](Self::codec) | MessagePack |
 /// | [`max_value_size`](Self::max_value_size) | 1 MiB |
 /// | [`max_key_len`](Self::max_key_len) | 1,024 bytes |
@@ -47,9 +49,12 @@ pub struct CacheBuilder<K, V> {
     config: Config,
     local: Option<LocalTier<K, V>>,
     redis: Option<Box<dyn RedisOps>>,
+    /// Whether that source is a cluster.
+    cluster: bool,
     memory_bytes: u64,
     breaker: BreakerConfig,
     loader: Option<ReadThrough<K, V>>,
+    invalidation: Option<Invalidation>,
 }
 
 impl<K, V> CacheBuilder<K, V>
@@ -63,9 +68,11 @@ where
             config: Config::default(),
             local: None,
             redis: None,
+            cluster: false,
             memory_bytes: 64 << 20,
             breaker: BreakerConfig::default(),
             loader: None,
+            invalidation: None,
         }
     }
 
@@ -132,8 +139,36 @@ where
     /// an instrumented deadpool-redis or bb8-redis pool, or a cluster connection).
     ///
     /// [`Multiplexed`]: brisk_pool::redis_source::Multiplexed
-    pub fn redis(mut self, source: impl RedisSource) -> Self {
+    pub fn redis<S: RedisSource>(mut self, source: S) -> Self {
         self.redis = Some(Box::new(source));
+        self.cluster = S::CLUSTER;
+        self
+    }
+
+    /// Keep the local tier coherent with other instances' writes, through a backplane or
+    /// Redis's tracking (see [`Invalidation`] for which to choose). The cache opens one more
+    /// connection for it, on the runtime `build` is called on, and reopens it when lost. The
+    /// local tier serves only while that connection hears: until it is set up and while it is
+    /// lost, reads go to Redis, and each set-up and each loss empties the local tier. Needs
+    /// [`redis`](Self::redis).
+    ///
+    /// ```no_run
+    /// use brisk_cache::{Cache, Invalidation, LocalTier};
+    /// use brisk_pool::redis_source::Multiplexed;
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let url = "redis://127.0.0.1:6379";
+    /// let users: Cache<u64, String> = Cache::builder("users")
+    ///     .redis(Multiplexed::connect(url).await?)
+    ///     .local(LocalTier::entries(10_000))
+    ///     .invalidation(Invalidation::tracking(Multiplexed::builder(url)))
+    ///     .build()?;
+    /// # drop(users);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn invalidation(mut self, invalidation: Invalidation) -> Self {
+        self.invalidation = Some(invalidation);
         self
     }
 
@@ -214,8 +249,10 @@ where
             local,
             redis,
             memory_bytes,
+            cluster,
             breaker,
             loader,
+            invalidation,
         } = self;
         let valid_name = !name.is_empty()
             && name.len() <= 64
@@ -292,14 +329,40 @@ where
                 });
             }
         }
+        let listening = match invalidation {
+            Some(invalidation) => {
+                if redis.is_none() {
+                    return Err(BuildError::Invalidation(
+                        "needs Redis: give the cache a source with .redis(...)",
+                    ));
+                }
+                invalidation::check(invalidation.mode, cluster)
+                    .map_err(BuildError::Invalidation)?;
+                let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+                    BuildError::Invalidation(
+                        "build the cache on a Tokio runtime: its connection runs there",
+                    )
+                })?;
+                let (listener, outbox) =
+                    Listener::new(invalidation.mode, &name, key::prefix(&name));
+                Some((Arc::new(listener), outbox, invalidation.connection, runtime))
+            }
+            None => None,
+        };
         let name: Arc<str> = name.into();
         let remote = match redis {
             Some(ops) => Remote::redis(ops, config.remote_timeout, breaker, &name),
             None => Remote::memory(memory_bytes, &name),
         };
-        Ok(Cache::from_inner(Inner::new(
-            name, config, local, remote, loader,
-        )))
+        let core = remote.core();
+        let listener = listening
+            .as_ref()
+            .map(|(listener, ..)| Arc::clone(listener));
+        let inner = Arc::new(Inner::new(name, config, local, remote, loader, listener));
+        if let Some((listener, outbox, connection, runtime)) = listening {
+            invalidation::start(listener, &inner, connection, outbox, core, &runtime);
+        }
+        Ok(Cache::from_inner(inner))
     }
 }
 

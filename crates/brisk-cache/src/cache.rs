@@ -28,6 +28,7 @@ use crate::codec::Codec;
 use crate::early::Early;
 use crate::envelope::{self, DecodeError, Format, Meta};
 use crate::error::{Error, RemoteError, SharedError};
+use crate::invalidation::{Heard, Listener};
 use crate::key::{self, CacheKey};
 use crate::local::{Local, LocalTier, Lookup};
 use crate::remote::{Lease, Read, Remote};
@@ -109,6 +110,8 @@ pub(crate) struct Inner<K, V> {
     writes: KeyMap<K, (Arc<tokio::sync::Mutex<()>>, usize)>,
     stripes: foldhash::fast::RandomState,
     metrics: Metrics,
+    /// With invalidation: whether the local tier hears other instances' writes now.
+    listener: Option<Arc<Listener>>,
 }
 
 /// A map keyed by the user's keys, behind a lock: only keys in flight (being loaded or written).
@@ -146,11 +149,14 @@ struct Flight<V> {
     /// The load has written Redis, or never will.
     landed: AtomicBool,
     landing: Notify,
+    /// The invalidation listener's flush count when it began (see `Inner::flushes`).
+    heard: u64,
 }
 
 impl<V: Clone> Flight<V> {
-    fn new(stale: Stale<V>, early: bool) -> Self {
+    fn new(stale: Stale<V>, early: bool, heard: u64) -> Self {
         Self {
+            heard,
             started: Instant::now(),
             early,
             stale,
@@ -341,10 +347,17 @@ where
         CacheBuilder::new(name)
     }
 
-    pub(crate) fn from_inner(inner: Inner<K, V>) -> Self {
-        Self {
-            inner: Arc::new(inner),
-        }
+    pub(crate) fn from_inner(inner: Arc<Inner<K, V>>) -> Self {
+        Self { inner }
+    }
+
+    /// Whether the local tier is kept coherent right now: the cache's
+    /// [`invalidation`](CacheBuilder::invalidation) connection is set up and has not been lost
+    /// since. While it is `false` the local tier is bypassed. Always `false` for a cache
+    /// without invalidation.
+    #[must_use]
+    pub fn is_listening(&self) -> bool {
+        self.inner.listener.as_ref().is_some_and(|l| l.listening())
     }
 
     /// The cache's name.
@@ -625,6 +638,7 @@ where
         local: Option<LocalTier<K, V>>,
         remote: Remote,
         loader: Option<ReadThrough<K, V>>,
+        listener: Option<Arc<Listener>>,
     ) -> Self {
         let local = local.map(|tier| {
             let ttl = tier.ttl.unwrap_or(config.ttl);
@@ -652,6 +666,32 @@ where
             epochs: std::array::from_fn(|_| AtomicU64::new(0)),
             writes: Mutex::default(),
             stripes: foldhash::fast::RandomState::default(),
+            listener,
+        }
+    }
+
+    /// The listener's flush count (0 without one): a load records it as it starts.
+    fn flushes(&self) -> u64 {
+        self.listener.as_ref().map_or(0, |l| l.flushes())
+    }
+
+    /// Whether the local tier may be filled now: always, unless invalidation is on and its
+    /// connection is not hearing.
+    fn hearing(&self) -> bool {
+        self.listener.as_ref().is_none_or(|l| l.listening())
+    }
+
+    /// Hearing, and not flushed since `flushes` was read.
+    fn heard_since(&self, flushes: u64) -> bool {
+        self.listener
+            .as_ref()
+            .is_none_or(|l| l.heard_since(flushes))
+    }
+
+    /// Tells other instances that these Redis keys changed (backplane only).
+    fn publish<'a>(&self, rkeys: impl IntoIterator<Item = &'a [u8]>) {
+        if let Some(listener) = &self.listener {
+            listener.publish_keys(rkeys);
         }
     }
 
@@ -679,7 +719,9 @@ where
         early: Option<Early>,
         flight: &Flight<V>,
     ) {
-        if let Some(local) = &self.local {
+        if let Some(local) = &self.local
+            && self.heard_since(flight.heard)
+        {
             local.insert(
                 key.clone(),
                 value.clone(),
@@ -688,7 +730,7 @@ where
                 now,
                 early,
             );
-            if flight.superseded.load(Ordering::Acquire) {
+            if flight.superseded.load(Ordering::Acquire) || !self.heard_since(flight.heard) {
                 local.remove(key);
             }
         }
@@ -796,6 +838,7 @@ where
         let stripe = self.epoch(key);
         if let Some(local) = &self.local
             && stripe.load(Ordering::Acquire) == epoch
+            && self.hearing()
         {
             local.insert(
                 key.clone(),
@@ -1022,7 +1065,7 @@ where
                     }
                     continue;
                 }
-                let flight = Arc::new(Flight::new(known.stale.clone(), false));
+                let flight = Arc::new(Flight::new(known.stale.clone(), false, self.flushes()));
                 flights.insert(key.clone(), Arc::clone(&flight));
                 mine.push((
                     key.clone(),
@@ -1159,7 +1202,7 @@ where
                 return Ok(Arc::clone(flight));
             }
             let load = load?;
-            let flight = Arc::new(Flight::new(stale, early));
+            let flight = Arc::new(Flight::new(stale, early, self.flushes()));
             flights.insert(key.clone(), Arc::clone(&flight));
             let landing = Landing {
                 inner: Arc::clone(self),
@@ -1279,7 +1322,12 @@ where
                 .map(|()| true),
         };
         match put {
-            Ok(stored) => Ok(stored),
+            Ok(stored) => {
+                if stored {
+                    self.publish([rkey]);
+                }
+                Ok(stored)
+            }
             Err(err) => {
                 let left = until.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -1295,7 +1343,10 @@ where
 
     /// Removes `rkey` from Redis within `within`.
     async fn del_remote(&self, rkey: &[u8], within: Duration) -> Result<(), Error> {
-        self.remote.del(rkey, within).await.map_err(Error::Remote)
+        let removed = self.remote.del(rkey, within).await.map_err(Error::Remote);
+        // Even on an error: the key may have changed all the same.
+        self.publish([rkey]);
+        removed
     }
 
     /// Before a write goes to Redis: lets a load of the key that is already writing Redis
@@ -1356,7 +1407,10 @@ where
         let until = now + self.config.remote_timeout;
         let _turn = self.turn(key, until).await?;
         let landing = self.forget(key);
-        if let Some(local) = &self.local {
+        let heard = self.flushes();
+        if let Some(local) = &self.local
+            && self.heard_since(heard)
+        {
             local.insert(
                 key.clone(),
                 value,
@@ -1365,6 +1419,9 @@ where
                 Instant::now(),
                 None,
             );
+            if !self.heard_since(heard) {
+                local.remove(key);
+            }
         }
         Self::after_landing(landing, until).await;
         self.put_remote(&rkey, &bytes, stale_until, None)
@@ -1384,6 +1441,35 @@ where
             local.remove(key);
         }
         flight.filter(|flight| flight.writing.load(Ordering::SeqCst))
+    }
+}
+
+impl<K, V> Heard for Inner<K, V>
+where
+    K: CacheKey + Hash + Eq + Clone + Send + Sync + 'static,
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    fn key_changed(&self, encoding: &[u8]) {
+        match K::decode(encoding) {
+            Some(key) => {
+                let _ = self.forget(&key);
+            }
+            None => {
+                if let Some(listener) = &self.listener {
+                    listener.count_flush();
+                }
+                self.flush();
+            }
+        }
+    }
+
+    fn flush(&self) {
+        for epoch in &self.epochs {
+            epoch.fetch_add(1, Ordering::AcqRel);
+        }
+        if let Some(local) = &self.local {
+            local.clear();
+        }
     }
 }
 
@@ -1687,6 +1773,13 @@ where
                 .await
             {
                 Ok(stored) => {
+                    inner.publish(
+                        writes
+                            .iter()
+                            .zip(&stored)
+                            .filter(|(_, stored)| **stored)
+                            .map(|((rkey, ..), _)| rkey.as_slice()),
+                    );
                     for (&i, stored) in at.iter().zip(stored) {
                         let (key, _, flight, _) = &self.flights[i];
                         if !stored {
@@ -1700,6 +1793,8 @@ where
                     }
                 }
                 Err(err) => {
+                    // Some may have been written all the same.
+                    inner.publish(writes.iter().map(|(rkey, ..)| rkey.as_slice()));
                     tracing::debug!(cache = %inner.name, %err, "loaded values could not be written to Redis");
                 }
             }
@@ -1732,6 +1827,7 @@ impl<K, V> fmt::Debug for Cache<K, V> {
             .field("local", &inner.local.as_ref().map(|local| local.ttl))
             .field("remote", &inner.remote)
             .field("codec", &inner.config.codec)
+            .field("invalidation", &inner.listener.as_ref().map(|l| l.mode))
             .finish_non_exhaustive()
     }
 }

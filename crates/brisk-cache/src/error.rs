@@ -166,6 +166,10 @@ pub enum BuildError {
         /// The hard timeout.
         hard: Duration,
     },
+    /// The invalidation setting cannot be honoured: no Redis, tracking over a cluster, or no
+    /// Tokio runtime to run its connection on.
+    #[error("invalidation {0}")]
+    Invalidation(&'static str),
     /// One TTL is above the TTL it must not exceed.
     #[error("{setting} ({value:?}) must not exceed the cache's ttl ({ttl:?})")]
     AboveTtl {

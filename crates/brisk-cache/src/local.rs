@@ -209,6 +209,12 @@ impl<K: Hash + Eq + Clone, V: Clone> Local<K, V> {
         }
     }
 
+    /// Drops every entry.
+    pub(crate) fn clear(&self) {
+        self.map.clear();
+        self.refresh_gauge();
+    }
+
     fn refresh_gauge(&self) {
         #[allow(clippy::cast_precision_loss)] // a gauge: approximate above 2^53 entries
         self.entries.set(self.map.len() as f64);

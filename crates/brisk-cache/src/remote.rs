@@ -117,6 +117,12 @@ pub(crate) trait RedisOps: Send + Sync + 'static {
         keys: &'a [Vec<u8>],
         token: &'a str,
     ) -> BoxFuture<'a, Result<(), RemoteError>>;
+    /// `PUBLISH` of each message on `channel`, in one pipeline, in order.
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        messages: &'a [Vec<u8>],
+    ) -> BoxFuture<'a, Result<(), RemoteError>>;
     fn kind(&self) -> &'static str;
 }
 
@@ -279,6 +285,21 @@ where
 }
 
 impl<S: RedisSource> RedisOps for S {
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        messages: &'a [Vec<u8>],
+    ) -> BoxFuture<'a, Result<(), RemoteError>> {
+        Box::pin(async move {
+            let mut conn = connect(self).await?;
+            let mut pipe = redis::pipe();
+            for message in messages {
+                pipe.cmd("PUBLISH").arg(channel).arg(message).ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await.map_err(redis_error)
+        })
+    }
+
     fn get<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Option<Vec<u8>>, RemoteError>> {
         Box::pin(async move {
             let mut conn = connect(self).await?;
@@ -586,6 +607,11 @@ impl BatchFn<Vec<u8>, Vec<u8>> for Mget {
 }
 
 impl Remote {
+    /// The store, for tasks that outlive a borrow of the cache.
+    pub(crate) fn core(&self) -> Arc<Core> {
+        Arc::clone(&self.core)
+    }
+
     pub(crate) fn memory(max_bytes: u64, cache: &str) -> Self {
         Self {
             core: Arc::new(Core::memory(max_bytes, cache)),
@@ -935,6 +961,21 @@ impl Core {
             Store::Memory(_) => Ok(()),
             Store::Redis { ops, .. } => {
                 self.call(Op::Lease, self.timeout, ops.release(key, token))
+                    .await
+            }
+        }
+    }
+
+    /// Publishes `messages` on `channel` (nothing without Redis: no one else could hear).
+    pub(crate) async fn publish(
+        &self,
+        channel: &str,
+        messages: &[Vec<u8>],
+    ) -> Result<(), RemoteError> {
+        match &self.store {
+            Store::Memory(_) => Ok(()),
+            Store::Redis { ops, .. } => {
+                self.call(Op::Set, self.timeout, ops.publish(channel, messages))
                     .await
             }
         }

@@ -155,6 +155,30 @@ pub const CACHE_LEASES: MetricDef = MetricDef {
     buckets: &[],
 };
 
+/// Invalidations a cache's local tier took from other instances or from Redis.
+pub const CACHE_INVALIDATIONS: MetricDef = MetricDef {
+    name: "brisk_cache_invalidations_total",
+    kind: Kind::Counter,
+    unit: Unit::Count,
+    labels: &["cache", "kind"],
+    help: "Invalidations a local tier received: kind is key (one key dropped), tag (a tag or clear), or flush (the whole local tier dropped: a gap in a publisher's sequence, a lost or restored invalidation connection, or a key its type could not decode).",
+    emitted_by: "brisk-cache",
+    otel: None,
+    buckets: &[],
+};
+
+/// Whether a cache's invalidation connection is subscribed (or tracking).
+pub const CACHE_LISTENING: MetricDef = MetricDef {
+    name: "brisk_cache_listening",
+    kind: Kind::Gauge,
+    unit: Unit::Count,
+    labels: &["cache"],
+    help: "1 while the cache's invalidation connection (backplane or tracking) is set up and hearing, 0 while it is not (the local tier is then bypassed).",
+    emitted_by: "brisk-cache",
+    otel: None,
+    buckets: &[],
+};
+
 /// How long a cache's loads took.
 pub const CACHE_LOAD_DURATION: MetricDef = MetricDef {
     name: "brisk_cache_load_duration_seconds",
@@ -540,6 +564,8 @@ pub const CATALOG: &[MetricDef] = &[
     CACHE_REMOTE_DURATION,
     CACHE_LEASES,
     CACHE_EARLY_REFRESHES,
+    CACHE_INVALIDATIONS,
+    CACHE_LISTENING,
     CACHE_BREAKER_STATE,
     CACHE_DECODE_FAILURES,
     CACHE_OVERSIZE,
