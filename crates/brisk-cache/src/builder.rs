@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::breaker::BreakerConfig;
-use crate::cache::{Cache, Config, Inner, ReadThrough};
+use crate::cache::{Cache, Config, Inner, ReadThrough, Tagger};
 use crate::codec::Codec;
 use crate::error::BuildError;
 use crate::invalidation::{self, Invalidation, Listener};
@@ -55,6 +55,7 @@ pub struct CacheBuilder<K, V> {
     breaker: BreakerConfig,
     loader: Option<ReadThrough<K, V>>,
     invalidation: Option<Invalidation>,
+    tagger: Option<Tagger<K, V>>,
 }
 
 impl<K, V> CacheBuilder<K, V>
@@ -73,6 +74,7 @@ where
             breaker: BreakerConfig::default(),
             loader: None,
             invalidation: None,
+            tagger: None,
         }
     }
 
@@ -142,6 +144,19 @@ where
     pub fn redis<S: RedisSource>(mut self, source: S) -> Self {
         self.redis = Some(Box::new(source));
         self.cluster = S::CLUSTER;
+        self
+    }
+
+    /// Tags every stored entry (a load's, a set's, a write-through's; an absence is `None`)
+    /// with what `tags` returns for it: at most 32 tags, each 1 to 256 bytes.
+    /// [`Cache::invalidate_tag`] then makes every entry of a tag a miss. A tag function that
+    /// panics or returns a refused tag keeps the entry out of the remote tier (a set fails with
+    /// [`Error::Tag`](crate::Error::Tag); a load's value still answers its callers).
+    pub fn tags(
+        mut self,
+        tags: impl Fn(&K, Option<&V>) -> Vec<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.tagger = Some(Arc::new(tags));
         self
     }
 
@@ -253,6 +268,7 @@ where
             breaker,
             loader,
             invalidation,
+            tagger,
         } = self;
         let valid_name = !name.is_empty()
             && name.len() <= 64
@@ -358,7 +374,9 @@ where
         let listener = listening
             .as_ref()
             .map(|(listener, ..)| Arc::clone(listener));
-        let inner = Arc::new(Inner::new(name, config, local, remote, loader, listener));
+        let inner = Arc::new(Inner::new(
+            name, config, local, remote, loader, listener, tagger,
+        ));
         if let Some((listener, outbox, connection, runtime)) = listening {
             invalidation::start(listener, &inner, connection, outbox, core, &runtime);
         }

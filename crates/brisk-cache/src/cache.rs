@@ -32,6 +32,10 @@ use crate::invalidation::{Heard, Listener};
 use crate::key::{self, CacheKey};
 use crate::local::{Local, LocalTier, Lookup};
 use crate::remote::{Lease, Read, Remote};
+use crate::tags::{self, Tags, Trust};
+
+/// The function that gives each stored entry its tags.
+pub(crate) type Tagger<K, V> = Arc<dyn Fn(&K, Option<&V>) -> Vec<String> + Send + Sync>;
 
 /// The loader registered for read-through.
 pub(crate) type ReadThrough<K, V> =
@@ -112,6 +116,11 @@ pub(crate) struct Inner<K, V> {
     metrics: Metrics,
     /// With invalidation: whether the local tier hears other instances' writes now.
     listener: Option<Arc<Listener>>,
+    /// Bumped by every flush of the local tier (an invalidation connection's, a tag's, a
+    /// clear's): a load that began before one keeps nothing locally.
+    flushes: AtomicU64,
+    tags: Tags,
+    tagger: Option<Tagger<K, V>>,
 }
 
 /// A map keyed by the user's keys, behind a lock: only keys in flight (being loaded or written).
@@ -455,6 +464,59 @@ where
         self.inner.remove(key, &rkey).await
     }
 
+    /// Makes every entry tagged `tag` (by the [`tags`](CacheBuilder::tags) function) a miss
+    /// from now on: in this instance at once; in the others at their next remote read of such
+    /// an entry with an [`invalidation`](CacheBuilder::invalidation) connection, else within
+    /// a second. No entry is visited: Redis keeps the time of the tag's invalidation, and an
+    /// entry made before it is a miss. Every instance's local tier is emptied (this one's at
+    /// once; the others' through the invalidation connection, or after their local TTL).
+    ///
+    /// Loads under way when it is called count as made before it: what they store is a miss.
+    /// Times come from each instance's clock, so keep the clocks in step (NTP): an instance
+    /// whose clock runs behind stamps entries that look older than they are.
+    ///
+    /// ```
+    /// use brisk_cache::Cache;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), brisk_cache::Error> {
+    /// // Posts by id, each tagged with its author.
+    /// let posts: Cache<u64, (u64, String)> = Cache::builder("posts")
+    ///     .tags(|_id, post: Option<&(u64, String)>| {
+    ///         post.map(|(author, _)| vec![format!("author:{author}")]).unwrap_or_default()
+    ///     })
+    ///     .build()
+    ///     .expect("valid settings");
+    /// posts.set(&1, (42, "Hello".to_owned())).await?;
+    /// posts.set(&2, (7, "Hi".to_owned())).await?;
+    /// posts.invalidate_tag("author:42").await?;
+    /// assert_eq!(posts.get(&1).await?, None);
+    /// assert!(posts.get(&2).await?.is_some());
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Tag`] for an empty tag or one above 256 bytes; [`Error::Remote`] when Redis
+    /// could not record it (this instance still misses such entries, until it reads the tag's
+    /// time from Redis again).
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<(), Error> {
+        Tags::check(tag)?;
+        self.inner.invalidate_stamp(tag).await
+    }
+
+    /// Makes every entry of the cache a miss from now on, in every instance, as
+    /// [`invalidate_tag`](Self::invalidate_tag) does for the entries of one tag: one write,
+    /// whatever the number of entries, and safe on a cluster (no `SCAN`, no `KEYS`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Remote`] when Redis could not record it.
+    pub async fn clear(&self) -> Result<(), Error> {
+        self.inner.invalidate_stamp(tags::CLEAR).await
+    }
+
     /// Write-through: runs `write` (the write to the source of truth) and, if it succeeded,
     /// stores `value` under `key`. If `write` fails, the cache is not touched. If the cache cannot
     /// be updated, the key is removed instead, so no old value survives the write; only when
@@ -639,6 +701,7 @@ where
         remote: Remote,
         loader: Option<ReadThrough<K, V>>,
         listener: Option<Arc<Listener>>,
+        tagger: Option<Tagger<K, V>>,
     ) -> Self {
         let local = local.map(|tier| {
             let ttl = tier.ttl.unwrap_or(config.ttl);
@@ -648,8 +711,10 @@ where
                 CACHE_LOCAL_ENTRIES.gauge(&[("cache", name.to_string())]),
             )
         });
+        let prefix = key::prefix(&name);
         Self {
-            prefix: key::prefix(&name),
+            tags: Tags::new(&prefix),
+            prefix,
             format: Format {
                 codec: config.codec,
                 fingerprint: envelope::fingerprint(std::any::type_name::<V>()),
@@ -667,12 +732,14 @@ where
             writes: Mutex::default(),
             stripes: foldhash::fast::RandomState::default(),
             listener,
+            flushes: AtomicU64::new(0),
+            tagger,
         }
     }
 
-    /// The listener's flush count (0 without one): a load records it as it starts.
+    /// The flush count: a load records it as it starts.
     fn flushes(&self) -> u64 {
-        self.listener.as_ref().map_or(0, |l| l.flushes())
+        self.flushes.load(Ordering::Acquire)
     }
 
     /// Whether the local tier may be filled now: always, unless invalidation is on and its
@@ -683,9 +750,49 @@ where
 
     /// Hearing, and not flushed since `flushes` was read.
     fn heard_since(&self, flushes: u64) -> bool {
-        self.listener
-            .as_ref()
-            .is_none_or(|l| l.heard_since(flushes))
+        self.hearing() && self.flushes() == flushes
+    }
+
+    /// How far known tag times can be trusted now.
+    fn trust(&self) -> Trust {
+        match &self.listener {
+            _ if self.remote.in_memory() => Trust::Always,
+            Some(listener) if listener.listening() => Trust::UntilFlushed,
+            Some(_) => Trust::Never,
+            None => Trust::For(tags::RECHECK),
+        }
+    }
+
+    /// Empties the local tier and forgets known tag times; reads and loads under way keep
+    /// nothing locally, and loads under way are cut off (they answer their callers, but no
+    /// later caller joins them, and they store nothing).
+    fn flush_local(&self) {
+        self.flushes.fetch_add(1, Ordering::AcqRel);
+        for epoch in &self.epochs {
+            epoch.fetch_add(1, Ordering::AcqRel);
+        }
+        for (_, flight) in self.flights().drain() {
+            flight.superseded.store(true, Ordering::SeqCst);
+        }
+        self.tags.forget_all();
+        if let Some(local) = &self.local {
+            local.clear();
+        }
+    }
+
+    /// `invalidate_tag` (`name` a tag) and `clear` (`name` empty): from now on every entry
+    /// made before is a miss, here at once and in Redis for every instance.
+    async fn invalidate_stamp(&self, name: &str) -> Result<(), Error> {
+        let at_ms = self.clock.unix_ms(Instant::now());
+        self.flush_local();
+        self.tags.invalidated(name, at_ms);
+        // The time must outlive every entry made before it, plus a second of clock skew.
+        let ttl = self.config.ttl + self.config.stale_for + Duration::from_secs(1);
+        let stamped = self.remote.stamp(&self.tags.key(name), at_ms, ttl).await;
+        if let Some(listener) = &self.listener {
+            listener.publish_tag(name);
+        }
+        stamped.map_err(Error::Remote)
     }
 
     /// Tells other instances that these Redis keys changed (backplane only).
@@ -859,11 +966,11 @@ where
     /// metrics if `counted` (a load polling for another process's value is no request).
     async fn lookup(&self, rkey: &[u8], counted: bool) -> Found<V> {
         let read = self.remote.get(rkey).await;
-        self.found(read, counted)
+        self.found(read, counted).await
     }
 
     /// What a remote read found; counted (requests, decode failures) if `counted`.
-    fn found(&self, read: Result<Option<Vec<u8>>, RemoteError>, counted: bool) -> Found<V> {
+    async fn found(&self, read: Result<Option<Vec<u8>>, RemoteError>, counted: bool) -> Found<V> {
         let count = |counter: &Counter| {
             if counted {
                 counter.increment(1);
@@ -882,6 +989,16 @@ where
             }
         };
         match self.format.decode::<V>(&bytes) {
+            Ok((_, meta))
+                if self
+                    .tags
+                    .outdated(meta.created_ms, &meta.tags, &self.remote, self.trust())
+                    .await =>
+            {
+                // Made before an invalidation of one of its tags, or a clear.
+                count(&self.metrics.remote_miss);
+                Found::Nothing
+            }
             Ok((value, meta)) => {
                 let fresh_until = self.clock.instant(meta.fresh_until_ms);
                 let stale_until = fresh_until + self.config.stale_for;
@@ -980,7 +1097,7 @@ where
         let mut misses = Vec::new();
         for ((key, read), epoch) in read.into_iter().zip(reads).zip(epochs) {
             let leasing = match read {
-                Some(Read::Value(bytes)) => match self.found(Ok(Some(bytes)), true) {
+                Some(Read::Value(bytes)) => match self.found(Ok(Some(bytes)), true).await {
                     Found::Fresh(value, fresh_until, stale_until, early) => {
                         self.fill_local(&key, &value, fresh_until, stale_until, epoch, early);
                         for &i in &wanted[&key].at {
@@ -1151,7 +1268,7 @@ where
             if let Some(bytes) = stored
                 && !(early && lease == Lease::Acquired)
                 && let Found::Fresh(value, fresh_until, stale_until, early) =
-                    self.found(Ok(Some(bytes)), false)
+                    self.found(Ok(Some(bytes)), false).await
             {
                 if lease == Lease::Acquired {
                     let _ = self.remote.release(rkey, &token).await;
@@ -1272,22 +1389,45 @@ where
         (fresh_until, fresh_until + self.config.stale_for)
     }
 
-    /// The envelope of a value stored now.
+    /// The envelope of a value stored now, after a load that took `load` (zero for a set):
+    /// it counts as made when the load began, so that an invalidation of one of its tags while
+    /// it loaded makes it a miss.
     fn envelope(
         &self,
+        key: &K,
         value: Option<&V>,
         fresh_until: Instant,
         load: Duration,
         now: Instant,
     ) -> Result<Vec<u8>, Error> {
         let meta = Meta {
-            created_ms: self.clock.unix_ms(now),
+            created_ms: self.clock.unix_ms(now.checked_sub(load).unwrap_or(now)),
             fresh_until_ms: self.clock.unix_ms(fresh_until),
             load_micros: u32::try_from(load.as_micros()).unwrap_or(u32::MAX),
+            tags: self.tags_of(key, value)?,
         };
         self.format
-            .encode(value, meta)
+            .encode(value, &meta)
             .map_err(|message| Error::Encode(message.into()))
+    }
+
+    /// What the tag function gives this entry, checked; its panic is an error.
+    fn tags_of(&self, key: &K, value: Option<&V>) -> Result<Vec<String>, Error> {
+        let Some(tagger) = &self.tagger else {
+            return Ok(Vec::new());
+        };
+        let tags =
+            std::panic::catch_unwind(AssertUnwindSafe(|| tagger(key, value))).map_err(|panic| {
+                Error::Tag(
+                    format!(
+                        "the tag function panicked: {}",
+                        envelope::panic_message(&*panic)
+                    )
+                    .into(),
+                )
+            })?;
+        Tags::check_all(&tags)?;
+        Ok(tags)
     }
 
     /// Writes stored bytes to Redis with its TTL (the fresh time plus the stale window), all of
@@ -1403,7 +1543,7 @@ where
         let rkey = self.redis_key(key)?;
         let now = Instant::now();
         let (fresh_until, stale_until) = self.expiry(value.is_none(), now);
-        let bytes = self.envelope(value.as_ref(), fresh_until, Duration::ZERO, now)?;
+        let bytes = self.envelope(key, value.as_ref(), fresh_until, Duration::ZERO, now)?;
         let until = now + self.config.remote_timeout;
         let _turn = self.turn(key, until).await?;
         let landing = self.forget(key);
@@ -1464,12 +1604,7 @@ where
     }
 
     fn flush(&self) {
-        for epoch in &self.epochs {
-            epoch.fetch_add(1, Ordering::AcqRel);
-        }
-        if let Some(local) = &self.local {
-            local.clear();
-        }
+        self.flush_local();
     }
 }
 
@@ -1563,7 +1698,7 @@ where
             let early = Early::new(fresh_until, took, inner.config.early_beta);
             let when = (fresh_until, stale_until, now);
             inner.keep_local(&self.key, value, when, early, &self.flight);
-            match inner.envelope(value.as_ref(), fresh_until, took, now) {
+            match inner.envelope(&self.key, value.as_ref(), fresh_until, took, now) {
                 Ok(bytes) => remote = Some((bytes, stale_until)),
                 Err(err) => {
                     tracing::warn!(cache = %inner.name, %err, "a loaded value was kept out of the remote tier");
@@ -1729,7 +1864,7 @@ where
                 let (fresh_until, stale_until) = inner.expiry(value.is_none(), now);
                 let early = Early::new(fresh_until, took, inner.config.early_beta);
                 inner.keep_local(key, &value, (fresh_until, stale_until, now), early, flight);
-                let bytes = inner.envelope(value.as_ref(), fresh_until, took, now);
+                let bytes = inner.envelope(key, value.as_ref(), fresh_until, took, now);
                 match bytes {
                     Ok(bytes) if bytes.len() <= inner.config.max_value_size && stores(i) => {
                         flight.writing.store(true, Ordering::SeqCst);

@@ -4,7 +4,8 @@
 //! offset  size  field
 //!      0     2  magic "bk"
 //!      2     1  format version (1)
-//!      3     1  flags: bit 0 = "none" (a cached absence, no payload), bit 1 = LZ4-compressed
+//!      3     1  flags: bit 0 = "none" (a cached absence, no payload), bit 1 = LZ4-compressed,
+//!                 bit 2 = tagged
 //!      4     1  codec (1 JSON, 2 postcard, 3 MessagePack)
 //!      5     8  type fingerprint: FNV-1a of the value's Rust type name
 //!     13     8  created at, Unix milliseconds
@@ -12,6 +13,7 @@
 //!     29     4  how long the load took, microseconds (saturating)
 //!     33     4  payload length in bytes
 //!     37     …  payload
+//!      …     …  tagged only: 2-byte tag count, then each tag as a 2-byte length and its UTF-8
 //! ```
 //!
 //! All integers are little-endian. Anything that does not match — foreign bytes, another format
@@ -32,13 +34,15 @@ const HEADER: usize = 37;
 const NONE: u8 = 1;
 #[cfg(feature = "lz4")]
 const LZ4: u8 = 2;
+const TAGGED: u8 = 4;
 
-/// When a value was made and until when it is fresh.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// When a value was made (for a load: when it began), until when it is fresh, and its tags.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Meta {
     pub(crate) created_ms: u64,
     pub(crate) fresh_until_ms: u64,
     pub(crate) load_micros: u32,
+    pub(crate) tags: Vec<String>,
 }
 
 /// What the envelope is made for: one value type in one codec.
@@ -108,7 +112,7 @@ impl Format {
     pub(crate) fn encode<V: Serialize>(
         &self,
         value: Option<&V>,
-        meta: Meta,
+        meta: &Meta,
     ) -> Result<Vec<u8>, String> {
         let mut out = Vec::with_capacity(HEADER + 128);
         out.extend_from_slice(&MAGIC);
@@ -130,6 +134,17 @@ impl Format {
         let len =
             u32::try_from(out.len() - HEADER).map_err(|_| "the value is over 4 GiB".to_owned())?;
         out[33..37].copy_from_slice(&len.to_le_bytes());
+        if !meta.tags.is_empty() {
+            out[3] |= TAGGED;
+            // Checked by the caller: at most `MAX_TAGS`, each at most `MAX_TAG_LEN` bytes.
+            let count = u16::try_from(meta.tags.len()).map_err(|_| "too many tags".to_owned())?;
+            out.extend_from_slice(&count.to_le_bytes());
+            for tag in &meta.tags {
+                let len = u16::try_from(tag.len()).map_err(|_| "a tag is too long".to_owned())?;
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(tag.as_bytes());
+            }
+        }
         Ok(out)
     }
 
@@ -184,15 +199,25 @@ impl Format {
         if u64_at(5) != self.fingerprint {
             return Err(DecodeError::Type);
         }
+        let rest = &bytes[HEADER..];
+        let len = usize::try_from(u32_at(33)).map_err(|_| DecodeError::Truncated)?;
+        if len > rest.len() {
+            return Err(DecodeError::Truncated);
+        }
+        let (payload, tagged) = rest.split_at(len);
+        let tags = if flags & TAGGED != 0 {
+            read_tags(tagged).ok_or(DecodeError::Truncated)?
+        } else if tagged.is_empty() {
+            Vec::new()
+        } else {
+            return Err(DecodeError::Truncated);
+        };
         let meta = Meta {
             created_ms: u64_at(13),
             fresh_until_ms: u64_at(21),
             load_micros: u32_at(29),
+            tags,
         };
-        let payload = &bytes[HEADER..];
-        if usize::try_from(u32_at(33)).ok() != Some(payload.len()) {
-            return Err(DecodeError::Truncated);
-        }
         if flags & NONE != 0 {
             return if payload.is_empty() {
                 Ok((None, meta))
@@ -233,6 +258,28 @@ impl Format {
     }
 }
 
+/// The tags section: a count, then each tag length-prefixed; nothing may follow.
+fn read_tags(bytes: &[u8]) -> Option<Vec<String>> {
+    fn length(bytes: &mut &[u8]) -> Option<usize> {
+        let (n, rest) = bytes.split_first_chunk::<2>()?;
+        *bytes = rest;
+        Some(usize::from(u16::from_le_bytes(*n)))
+    }
+    let mut bytes = bytes;
+    let count = length(&mut bytes)?;
+    let mut tags = Vec::with_capacity(count.min(64));
+    for _ in 0..count {
+        let len = length(&mut bytes)?;
+        if bytes.len() < len {
+            return None;
+        }
+        let (tag, rest) = bytes.split_at(len);
+        tags.push(String::from_utf8(tag.to_vec()).ok()?);
+        bytes = rest;
+    }
+    bytes.is_empty().then_some(tags)
+}
+
 /// The text of a panic's payload.
 pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic
@@ -250,7 +297,34 @@ mod tests {
         created_ms: 1,
         fresh_until_ms: 2,
         load_micros: 3,
+        tags: Vec::new(),
     };
+
+    #[test]
+    fn tags_round_trip_and_a_bad_tag_section_is_truncated() {
+        let f = format();
+        let meta = Meta {
+            tags: vec!["user:42".to_owned(), String::new(), "é".to_owned()],
+            ..META
+        };
+        let bytes = f.encode(Some(&7_u32), &meta).unwrap();
+        assert_eq!(f.decode::<u32>(&bytes), Ok((Some(7), meta.clone())));
+        let none = f.encode::<u32>(None, &meta).unwrap();
+        assert_eq!(f.decode::<u32>(&none), Ok((None, meta)));
+        for cut in 1..8 {
+            assert_eq!(
+                f.decode::<u32>(&bytes[..bytes.len() - cut]),
+                Err(DecodeError::Truncated)
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(f.decode::<u32>(&longer), Err(DecodeError::Truncated));
+        // Bytes after an untagged payload are no tag section.
+        let mut untagged = f.encode(Some(&7_u32), &META).unwrap();
+        untagged.extend_from_slice(&[0, 0]);
+        assert_eq!(f.decode::<u32>(&untagged), Err(DecodeError::Truncated));
+    }
 
     fn format() -> Format {
         Format {
@@ -263,9 +337,9 @@ mod tests {
     #[test]
     fn a_value_and_an_absence_round_trip() {
         let f = format();
-        let bytes = f.encode(Some(&7_u32), META).unwrap();
+        let bytes = f.encode(Some(&7_u32), &META).unwrap();
         assert_eq!(f.decode::<u32>(&bytes), Ok((Some(7), META)));
-        let bytes = f.encode::<u32>(None, META).unwrap();
+        let bytes = f.encode::<u32>(None, &META).unwrap();
         assert_eq!(bytes.len(), HEADER);
         assert_eq!(f.decode::<u32>(&bytes), Ok((None, META)));
     }
@@ -273,7 +347,7 @@ mod tests {
     #[test]
     fn bad_bytes_are_typed_failures() {
         let f = format();
-        let good = f.encode(Some(&7_u32), META).unwrap();
+        let good = f.encode(Some(&7_u32), &META).unwrap();
         assert_eq!(f.decode::<u32>(b"7"), Err(DecodeError::Foreign));
         assert_eq!(f.decode::<u32>(b""), Err(DecodeError::Foreign));
         assert_eq!(
@@ -312,7 +386,7 @@ mod tests {
                 panic!("boom")
             }
         }
-        let err = format().encode(Some(&Boom), META).unwrap_err();
+        let err = format().encode(Some(&Boom), &META).unwrap_err();
         assert!(err.contains("boom"), "{err}");
     }
 
@@ -325,7 +399,7 @@ mod tests {
             ..format()
         };
         let value = "a".repeat(10_000);
-        let bytes = f.encode(Some(&value), META).unwrap();
+        let bytes = f.encode(Some(&value), &META).unwrap();
         assert!(bytes.len() < 1_000, "{}", bytes.len());
         assert_eq!(
             f.decode::<String>(&bytes).unwrap().0.as_deref(),

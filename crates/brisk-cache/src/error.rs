@@ -47,6 +47,9 @@ pub enum Error {
     Remote(RemoteError),
     /// The value could not be serialized; nothing was stored.
     Encode(Arc<str>),
+    /// A tag was refused (empty, above 256 bytes, more than 32 for one entry), or the tag
+    /// function panicked; nothing was stored.
+    Tag(Arc<str>),
     /// The load's task was dropped before it finished: its runtime shut down.
     Cancelled,
     /// Called outside a tokio runtime, which loads run on.
@@ -79,6 +82,7 @@ impl fmt::Display for Error {
                 "the remote tier could not be updated, it may serve an old value until the TTL ends: {err}"
             ),
             Self::Encode(message) => write!(f, "the value could not be serialized: {message}"),
+            Self::Tag(message) => write!(f, "the tags were refused: {message}"),
             Self::Cancelled => {
                 f.write_str("the load was cancelled: the runtime it ran on shut down")
             }

@@ -82,7 +82,7 @@ const MAX_PUBLISHERS: usize = 4_096;
 pub(crate) trait Heard: Send + Sync + 'static {
     /// A key (its encoding, without prefix or braces) changed elsewhere.
     fn key_changed(&self, encoding: &[u8]);
-    /// Everything local may be old.
+    /// Everything local, tier and known tag times, may be old.
     fn flush(&self);
 }
 
@@ -91,8 +91,6 @@ pub(crate) struct Listener {
     pub(crate) mode: Mode,
     /// Set up and not lost since: the local tier may serve.
     listening: AtomicBool,
-    /// Bumped by every flush: a load that began before one keeps nothing locally.
-    flushes: AtomicU64,
     /// This instance, as a publisher.
     id: u64,
     next: AtomicU64,
@@ -105,6 +103,7 @@ pub(crate) struct Listener {
     outbox: Option<mpsc::UnboundedSender<Vec<u8>>>,
     gauge: Gauge,
     by_key: Counter,
+    by_tag: Counter,
     flushed: Counter,
 }
 
@@ -126,7 +125,6 @@ impl Listener {
         let listener = Self {
             mode,
             listening: AtomicBool::new(false),
-            flushes: AtomicU64::new(0),
             id: fastrand::u64(..),
             next: AtomicU64::new(0),
             prefix,
@@ -135,6 +133,7 @@ impl Listener {
             outbox,
             gauge: CACHE_LISTENING.gauge(&[("cache", name.to_owned())]),
             by_key: CACHE_INVALIDATIONS.counter(&labels("key")),
+            by_tag: CACHE_INVALIDATIONS.counter(&labels("tag")),
             flushed: CACHE_INVALIDATIONS.counter(&labels("flush")),
         };
         listener.gauge.set(0.0);
@@ -146,19 +145,8 @@ impl Listener {
         self.listening.load(Ordering::Acquire)
     }
 
-    /// The flush count now: pass it to [`Self::heard_since`] later.
-    pub(crate) fn flushes(&self) -> u64 {
-        self.flushes.load(Ordering::Acquire)
-    }
-
-    /// Listening, and nothing flushed since `flushes` was read.
-    pub(crate) fn heard_since(&self, flushes: u64) -> bool {
-        self.listening() && self.flushes() == flushes
-    }
-
     /// Counts a flush; the caller drops the local tier after.
     pub(crate) fn count_flush(&self) {
-        self.flushes.fetch_add(1, Ordering::AcqRel);
         self.flushed.increment(1);
     }
 
@@ -176,6 +164,15 @@ impl Listener {
             message.extend_from_slice(format!("{}:", encoding.len()).as_bytes());
             message.extend_from_slice(encoding);
         }
+        let _ = outbox.send(message);
+    }
+
+    /// Tells the other instances that a tag (or, for `clear`, the empty name) was invalidated:
+    /// they forget what they knew of tags and empty their local tiers.
+    pub(crate) fn publish_tag(&self, name: &str) {
+        let Some(outbox) = &self.outbox else { return };
+        let mut message = self.header(if name.is_empty() { b'c' } else { b't' });
+        message.extend_from_slice(name.as_bytes());
         let _ = outbox.send(message);
     }
 
@@ -327,6 +324,12 @@ fn on_tracked<H: Heard>(listener: &Listener, cache: &H, key: &[u8]) {
     if rest.ends_with(b"}:lease") {
         return;
     }
+    // A tag's or clear's time (`tags.rs`): what was known of tags, and kept locally, is old.
+    if rest.starts_with(b"}") {
+        listener.by_tag.increment(1);
+        cache.flush();
+        return;
+    }
     match rest.strip_suffix(b"}") {
         Some(encoding) => {
             listener.by_key.increment(1);
@@ -379,6 +382,10 @@ fn on_message<H: Heard>(listener: &Listener, cache: &H, message: &[u8]) {
                 cache.key_changed(encoding);
                 body = rest;
             }
+        }
+        b't' | b'c' => {
+            listener.by_tag.increment(1);
+            cache.flush();
         }
         _ => {
             listener.count_flush();

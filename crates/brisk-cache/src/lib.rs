@@ -95,6 +95,7 @@ mod invalidation;
 pub mod key;
 mod local;
 mod remote;
+mod tags;
 
 pub use breaker::BreakerConfig;
 pub use builder::{CacheBuilder, MAX_TIMEOUT, MAX_TTL};

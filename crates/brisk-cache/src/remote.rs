@@ -117,6 +117,14 @@ pub(crate) trait RedisOps: Send + Sync + 'static {
         keys: &'a [Vec<u8>],
         token: &'a str,
     ) -> BoxFuture<'a, Result<(), RemoteError>>;
+    /// Sets a tag's time to `at_ms` unless it holds a later one; either way it lives `ttl_ms`
+    /// at least.
+    fn stamp<'a>(
+        &'a self,
+        key: &'a [u8],
+        at_ms: u64,
+        ttl_ms: u64,
+    ) -> BoxFuture<'a, Result<(), RemoteError>>;
     /// `PUBLISH` of each message on `channel`, in one pipeline, in order.
     fn publish<'a>(
         &'a self,
@@ -211,6 +219,18 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 ";
 
+/// `KEYS`: a tag's (or clear's) time. `ARGV`: the time in Unix ms, the key's TTL in ms. Keeps
+/// the later time, so that two instances invalidating at once never move it back.
+const STAMP: &str = r"
+local t = tonumber(redis.pcall('GET', KEYS[1])) or 0
+if tonumber(ARGV[1]) > t then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+elseif redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+";
+
 /// The scripts, run by `EVALSHA` (loaded again on `NOSCRIPT`, after a restart or failover).
 struct Scripts {
     read_many: redis::Script,
@@ -219,6 +239,7 @@ struct Scripts {
     put_fenced: redis::Script,
     write: redis::Script,
     release: redis::Script,
+    stamp: redis::Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -228,6 +249,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     put_fenced: redis::Script::new(PUT_FENCED),
     write: redis::Script::new(WRITE),
     release: redis::Script::new(RELEASE),
+    stamp: redis::Script::new(STAMP),
 });
 
 async fn connect<S: RedisSource>(source: &S) -> Result<S::Connection, RemoteError> {
@@ -285,6 +307,26 @@ where
 }
 
 impl<S: RedisSource> RedisOps for S {
+    fn stamp<'a>(
+        &'a self,
+        key: &'a [u8],
+        at_ms: u64,
+        ttl_ms: u64,
+    ) -> BoxFuture<'a, Result<(), RemoteError>> {
+        Box::pin(async move {
+            let mut conn = connect(self).await?;
+            SCRIPTS
+                .stamp
+                .key(key)
+                .arg(at_ms)
+                .arg(ttl_ms.max(1))
+                .invoke_async::<i64>(&mut conn)
+                .await
+                .map(drop)
+                .map_err(redis_error)
+        })
+    }
+
     fn publish<'a>(
         &'a self,
         channel: &'a str,
@@ -584,20 +626,7 @@ impl BatchFn<Vec<u8>, Vec<u8>> for Mget {
     type Error = RemoteError;
 
     async fn load(&self, keys: &[Vec<u8>]) -> Result<HashMap<Vec<u8>, Vec<u8>>, RemoteError> {
-        let Store::Redis { ops, .. } = &self.0.store else {
-            unreachable!("only the Redis store batches reads")
-        };
-        let values = self
-            .0
-            .call(Op::Get, self.0.timeout, ops.get_many(keys))
-            .await?;
-        if values.len() != keys.len() {
-            return Err(RemoteError::Reply(format!(
-                "MGET of {} keys answered {}",
-                keys.len(),
-                values.len()
-            )));
-        }
+        let values = self.0.get_many(keys).await?;
         Ok(keys
             .iter()
             .zip(values)
@@ -964,6 +993,50 @@ impl Core {
                     .await
             }
         }
+    }
+
+    /// `MGET` of `keys`, through the breaker (nothing without Redis: no other instance wrote).
+    pub(crate) async fn get_many(
+        &self,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Option<Vec<u8>>>, RemoteError> {
+        match &self.store {
+            Store::Memory(_) => Ok(vec![None; keys.len()]),
+            Store::Redis { ops, .. } => {
+                let values = self.call(Op::Get, self.timeout, ops.get_many(keys)).await?;
+                if values.len() == keys.len() {
+                    Ok(values)
+                } else {
+                    Err(RemoteError::Reply(format!(
+                        "MGET of {} keys answered {}",
+                        keys.len(),
+                        values.len()
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Records a tag's time (see [`RedisOps::stamp`]).
+    pub(crate) async fn stamp(
+        &self,
+        key: &[u8],
+        at_ms: u64,
+        ttl: Duration,
+    ) -> Result<(), RemoteError> {
+        match &self.store {
+            Store::Memory(_) => Ok(()),
+            Store::Redis { ops, .. } => {
+                let ttl_ms = crate::clock::millis(ttl);
+                self.call(Op::Set, self.timeout, ops.stamp(key, at_ms, ttl_ms))
+                    .await
+            }
+        }
+    }
+
+    /// Whether this is the in-memory store, with no other instance.
+    pub(crate) fn in_memory(&self) -> bool {
+        matches!(self.store, Store::Memory(_))
     }
 
     /// Publishes `messages` on `channel` (nothing without Redis: no one else could hear).
