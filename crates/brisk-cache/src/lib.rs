@@ -33,6 +33,8 @@
 //! - Direct: [`Cache::set`], [`Cache::get`] (without a loader: no load), [`Cache::invalidate`].
 //! - Batched: [`Cache::get_or_load_many`] reads many keys in one round trip and loads the
 //!   misses in one call.
+//! - Tagged: [`CacheBuilder::tags`] tags entries; [`Cache::invalidate_tag`] and
+//!   [`Cache::clear`] drop many at once.
 //!
 //! # The read path
 //!
@@ -79,8 +81,17 @@
 //!   `docs/caching.md` has the details.
 //! - **Early refresh is opt-in** ([`CacheBuilder::early_refresh`], XFetch): a background
 //!   reload near the expiry costs a load that a cold key would not have needed.
-//! - **Cross-process invalidation of local tiers, and tags** are still to come: a local tier
-//!   sees another process's writes only after its own TTL.
+//! - **Local tiers serve only while they hear** ([`CacheBuilder::invalidation`]): with a
+//!   backplane (pub/sub, numbered per publisher) or Redis's client tracking, an instance drops
+//!   what another changed; while its listening connection is not set up, or lost, nothing is
+//!   kept locally, and each set-up and each loss empties the local tier. The listening
+//!   connection is brisk-pool's `Multiplexed`, which re-runs the subscription on every new
+//!   connection, rather than a second reconnect loop here.
+//! - **Tags by time, not by index** ([`Cache::invalidate_tag`], [`Cache::clear`]): Redis
+//!   keeps when each tag was invalidated, each entry when it was made, and a read of an older
+//!   entry is a miss. Invalidating is one write whatever the number of entries, and a hit stays
+//!   one round trip (known times are kept in process). The price is a dependence on the
+//!   instances' clocks agreeing (NTP), which `docs/caching.md` spells out.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod breaker;
