@@ -407,6 +407,8 @@ impl<K, V> fmt::Debug for CacheBuilder<K, V> {
             .field("redis", &self.redis.as_ref().map(|ops| ops.kind()))
             .field("breaker", &self.breaker)
             .field("loader", &self.loader.is_some())
+            .field("invalidation", &self.invalidation.as_ref().map(|i| i.mode))
+            .field("tags", &self.tagger.is_some())
             .finish_non_exhaustive()
     }
 }

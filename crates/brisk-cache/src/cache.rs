@@ -109,6 +109,10 @@ pub(crate) struct Inner<K, V> {
     /// not fill the local tier with what it read. Striped so that writes to other keys rarely
     /// keep a read from filling the local tier.
     epochs: [AtomicU64; STRIPES],
+    /// Bumped by every write or invalidation of a key of its stripe, and not by flushes: a load
+    /// detached from the map by a flush stores its value only if no write came since it began
+    /// (a write no longer finds it to cut it off).
+    written: [AtomicU64; STRIPES],
     /// The keys being written now, each with the turn its writes take and how many writes hold
     /// or wait for it (see `turn`).
     writes: KeyMap<K, (Arc<tokio::sync::Mutex<()>>, usize)>,
@@ -158,14 +162,17 @@ struct Flight<V> {
     /// The load has written Redis, or never will.
     landed: AtomicBool,
     landing: Notify,
-    /// The invalidation listener's flush count when it began (see `Inner::flushes`).
+    /// The flush count when it began (see `Inner::flushes`): a flush since detaches it.
     heard: u64,
+    /// Its key's stripe in `Inner::written` when it began.
+    written: u64,
 }
 
 impl<V: Clone> Flight<V> {
-    fn new(stale: Stale<V>, early: bool, heard: u64) -> Self {
+    fn new(stale: Stale<V>, early: bool, heard: u64, written: u64) -> Self {
         Self {
             heard,
+            written,
             started: Instant::now(),
             early,
             stale,
@@ -394,6 +401,10 @@ where
         F: Future<Output = Result<Option<V>, E>> + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        // A local hit is ready at once: without this, a task reading hits in a loop would never
+        // yield, and keep the tasks of its worker thread (the connection that brings
+        // invalidations among them) from running. tokio's own resources take part the same way.
+        tokio::task::consume_budget().await;
         let stale = match self.inner.local_first(key) {
             Ok((hit, false)) => return Ok(hit),
             Ok((hit, true)) => {
@@ -419,6 +430,7 @@ where
     ///
     /// As [`get_or_load`](Self::get_or_load); without a loader only [`Error::Key`].
     pub async fn get(&self, key: &K) -> Result<Option<V>, Error> {
+        tokio::task::consume_budget().await; // as in `get_or_load`
         let stale = match self.inner.local_first(key) {
             Ok((hit, refresh)) => {
                 if refresh && let Some(loader) = &self.inner.loader {
@@ -713,7 +725,7 @@ where
         });
         let prefix = key::prefix(&name);
         Self {
-            tags: Tags::new(&prefix),
+            tags: Tags::new(&prefix, remote.in_memory()),
             prefix,
             format: Format {
                 codec: config.codec,
@@ -729,6 +741,7 @@ where
             loader,
             flights: Mutex::default(),
             epochs: std::array::from_fn(|_| AtomicU64::new(0)),
+            written: std::array::from_fn(|_| AtomicU64::new(0)),
             writes: Mutex::default(),
             stripes: foldhash::fast::RandomState::default(),
             listener,
@@ -764,16 +777,14 @@ where
     }
 
     /// Empties the local tier and forgets known tag times; reads and loads under way keep
-    /// nothing locally, and loads under way are cut off (they answer their callers, but no
-    /// later caller joins them, and they store nothing).
+    /// nothing locally, and loads under way are detached (they answer their callers and store
+    /// in Redis, but no later caller joins them).
     fn flush_local(&self) {
         self.flushes.fetch_add(1, Ordering::AcqRel);
         for epoch in &self.epochs {
             epoch.fetch_add(1, Ordering::AcqRel);
         }
-        for (_, flight) in self.flights().drain() {
-            flight.superseded.store(true, Ordering::SeqCst);
-        }
+        self.flights().clear();
         self.tags.forget_all();
         if let Some(local) = &self.local {
             local.clear();
@@ -783,12 +794,12 @@ where
     /// `invalidate_tag` (`name` a tag) and `clear` (`name` empty): from now on every entry
     /// made before is a miss, here at once and in Redis for every instance.
     async fn invalidate_stamp(&self, name: &str) -> Result<(), Error> {
-        let at_ms = self.clock.unix_ms(Instant::now());
+        let at_us = self.clock.unix_us(Instant::now());
         self.flush_local();
-        self.tags.invalidated(name, at_ms);
+        self.tags.invalidated(name, at_us);
         // The time must outlive every entry made before it, plus a second of clock skew.
         let ttl = self.config.ttl + self.config.stale_for + Duration::from_secs(1);
-        let stamped = self.remote.stamp(&self.tags.key(name), at_ms, ttl).await;
+        let stamped = self.remote.stamp(&self.tags.key(name), at_us, ttl).await;
         if let Some(listener) = &self.listener {
             listener.publish_tag(name);
         }
@@ -809,6 +820,17 @@ where
 
     fn epoch(&self, key: &K) -> &AtomicU64 {
         &self.epochs[self.stripe(key)]
+    }
+
+    fn written(&self, key: &K) -> u64 {
+        self.written[self.stripe(key)].load(Ordering::Acquire)
+    }
+
+    /// Whether `flight`, loading `key`, may store what it loaded in Redis: it is not cut off
+    /// by a write, and if a flush detached it, no write to its key's stripe came since.
+    fn may_store(&self, key: &K, flight: &Flight<V>) -> bool {
+        !flight.superseded.load(Ordering::SeqCst)
+            && (flight.heard == self.flushes() || flight.written == self.written(key))
     }
 
     fn redis_key(&self, key: &K) -> Result<Vec<u8>, Error> {
@@ -992,7 +1014,7 @@ where
             Ok((_, meta))
                 if self
                     .tags
-                    .outdated(meta.created_ms, &meta.tags, &self.remote, self.trust())
+                    .outdated(meta.created_us, &meta.tags, &self.remote, self.trust())
                     .await =>
             {
                 // Made before an invalidation of one of its tags, or a clear.
@@ -1182,7 +1204,12 @@ where
                     }
                     continue;
                 }
-                let flight = Arc::new(Flight::new(known.stale.clone(), false, self.flushes()));
+                let flight = Arc::new(Flight::new(
+                    known.stale.clone(),
+                    false,
+                    self.flushes(),
+                    self.written(&key),
+                ));
                 flights.insert(key.clone(), Arc::clone(&flight));
                 mine.push((
                     key.clone(),
@@ -1319,7 +1346,7 @@ where
                 return Ok(Arc::clone(flight));
             }
             let load = load?;
-            let flight = Arc::new(Flight::new(stale, early, self.flushes()));
+            let flight = Arc::new(Flight::new(stale, early, self.flushes(), self.written(key)));
             flights.insert(key.clone(), Arc::clone(&flight));
             let landing = Landing {
                 inner: Arc::clone(self),
@@ -1401,7 +1428,7 @@ where
         now: Instant,
     ) -> Result<Vec<u8>, Error> {
         let meta = Meta {
-            created_ms: self.clock.unix_ms(now.checked_sub(load).unwrap_or(now)),
+            created_us: self.clock.unix_us(now.checked_sub(load).unwrap_or(now)),
             fresh_until_ms: self.clock.unix_ms(fresh_until),
             load_micros: u32::try_from(load.as_micros()).unwrap_or(u32::MAX),
             tags: self.tags_of(key, value)?,
@@ -1573,6 +1600,7 @@ where
     /// it is already writing Redis.
     fn forget(&self, key: &K) -> Option<Arc<Flight<V>>> {
         self.epoch(key).fetch_add(1, Ordering::AcqRel);
+        self.written[self.stripe(key)].fetch_add(1, Ordering::AcqRel);
         let flight = self.flights().remove(key);
         if let Some(flight) = &flight {
             flight.superseded.store(true, Ordering::SeqCst);
@@ -1715,7 +1743,7 @@ where
             Some((bytes, stale_until))
                 if {
                     self.flight.writing.store(true, Ordering::SeqCst);
-                    !self.flight.superseded.load(Ordering::SeqCst)
+                    inner.may_store(&self.key, &self.flight)
                 } =>
             {
                 Some(
@@ -1868,7 +1896,7 @@ where
                 match bytes {
                     Ok(bytes) if bytes.len() <= inner.config.max_value_size && stores(i) => {
                         flight.writing.store(true, Ordering::SeqCst);
-                        if flight.superseded.load(Ordering::SeqCst) {
+                        if !inner.may_store(key, flight) {
                             if mine(i) {
                                 release.push(rkey.clone());
                             }

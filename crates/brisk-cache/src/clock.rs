@@ -15,18 +15,18 @@ use tokio::time::Instant;
 pub(crate) struct Clock {
     instant: Instant,
     unix_ms: u64,
+    unix_us: u64,
 }
 
 impl Clock {
     pub(crate) fn new() -> Self {
-        let unix_ms = SystemTime::now()
+        let since = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| {
-                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-            });
+            .unwrap_or_default();
         Self {
             instant: Instant::now(),
-            unix_ms,
+            unix_ms: u64::try_from(since.as_millis()).unwrap_or(u64::MAX),
+            unix_us: u64::try_from(since.as_micros()).unwrap_or(u64::MAX),
         }
     }
 
@@ -35,6 +35,14 @@ impl Clock {
         let since = at.saturating_duration_since(self.instant);
         self.unix_ms
             .saturating_add(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// `at` as Unix microseconds: when entries were made and tags invalidated, which must not
+    /// tie for a write made just after an invalidation.
+    pub(crate) fn unix_us(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.instant);
+        self.unix_us
+            .saturating_add(u64::try_from(since.as_micros()).unwrap_or(u64::MAX))
     }
 
     /// Unix milliseconds as an `Instant` (times before this clock's start are its start).

@@ -8,7 +8,7 @@
 //!                 bit 2 = tagged
 //!      4     1  codec (1 JSON, 2 postcard, 3 MessagePack)
 //!      5     8  type fingerprint: FNV-1a of the value's Rust type name
-//!     13     8  created at, Unix milliseconds
+//!     13     8  created at (for a load: when it began), Unix microseconds
 //!     21     8  fresh until, Unix milliseconds
 //!     29     4  how long the load took, microseconds (saturating)
 //!     33     4  payload length in bytes
@@ -39,7 +39,7 @@ const TAGGED: u8 = 4;
 /// When a value was made (for a load: when it began), until when it is fresh, and its tags.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Meta {
-    pub(crate) created_ms: u64,
+    pub(crate) created_us: u64,
     pub(crate) fresh_until_ms: u64,
     pub(crate) load_micros: u32,
     pub(crate) tags: Vec<String>,
@@ -120,7 +120,7 @@ impl Format {
         out.push(if value.is_none() { NONE } else { 0 });
         out.push(self.codec.id());
         out.extend_from_slice(&self.fingerprint.to_le_bytes());
-        out.extend_from_slice(&meta.created_ms.to_le_bytes());
+        out.extend_from_slice(&meta.created_us.to_le_bytes());
         out.extend_from_slice(&meta.fresh_until_ms.to_le_bytes());
         out.extend_from_slice(&meta.load_micros.to_le_bytes());
         out.extend_from_slice(&[0; 4]);
@@ -213,7 +213,7 @@ impl Format {
             return Err(DecodeError::Truncated);
         };
         let meta = Meta {
-            created_ms: u64_at(13),
+            created_us: u64_at(13),
             fresh_until_ms: u64_at(21),
             load_micros: u32_at(29),
             tags,
@@ -294,7 +294,7 @@ mod tests {
     use super::*;
 
     const META: Meta = Meta {
-        created_ms: 1,
+        created_us: 1,
         fresh_until_ms: 2,
         load_micros: 3,
         tags: Vec::new(),

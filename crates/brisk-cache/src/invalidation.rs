@@ -71,6 +71,9 @@ impl Invalidation {
 /// How often the listening connection is pinged: a connection that only listens sends nothing
 /// that would find it broken, and a silent peer is noticed only by what is sent.
 const PING_EVERY: Duration = Duration::from_secs(1);
+/// Pings in a row that time out before the listening connection is taken for silent; as many as
+/// make brisk-pool's `Multiplexed` replace a connection.
+const SILENT_AFTER: u32 = 3;
 /// Pauses between attempts to open the listening connection the first time.
 const FIRST_RETRY: Duration = Duration::from_millis(25);
 const MAX_RETRY: Duration = Duration::from_secs(1);
@@ -231,7 +234,15 @@ async fn listen<H: Heard>(listener: Arc<Listener>, heard: Weak<H>, connection: M
             .clone()
             .push_sender(move |push: PushInfo| {
                 if let Some(cache) = pushed.upgrade() {
-                    on_push(&pushes, &*cache, &push);
+                    // Runs on the connection's task, and calls user code (the key type's
+                    // `decode`, `Hash`, `Eq`): a panic there empties the local tier instead.
+                    let heard = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        on_push(&pushes, &*cache, &push);
+                    }));
+                    if heard.is_err() {
+                        pushes.count_flush();
+                        cache.flush();
+                    }
                 }
                 Ok::<(), ()>(())
             })
@@ -271,15 +282,31 @@ async fn listen<H: Heard>(listener: Arc<Listener>, heard: Weak<H>, connection: M
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(MAX_RETRY);
     };
+    let mut timeouts = 0;
     loop {
         tokio::time::sleep(PING_EVERY).await;
-        if heard.strong_count() == 0 {
-            return;
-        }
-        // A failure needs nothing here: a lost connection sends `Disconnection` (handled in
-        // `on_push`) and is replaced by `Multiplexed`; a timeout alone loses no push.
-        if let Ok(mut ping) = listening.connection().await {
-            let _ = redis::cmd("PING").query_async::<Value>(&mut ping).await;
+        let Some(cache) = heard.upgrade() else { return };
+        drop(cache);
+        // A lost connection sends `Disconnection` (handled in `on_push`) and is replaced by
+        // `Multiplexed`. A silent one (a paused or black-holed server) never does: after as
+        // many pings in a row time out as make `Multiplexed` replace it, nothing it says can be
+        // trusted to come, so the local tier goes deaf until the replacement is set up.
+        let Ok(mut ping) = listening.connection().await else {
+            continue;
+        };
+        match redis::cmd("PING").query_async::<Value>(&mut ping).await {
+            Err(err) if err.is_timeout() => {
+                timeouts += 1;
+                if timeouts == SILENT_AFTER
+                    && let Some(cache) = heard.upgrade()
+                {
+                    listener.set_listening(false);
+                    listener.count_flush();
+                    cache.flush();
+                }
+            }
+            Err(_) => {}
+            Ok(_) => timeouts = 0,
         }
     }
 }

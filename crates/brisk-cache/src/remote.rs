@@ -117,12 +117,12 @@ pub(crate) trait RedisOps: Send + Sync + 'static {
         keys: &'a [Vec<u8>],
         token: &'a str,
     ) -> BoxFuture<'a, Result<(), RemoteError>>;
-    /// Sets a tag's time to `at_ms` unless it holds a later one; either way it lives `ttl_ms`
+    /// Sets a tag's time to `at_us` unless it holds a later one; either way it lives `ttl_ms`
     /// at least.
     fn stamp<'a>(
         &'a self,
         key: &'a [u8],
-        at_ms: u64,
+        at_us: u64,
         ttl_ms: u64,
     ) -> BoxFuture<'a, Result<(), RemoteError>>;
     /// `PUBLISH` of each message on `channel`, in one pipeline, in order.
@@ -219,7 +219,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 ";
 
-/// `KEYS`: a tag's (or clear's) time. `ARGV`: the time in Unix ms, the key's TTL in ms. Keeps
+/// `KEYS`: a tag's (or clear's) time. `ARGV`: the time in Unix µs, the key's TTL in ms. Keeps
 /// the later time, so that two instances invalidating at once never move it back.
 const STAMP: &str = r"
 local t = tonumber(redis.pcall('GET', KEYS[1])) or 0
@@ -310,7 +310,7 @@ impl<S: RedisSource> RedisOps for S {
     fn stamp<'a>(
         &'a self,
         key: &'a [u8],
-        at_ms: u64,
+        at_us: u64,
         ttl_ms: u64,
     ) -> BoxFuture<'a, Result<(), RemoteError>> {
         Box::pin(async move {
@@ -318,7 +318,7 @@ impl<S: RedisSource> RedisOps for S {
             SCRIPTS
                 .stamp
                 .key(key)
-                .arg(at_ms)
+                .arg(at_us)
                 .arg(ttl_ms.max(1))
                 .invoke_async::<i64>(&mut conn)
                 .await
@@ -1021,14 +1021,14 @@ impl Core {
     pub(crate) async fn stamp(
         &self,
         key: &[u8],
-        at_ms: u64,
+        at_us: u64,
         ttl: Duration,
     ) -> Result<(), RemoteError> {
         match &self.store {
             Store::Memory(_) => Ok(()),
             Store::Redis { ops, .. } => {
                 let ttl_ms = crate::clock::millis(ttl);
-                self.call(Op::Set, self.timeout, ops.stamp(key, at_ms, ttl_ms))
+                self.call(Op::Set, self.timeout, ops.stamp(key, at_us, ttl_ms))
                     .await
             }
         }

@@ -25,6 +25,9 @@ pub(crate) const MAX_TAG_LEN: usize = 256;
 /// Without an invalidation connection, a known time is read again after this long: another
 /// instance's `invalidate_tag` or `clear` is seen here within it.
 pub(crate) const RECHECK: Duration = Duration::from_secs(1);
+/// Times known at most: past this many the table starts over (each is read again when needed),
+/// so that a tag per user does not grow it without bound.
+const MAX_KNOWN: usize = 65_536;
 /// The name `clear` keeps its time under: no tag is empty.
 pub(crate) const CLEAR: &str = "";
 
@@ -48,22 +51,26 @@ pub(crate) struct Tags {
     /// Bumped by every change of `known` other than a read's: a read that began before one
     /// does not record what it read.
     generation: AtomicU64,
+    /// The table is all there is (the in-memory remote tier): it is never started over.
+    authoritative: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Known {
-    /// Unix milliseconds; 0 for never.
-    at_ms: u64,
+    /// Unix microseconds; 0 for never.
+    at_us: u64,
     read: Instant,
 }
 
 impl Tags {
-    /// The tags of the cache whose key prefix is `prefix` (`{brisk:<name>:1:`).
-    pub(crate) fn new(prefix: &[u8]) -> Self {
+    /// The tags of the cache whose key prefix is `prefix` (`{brisk:<name>:1:`); `authoritative`
+    /// when no remote store keeps their times (the in-memory remote tier).
+    pub(crate) fn new(prefix: &[u8], authoritative: bool) -> Self {
         Self {
             prefix: [prefix, b"}"].concat(),
             known: Mutex::default(),
             generation: AtomicU64::new(0),
+            authoritative,
         }
     }
 
@@ -109,32 +116,38 @@ impl Tags {
 
     /// Forgets every known time: each is read again when next needed.
     pub(crate) fn forget_all(&self) {
+        if self.authoritative {
+            return;
+        }
         let mut known = self.known();
         self.generation.fetch_add(1, Ordering::AcqRel);
         known.clear();
     }
 
-    /// Records this instance's own invalidation of `name` at `at_ms`.
-    pub(crate) fn invalidated(&self, name: &str, at_ms: u64) {
+    /// Records this instance's own invalidation of `name` at `at_us`.
+    pub(crate) fn invalidated(&self, name: &str, at_us: u64) {
         let mut known = self.known();
         self.generation.fetch_add(1, Ordering::AcqRel);
-        let at_ms = known.get(name).map_or(at_ms, |k| k.at_ms.max(at_ms));
+        let at_us = known.get(name).map_or(at_us, |k| k.at_us.max(at_us));
+        if known.len() >= MAX_KNOWN && !self.authoritative {
+            known.clear();
+        }
         known.insert(
             name.into(),
             Known {
-                at_ms,
+                at_us,
                 read: Instant::now(),
             },
         );
     }
 
-    /// Whether an entry made at `created_ms` with `tags` was invalidated since, by one of its
+    /// Whether an entry made at `created_us` with `tags` was invalidated since, by one of its
     /// tags or by `clear`. Times not known (or no longer trusted) are read from `core` in one
     /// round trip; if that read fails, the entry counts as invalidated (a miss, which the next
     /// load overwrites).
     pub(crate) async fn outdated(
         &self,
-        created_ms: u64,
+        created_us: u64,
         tags: &[String],
         core: &Core,
         trust: Trust,
@@ -153,7 +166,7 @@ impl Tags {
             for name in names {
                 match known.get(name) {
                     Some(k) if trusted(k) => {
-                        if k.at_ms >= created_ms {
+                        if k.at_us >= created_us {
                             return true;
                         }
                     }
@@ -180,12 +193,15 @@ impl Tags {
         if trust != Trust::Never {
             let mut known = self.known();
             if self.generation.load(Ordering::Acquire) == generation {
-                for (name, &at_ms) in unknown.iter().zip(&times) {
-                    known.insert((*name).into(), Known { at_ms, read: now });
+                if known.len() + unknown.len() > MAX_KNOWN {
+                    known.clear();
+                }
+                for (name, &at_us) in unknown.iter().zip(&times) {
+                    known.insert((*name).into(), Known { at_us, read: now });
                 }
             }
         }
-        times.iter().any(|&at_ms| at_ms >= created_ms)
+        times.iter().any(|&at_us| at_us >= created_us)
     }
 }
 
@@ -195,7 +211,7 @@ mod tests {
 
     #[test]
     fn tag_keys_share_a_slot_and_never_meet_entry_keys() {
-        let tags = Tags::new(b"{brisk:users:1:");
+        let tags = Tags::new(b"{brisk:users:1:", false);
         assert_eq!(tags.key("user:42"), b"{brisk:users:1:}tag:user:42:at");
         assert_eq!(tags.key(CLEAR), b"{brisk:users:1:}clear:at");
         assert!(Tags::check("").is_err());

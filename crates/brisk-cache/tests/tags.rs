@@ -307,3 +307,23 @@ async fn on_a_cluster_tags_and_clear_reach_every_instance() {
     })
     .await;
 }
+
+/// In memory (no Redis) the times are all in process: every tag invalidated stays so.
+#[tokio::test]
+async fn in_memory_every_invalidated_tag_stays_invalidated() {
+    let cache = tagged(Cache::builder("posts"))
+        .local(LocalTier::entries(100))
+        .build()
+        .unwrap();
+    for key in KEYS {
+        cache.set(&key, format!("post {key}")).await.unwrap();
+    }
+    cache.invalidate_tag("author:42").await.unwrap();
+    cache.invalidate_tag("author:7").await.unwrap();
+    assert_eq!(
+        present(&cache, &KEYS).await,
+        [false, false, false, false, false, true]
+    );
+    cache.clear().await.unwrap();
+    assert_eq!(present(&cache, &KEYS).await, [false; 6]);
+}
