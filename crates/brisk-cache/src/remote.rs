@@ -259,6 +259,18 @@ async fn connect<S: RedisSource>(source: &S) -> Result<S::Connection, RemoteErro
         .map_err(|err| RemoteError::Source(Arc::new(err)))
 }
 
+/// `reply` if it has one answer for each of the `asked`, else [`RemoteError::Reply`].
+fn answered<T>(what: &str, asked: usize, reply: Vec<T>) -> Result<Vec<T>, RemoteError> {
+    if reply.len() == asked {
+        Ok(reply)
+    } else {
+        Err(RemoteError::Reply(format!(
+            "{what}: {asked} asked, {} answered",
+            reply.len()
+        )))
+    }
+}
+
 fn redis_error(err: redis::RedisError) -> RemoteError {
     RemoteError::Redis(Arc::new(err))
 }
@@ -292,13 +304,7 @@ where
     .await?;
     let mut out: Vec<Option<T>> = keys.iter().map(|_| None).collect();
     for (at, reply) in replies {
-        if reply.len() != at.len() {
-            return Err(RemoteError::Reply(format!(
-                "a pipeline of {} commands answered {}",
-                at.len(),
-                reply.len()
-            )));
-        }
+        let reply = answered("a pipeline of one slot", at.len(), reply)?;
         for (i, reply) in at.into_iter().zip(reply) {
             out[i] = Some(reply);
         }
@@ -821,15 +827,7 @@ impl Core {
                 let read = self
                     .call(Op::Get, self.timeout, ops.read_many(keys, token, ttl_ms))
                     .await?;
-                if read.len() == keys.len() {
-                    Ok(read)
-                } else {
-                    Err(RemoteError::Reply(format!(
-                        "a read of {} keys answered {}",
-                        keys.len(),
-                        read.len()
-                    )))
-                }
+                answered("a read of keys", keys.len(), read)
             }
         }
     }
@@ -893,15 +891,7 @@ impl Core {
                 let stored = self
                     .call(Op::Set, within, ops.put_many(&items, token))
                     .await?;
-                if stored.len() == items.len() {
-                    Ok(stored)
-                } else {
-                    Err(RemoteError::Reply(format!(
-                        "a pipeline of {} writes answered {}",
-                        items.len(),
-                        stored.len()
-                    )))
-                }
+                answered("a pipeline of writes", items.len(), stored)
             }
         }
     }
@@ -1004,15 +994,7 @@ impl Core {
             Store::Memory(_) => Ok(vec![None; keys.len()]),
             Store::Redis { ops, .. } => {
                 let values = self.call(Op::Get, self.timeout, ops.get_many(keys)).await?;
-                if values.len() == keys.len() {
-                    Ok(values)
-                } else {
-                    Err(RemoteError::Reply(format!(
-                        "MGET of {} keys answered {}",
-                        keys.len(),
-                        values.len()
-                    )))
-                }
+                answered("MGET", keys.len(), values)
             }
         }
     }

@@ -10,8 +10,7 @@ use brisk_metrics::catalog::CACHE_INVALIDATIONS;
 use brisk_metrics::testing::Capture;
 use brisk_pool::redis_source::Multiplexed;
 use brisk_testkit::RedisServer;
-use common::{connect, eventually, raw_set, redis};
-use tokio::time::Instant;
+use common::{connect, eventually, raw, raw_set, reads, redis, text, within};
 
 const KEY: &str = "{brisk:t:1:i:1}";
 
@@ -45,25 +44,6 @@ fn tracking(server: &RedisServer) -> Invalidation {
     Invalidation::tracking(Multiplexed::builder(&server.url()))
 }
 
-async fn raw(server: &RedisServer, args: &[&str]) -> redis::Value {
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let mut cmd = redis::cmd(args[0]);
-    for arg in &args[1..] {
-        cmd.arg(*arg);
-    }
-    cmd.query_async(&mut conn).await.unwrap()
-}
-
-/// Polls `check` every 2 ms; fails unless it holds within `bound`.
-async fn within(bound: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < bound, "not within {bound:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
 const SOON: Duration = Duration::from_millis(100);
 
 /// `b` holds `value` for key 1 in its local tier, and Redis no longer does: what `b` answers
@@ -87,32 +67,6 @@ async fn held_locally_only(server: &RedisServer, b: &Cache<u64, String>, value: 
         Some(value),
         "served locally"
     );
-}
-
-/// Reads of this server so far (GET and MGET calls).
-async fn reads(server: &RedisServer) -> u64 {
-    let redis::Value::VerbatimString { text, .. } = raw(server, &["INFO", "commandstats"]).await
-    else {
-        let redis::Value::BulkString(bytes) = raw(server, &["INFO", "commandstats"]).await else {
-            panic!("INFO answered something else")
-        };
-        return count_reads(&String::from_utf8(bytes).unwrap());
-    };
-    count_reads(&text)
-}
-
-fn count_reads(info: &str) -> u64 {
-    info.lines()
-        .filter(|line| line.starts_with("cmdstat_get:") || line.starts_with("cmdstat_mget:"))
-        .filter_map(|line| {
-            line.split("calls=")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
 }
 
 /// Whether `b` answers key 1 without reading Redis, and what.
@@ -247,12 +201,7 @@ async fn tracking_sees_writes_made_outside_brisk() {
 
 /// The id of the client whose `CLIENT LIST` flags hold `flag`.
 async fn client_with_flag(server: &RedisServer, flag: char) -> String {
-    let list = match raw(server, &["CLIENT", "LIST"]).await {
-        redis::Value::BulkString(bytes) => String::from_utf8(bytes).unwrap(),
-        redis::Value::VerbatimString { text, .. } | redis::Value::SimpleString(text) => text,
-        other => panic!("CLIENT LIST answered {other:?}"),
-    };
-    find_flag(&list, flag)
+    find_flag(&text(raw(server, &["CLIENT", "LIST"]).await), flag)
 }
 
 fn find_flag(list: &str, flag: char) -> String {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use brisk_cache::{BuildError, Cache, CacheKey, Error, Invalidation, LocalTier};
 use brisk_pool::redis_source::Multiplexed;
 use brisk_testkit::RedisServer;
-use common::{connect, eventually, raw_get, raw_set, redis};
+use common::{connect, eventually, raw, raw_get, raw_set, reads, redis, text, within};
 use tokio::time::Instant;
 
 type C = Cache<u64, String>;
@@ -50,56 +50,8 @@ async fn instance(server: &RedisServer, invalidation: Option<Invalidation>) -> C
     }
 }
 
-async fn raw(server: &RedisServer, args: &[&[u8]]) -> redis::Value {
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let mut cmd = redis::cmd(std::str::from_utf8(args[0]).unwrap());
-    for arg in &args[1..] {
-        cmd.arg(*arg);
-    }
-    cmd.query_async(&mut conn).await.unwrap()
-}
-
-async fn raw_s(server: &RedisServer, args: &[&str]) -> redis::Value {
-    let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-    raw(server, &args).await
-}
-
-fn text(value: redis::Value) -> String {
-    match value {
-        redis::Value::BulkString(bytes) => String::from_utf8(bytes).unwrap(),
-        redis::Value::VerbatimString { text, .. } | redis::Value::SimpleString(text) => text,
-        other => panic!("not text: {other:?}"),
-    }
-}
-
 async fn publish(server: &RedisServer, message: &[u8]) {
     let _ = raw(server, &[b"PUBLISH", CHANNEL.as_bytes(), message]).await;
-}
-
-/// Polls `check` every 2 ms; fails unless it holds within `bound`.
-async fn within(bound: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < bound, "not within {bound:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-/// Reads of this server so far (GET and MGET calls).
-async fn reads(server: &RedisServer) -> u64 {
-    let info = text(raw_s(server, &["INFO", "commandstats"]).await);
-    info.lines()
-        .filter(|line| line.starts_with("cmdstat_get:") || line.starts_with("cmdstat_mget:"))
-        .filter_map(|line| {
-            line.split("calls=")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
 }
 
 /// Whether `b` answers `key` without reading Redis, and what.
@@ -123,7 +75,7 @@ async fn held_locally_only(server: &RedisServer, b: &C, key: u64, value: &str) {
         raw_get(server, &rkey(key)).await.is_some()
     })
     .await;
-    let _ = raw_s(server, &["DEL", &rkey(key)]).await;
+    let _ = raw(server, &["DEL", &rkey(key)]).await;
     assert_eq!(
         b.get(&key).await.unwrap().as_deref(),
         Some(value),
@@ -149,7 +101,7 @@ async fn held_tracked(server: &RedisServer, b: &C, key: u64, value: &str) {
 }
 
 async fn client_list(server: &RedisServer) -> String {
-    text(raw_s(server, &["CLIENT", "LIST"]).await)
+    text(raw(server, &["CLIENT", "LIST"]).await)
 }
 
 /// Ids of the clients whose flags hold `flag`.
@@ -492,7 +444,7 @@ async fn tracking_race_with_tracking_connections_killed_repeatedly_converges() {
 async fn a_load_under_way_on_b_when_a_sets_keeps_nothing_on_b() {
     let server = tokio::task::spawn_blocking(redis).await.unwrap();
     for invalidation in [backplane as fn(&str) -> Invalidation, tracking] {
-        let _ = raw_s(&server, &["FLUSHALL"]).await;
+        let _ = raw(&server, &["FLUSHALL"]).await;
         let a = instance(&server, Some(invalidation(&server.url()))).await;
         let b = instance(&server, Some(invalidation(&server.url()))).await;
         let (release, released) = tokio::sync::oneshot::channel::<()>();
@@ -592,7 +544,7 @@ async fn a_huge_batch_on_a_reaches_b_for_every_key() {
     })
     .await;
     // Behind both caches' backs (backplane does not hear it).
-    let _ = raw_s(&server, &["FLUSHDB"]).await;
+    let _ = raw(&server, &["FLUSHDB"]).await;
     let second = a.get_or_load_many(&keys, load("new")).await;
     assert!(
         second
@@ -657,7 +609,7 @@ async fn a_killed_listening_server_bypasses_the_local_tier_until_it_is_back() {
     // Deaf: a read goes to Redis every time.
     b.set(&2, "v2".to_owned()).await.unwrap();
     assert_eq!(b.get(&2).await.unwrap().as_deref(), Some("v2"));
-    let _ = raw_s(&server, &["DEL", &rkey(2)]).await;
+    let _ = raw(&server, &["DEL", &rkey(2)]).await;
     assert_eq!(
         b.get(&2).await.unwrap(),
         None,
@@ -675,7 +627,7 @@ async fn a_killed_listening_server_bypasses_the_local_tier_until_it_is_back() {
     })
     .await;
     held_locally_only(&server, &b, 3, "v3").await;
-    let _ = raw_s(&listen, &["PUBLISH", CHANNEL, "00000000000000ab:0:k4:i:3"]).await;
+    let _ = raw(&listen, &["PUBLISH", CHANNEL, "00000000000000ab:0:k4:i:3"]).await;
     within(SOON, "b hears the restarted server", async || {
         b.get(&3).await.unwrap().is_none()
     })
@@ -787,7 +739,7 @@ async fn a_listening_peer_that_never_answers_keeps_the_local_tier_off() {
             started.elapsed() < Duration::from_millis(500),
             "a set is not held up"
         );
-        let _ = raw_s(&server, &["DEL", &rkey(1)]).await;
+        let _ = raw(&server, &["DEL", &rkey(1)]).await;
         for _ in 0..20 {
             assert!(!b.is_listening());
             assert_eq!(b.get(&1).await.unwrap(), None, "never kept locally");
@@ -886,17 +838,17 @@ async fn tracking_sees_del_expire_rename_and_flushdb() {
     let writer = instance(&server, None).await;
 
     held_tracked(&server, &b, 1, "v1").await;
-    let _ = raw_s(&server, &["DEL", &rkey(1)]).await;
+    let _ = raw(&server, &["DEL", &rkey(1)]).await;
     within(SOON, "DEL", async || b.get(&1).await.unwrap().is_none()).await;
 
     held_tracked(&server, &b, 1, "v1").await;
-    let _ = raw_s(&server, &["PEXPIRE", &rkey(1), "1"]).await;
+    let _ = raw(&server, &["PEXPIRE", &rkey(1), "1"]).await;
     within(SOON, "PEXPIRE", async || b.get(&1).await.unwrap().is_none()).await;
 
     // RENAME another entry onto key 1.
     held_tracked(&server, &b, 1, "v1").await;
     writer.set(&5, "v5".to_owned()).await.unwrap();
-    let _ = raw_s(&server, &["RENAME", &rkey(5), &rkey(1)]).await;
+    let _ = raw(&server, &["RENAME", &rkey(5), &rkey(1)]).await;
     within(SOON, "RENAME onto the key", async || {
         b.get(&1).await.unwrap().as_deref() != Some("v1")
     })
@@ -904,7 +856,7 @@ async fn tracking_sees_del_expire_rename_and_flushdb() {
 
     // RENAME the key away.
     held_tracked(&server, &b, 1, "v1").await;
-    let _ = raw_s(&server, &["RENAME", &rkey(1), "elsewhere"]).await;
+    let _ = raw(&server, &["RENAME", &rkey(1), "elsewhere"]).await;
     within(SOON, "RENAME away", async || {
         b.get(&1).await.unwrap().is_none()
     })
@@ -912,11 +864,11 @@ async fn tracking_sees_del_expire_rename_and_flushdb() {
 
     // SET with another type of value (a list) under the key.
     held_tracked(&server, &b, 1, "v1").await;
-    let _ = raw_s(&server, &["DEL", &rkey(1)]).await;
+    let _ = raw(&server, &["DEL", &rkey(1)]).await;
     within(SOON, "DEL", async || b.get(&1).await.unwrap().is_none()).await;
     held_tracked(&server, &b, 1, "v1").await;
-    let _ = raw_s(&server, &["SELECT", "0"]).await;
-    let _ = raw_s(&server, &["FLUSHDB"]).await;
+    let _ = raw(&server, &["SELECT", "0"]).await;
+    let _ = raw(&server, &["FLUSHDB"]).await;
     within(SOON, "FLUSHDB", async || b.get(&1).await.unwrap().is_none()).await;
     assert!(b.is_listening());
 }
@@ -931,7 +883,7 @@ async fn tracking_ignores_writes_to_lease_keys() {
     held_tracked(&server, &b, 2, "v2").await;
     for _ in 0..5 {
         raw_set(&server, &format!("{}:lease", rkey(1)), b"someone's token").await;
-        let _ = raw_s(&server, &["DEL", &format!("{}:lease", rkey(2))]).await;
+        let _ = raw(&server, &["DEL", &format!("{}:lease", rkey(2))]).await;
         raw_set(&server, &format!("{}:lease", rkey(3)), b"x").await;
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1127,7 +1079,7 @@ where
     tokio::time::sleep(Duration::from_millis(50)).await;
     // b holds key 1 locally, Redis does not.
     b.set(&make(1), "v1".to_owned()).await.unwrap();
-    let _ = raw_s(&server, &["DEL", &rkey(1)]).await;
+    let _ = raw(&server, &["DEL", &rkey(1)]).await;
     assert_eq!(b.get(&make(1)).await.unwrap().as_deref(), Some("v1"));
     a.set(&1, "v2".to_owned()).await.unwrap();
     within(SOON, "b still hears a after the bad key", async || {
@@ -1490,7 +1442,7 @@ async fn many_distinct_tags_stay_correct_and_their_times_expire() {
         Duration::from_secs(5),
         "the tag times expire from Redis",
         async || {
-            let redis::Value::Array(keys) = raw_s(&server, &["KEYS", "{brisk:t:1:}tag:*"]).await
+            let redis::Value::Array(keys) = raw(&server, &["KEYS", "{brisk:t:1:}tag:*"]).await
             else {
                 panic!("KEYS answered something else")
             };

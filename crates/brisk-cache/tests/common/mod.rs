@@ -133,3 +133,48 @@ pub async fn assert_loads_again(cache: &brisk_cache::Cache<u64, String>, key: u6
     assert_eq!(value.as_deref(), Some("ok"));
     assert_eq!(source.count(), 1, "a fresh load ran");
 }
+
+/// Any command on a fresh connection of its own (outside every cache): its reply.
+pub async fn raw<A: AsRef<[u8]>>(server: &RedisServer, args: &[A]) -> redis::Value {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut cmd = redis::cmd(std::str::from_utf8(args[0].as_ref()).unwrap());
+    for arg in &args[1..] {
+        cmd.arg(arg.as_ref());
+    }
+    cmd.query_async(&mut conn).await.unwrap()
+}
+
+/// A reply that is text (`INFO`, `CLIENT LIST`), as text.
+pub fn text(value: redis::Value) -> String {
+    match value {
+        redis::Value::BulkString(bytes) => String::from_utf8(bytes).unwrap(),
+        redis::Value::VerbatimString { text, .. } | redis::Value::SimpleString(text) => text,
+        other => panic!("not text: {other:?}"),
+    }
+}
+
+/// Reads of this server so far: its GET and MGET calls.
+pub async fn reads(server: &RedisServer) -> u64 {
+    let info = text(raw(server, &["INFO", "commandstats"]).await);
+    info.lines()
+        .filter(|line| line.starts_with("cmdstat_get:") || line.starts_with("cmdstat_mget:"))
+        .filter_map(|line| {
+            line.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// Polls `check` every 2 ms; fails unless it holds within `bound`.
+pub async fn within(bound: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let started = tokio::time::Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < bound, "not within {bound:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
