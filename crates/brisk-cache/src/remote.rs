@@ -151,12 +151,19 @@ pub(crate) enum Read {
 const READ_MANY: &str = r"
 local n = #KEYS / 2
 local out = {}
-for i = 1, n do
-  -- A value of another type is an error reply under pcall: read as missing.
-  local v = redis.pcall('GET', KEYS[i])
-  if type(v) == 'string' then out[i] = v
-  elseif redis.call('SET', KEYS[n + i], ARGV[1], 'NX', 'PX', ARGV[2]) then out[i] = 1
-  else out[i] = 0 end
+local i = 1
+while i <= n do
+  -- One MGET per thousand keys (unpack's limit), not a GET per key: Lua's calls into Redis
+  -- are most of a script's cost. A value of another type reads as missing (nil).
+  local j = math.min(i + 999, n)
+  local vs = redis.call('MGET', unpack(KEYS, i, j))
+  for k = i, j do
+    local v = vs[k - i + 1]
+    if v then out[k] = v
+    elseif redis.call('SET', KEYS[n + k], ARGV[1], 'NX', 'PX', ARGV[2]) then out[k] = 1
+    else out[k] = 0 end
+  end
+  i = j + 1
 end
 return out
 ";
@@ -166,12 +173,22 @@ return out
 const PUT_MANY: &str = r"
 local n = #KEYS / 2
 local out = {}
-for i = 1, n do
-  if ARGV[1] == '' or redis.pcall('GET', KEYS[n + i]) == ARGV[1] then
-    redis.call('SET', KEYS[i], ARGV[2 * i], 'PX', ARGV[2 * i + 1])
-    redis.call('DEL', KEYS[n + i])
-    out[i] = 1
-  else out[i] = 0 end
+local i = 1
+while i <= n do
+  -- As READ_MANY: the leases read by one MGET and ended by one DEL per thousand keys.
+  local j = math.min(i + 999, n)
+  local held = {}
+  if ARGV[1] ~= '' then held = redis.call('MGET', unpack(KEYS, n + i, n + j)) end
+  local ended = {}
+  for k = i, j do
+    if ARGV[1] == '' or held[k - i + 1] == ARGV[1] then
+      redis.call('SET', KEYS[k], ARGV[2 * k], 'PX', ARGV[2 * k + 1])
+      ended[#ended + 1] = KEYS[n + k]
+      out[k] = 1
+    else out[k] = 0 end
+  end
+  if #ended > 0 then redis.call('DEL', unpack(ended)) end
+  i = j + 1
 end
 return out
 ";
