@@ -90,14 +90,22 @@ async fn a_hundred_keys_half_cached_take_one_read_and_one_load_of_the_misses() {
     assert_eq!(calls_of(&server, "evalsha"), 2, "one read, one write");
     // Inside the scripts: one MGET of the entries, one of the 50 leases before the writes; and
     // the cache's `clear` time, read with the first hit and known for a second after.
-    assert_eq!(calls_of(&server, "mget"), 3, "entries, leases, the clear time");
+    assert_eq!(
+        calls_of(&server, "mget"),
+        3,
+        "entries, leases, the clear time"
+    );
     assert_eq!(calls_of(&server, "get"), 0);
     assert_eq!(
         calls_of(&server, "set"),
         100,
         "50 leases taken, 50 values stored"
     );
-    assert_eq!(calls_of(&server, "del"), 1, "the 50 leases ended by one DEL");
+    assert_eq!(
+        calls_of(&server, "del"),
+        1,
+        "the 50 leases ended by one DEL"
+    );
     let again = Batches::default();
     assert_eq!(
         values(cache.get_or_load_many(&keys, again.load(|_| true)).await),
