@@ -1617,18 +1617,12 @@ where
     K: CacheKey + Hash + Eq + Clone + Send + Sync + 'static,
     V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 {
-    fn key_changed(&self, encoding: &[u8]) {
-        match K::decode(encoding) {
-            Some(key) => {
-                let _ = self.forget(&key);
-            }
-            None => {
-                if let Some(listener) = &self.listener {
-                    listener.count_flush();
-                }
-                self.flush();
-            }
-        }
+    fn key_changed(&self, encoding: &[u8]) -> bool {
+        let Some(key) = K::decode(encoding) else {
+            return false;
+        };
+        let _ = self.forget(&key);
+        true
     }
 
     fn flush(&self) {

@@ -83,8 +83,9 @@ const MAX_PUBLISHERS: usize = 4_096;
 
 /// What a cache does with what its listener hears.
 pub(crate) trait Heard: Send + Sync + 'static {
-    /// A key (its encoding, without prefix or braces) changed elsewhere.
-    fn key_changed(&self, encoding: &[u8]);
+    /// A key (its encoding, without prefix or braces) changed elsewhere: drops it, or returns
+    /// `false` if the key type cannot tell which key that is.
+    fn key_changed(&self, encoding: &[u8]) -> bool;
     /// Everything local, tier and known tag times, may be old.
     fn flush(&self);
 }
@@ -146,11 +147,6 @@ impl Listener {
     /// Whether the local tier may serve and be filled now.
     pub(crate) fn listening(&self) -> bool {
         self.listening.load(Ordering::Acquire)
-    }
-
-    /// Counts a flush; the caller drops the local tier after.
-    pub(crate) fn count_flush(&self) {
-        self.flushed.increment(1);
     }
 
     /// Tells the other instances that these keys (Redis keys of this cache) changed. Off the
@@ -240,8 +236,7 @@ async fn listen<H: Heard>(listener: Arc<Listener>, heard: Weak<H>, connection: M
                         on_push(&pushes, &*cache, &push);
                     }));
                     if heard.is_err() {
-                        pushes.count_flush();
-                        cache.flush();
+                        empty(&pushes, &*cache);
                     }
                 }
                 Ok::<(), ()>(())
@@ -265,8 +260,7 @@ async fn listen<H: Heard>(listener: Arc<Listener>, heard: Weak<H>, connection: M
                     // Hearing from now on: what was kept before may be old.
                     if let Some(cache) = heard.upgrade() {
                         listener.set_listening(true);
-                        listener.count_flush();
-                        cache.flush();
+                        empty(&listener, &*cache);
                     }
                     Ok(())
                 }
@@ -301,8 +295,7 @@ async fn listen<H: Heard>(listener: Arc<Listener>, heard: Weak<H>, connection: M
                     && let Some(cache) = heard.upgrade()
                 {
                     listener.set_listening(false);
-                    listener.count_flush();
-                    cache.flush();
+                    empty(&listener, &*cache);
                 }
             }
             Err(_) => {}
@@ -311,13 +304,27 @@ async fn listen<H: Heard>(listener: Arc<Listener>, heard: Weak<H>, connection: M
     }
 }
 
+/// Empties the cache's local tier, counted as a flush (something may have changed that this
+/// instance cannot name).
+fn empty<H: Heard>(listener: &Listener, cache: &H) {
+    listener.flushed.increment(1);
+    cache.flush();
+}
+
+/// Drops the key `encoding` names, or everything if its type cannot tell which key it is.
+fn drop_key<H: Heard>(listener: &Listener, cache: &H, encoding: &[u8]) {
+    listener.by_key.increment(1);
+    if !cache.key_changed(encoding) {
+        empty(listener, cache);
+    }
+}
+
 /// What one push means for the cache.
 fn on_push<H: Heard>(listener: &Listener, cache: &H, push: &PushInfo) {
     match push.kind {
         PushKind::Disconnection => {
             listener.set_listening(false);
-            listener.count_flush();
-            cache.flush();
+            empty(listener, cache);
         }
         PushKind::Message => {
             if let [_, Value::BulkString(message)] = push.data.as_slice() {
@@ -334,8 +341,7 @@ fn on_push<H: Heard>(listener: &Listener, cache: &H, push: &PushInfo) {
             }
             // A null: Redis flushed its tracking table (FLUSHALL, FLUSHDB).
             _ => {
-                listener.count_flush();
-                cache.flush();
+                empty(listener, cache);
             }
         },
         _ => {}
@@ -358,13 +364,9 @@ fn on_tracked<H: Heard>(listener: &Listener, cache: &H, key: &[u8]) {
         return;
     }
     match rest.strip_suffix(b"}") {
-        Some(encoding) => {
-            listener.by_key.increment(1);
-            cache.key_changed(encoding);
-        }
+        Some(encoding) => drop_key(listener, cache, encoding),
         None => {
-            listener.count_flush();
-            cache.flush();
+            empty(listener, cache);
         }
     }
 }
@@ -373,8 +375,7 @@ fn on_tracked<H: Heard>(listener: &Listener, cache: &H, key: &[u8]) {
 fn on_message<H: Heard>(listener: &Listener, cache: &H, message: &[u8]) {
     let Some((publisher, number, kind, body)) = parse(message) else {
         // Not ours to read, yet on our channel: something may have changed.
-        listener.count_flush();
-        cache.flush();
+        empty(listener, cache);
         return;
     };
     if publisher == listener.id {
@@ -392,8 +393,7 @@ fn on_message<H: Heard>(listener: &Listener, cache: &H, message: &[u8]) {
         last.is_some_and(|last| number != last.wrapping_add(1))
     };
     if gap {
-        listener.count_flush();
-        cache.flush();
+        empty(listener, cache);
         return;
     }
     match kind {
@@ -401,12 +401,10 @@ fn on_message<H: Heard>(listener: &Listener, cache: &H, message: &[u8]) {
             let mut body = body;
             while !body.is_empty() {
                 let Some((encoding, rest)) = length_prefixed(body) else {
-                    listener.count_flush();
-                    cache.flush();
+                    empty(listener, cache);
                     return;
                 };
-                listener.by_key.increment(1);
-                cache.key_changed(encoding);
+                drop_key(listener, cache, encoding);
                 body = rest;
             }
         }
@@ -415,8 +413,7 @@ fn on_message<H: Heard>(listener: &Listener, cache: &H, message: &[u8]) {
             cache.flush();
         }
         _ => {
-            listener.count_flush();
-            cache.flush();
+            empty(listener, cache);
         }
     }
 }
